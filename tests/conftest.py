@@ -31,3 +31,29 @@ def require_fixtures() -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return require_fixtures()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(fixtures_dir, tmp_path_factory) -> Path:
+    """The fixture's tiny.checkpoint converted once per session (needs torch)."""
+    from convert import convert_checkpoints
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    return convert_checkpoints([fixtures_dir / "tiny.checkpoint"], out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    import jaxguide
+
+    return jaxguide.load_model(tiny_model_dir)
+
+
+def rel_errors(got, ref):
+    """(max |got - ref| / RMS(ref), RMS(got - ref) / RMS(ref))."""
+    import numpy as np
+
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    rms = np.sqrt(np.mean(ref**2))
+    return float(np.max(np.abs(got - ref)) / rms), float(np.sqrt(np.mean((got - ref) ** 2)) / rms)

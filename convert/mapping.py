@@ -1,0 +1,112 @@
+"""The mapping between cBottle's PyTorch state_dict keys and jaxguide's Flax parameters.
+
+Derived from the model configuration alone, so the converter can name every missing or
+unexpected key and every shape mismatch before touching the weights. Each entry maps a
+PyTorch key to (path in the Flax parameter tree, layout rule). Layout rules:
+
+- ``copy``: same array.
+- ``linear``: PyTorch Linear weight (out, in) -> kernel (in, out).
+- ``conv3``: Conv weight (out, in, kh, kw) -> HWIO kernel (kh, kw, in, out).
+- ``conv1``: 1x1 Conv weight (out, in, 1, 1) -> kernel (in, out).
+- ``pos``: positional embedding (C, 1, npix) -> (npix, C) (channels last).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxguide.config import ModelConfig
+from jaxguide.network import decoder_layout, encoder_layout
+
+Path = tuple[str, ...]
+
+# Buffers cBottle stores in the state_dict that carry no learned values.
+RESAMPLE_FILTER = np.full((1, 1, 2, 2), 0.25, np.float32)  # the [1, 1] filter, normalised
+
+
+def to_flax(rule: str, a: np.ndarray) -> np.ndarray:
+    if rule == "copy":
+        return a
+    if rule == "linear":
+        return np.ascontiguousarray(a.T)
+    if rule == "conv3":
+        return np.ascontiguousarray(a.transpose(2, 3, 1, 0))
+    if rule == "conv1":
+        return np.ascontiguousarray(a[:, :, 0, 0].T)
+    if rule == "pos":
+        return np.ascontiguousarray(a[:, 0, :].T)
+    raise ValueError(rule)
+
+
+def to_torch(rule: str, a: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_flax` (used to write cBottle-format checkpoints)."""
+    if rule == "copy":
+        return a
+    if rule == "linear":
+        return np.ascontiguousarray(a.T)
+    if rule == "conv3":
+        return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
+    if rule == "conv1":
+        return np.ascontiguousarray(a.T[:, :, None, None])
+    if rule == "pos":
+        return np.ascontiguousarray(a.T[:, None, :])
+    raise ValueError(rule)
+
+
+def _conv(prefix: str, path: Path, kernel: int, out: dict) -> None:
+    out[prefix + ".weight"] = (path + ("kernel",), "conv3" if kernel == 3 else "conv1")
+    out[prefix + ".bias"] = (path + ("bias",), "copy")
+
+
+def _norm(prefix: str, path: Path, out: dict) -> None:
+    out[prefix + ".weight"] = (path + ("scale",), "copy")
+    out[prefix + ".bias"] = (path + ("bias",), "copy")
+
+
+def _linear(prefix: str, path: Path, out: dict) -> None:
+    out[prefix + ".weight"] = (path + ("kernel",), "linear")
+    out[prefix + ".bias"] = (path + ("bias",), "copy")
+
+
+def _block(prefix: str, path: Path, cin: int, cout: int, resample, attention: bool, out: dict, buffers: set):
+    _norm(prefix + ".norm0", path + ("norm0",), out)
+    _conv(prefix + ".conv0", path + ("conv0",), 3, out)
+    _linear(prefix + ".affine", path + ("affine",), out)
+    _norm(prefix + ".norm1", path + ("norm1",), out)
+    _conv(prefix + ".conv1", path + ("conv1",), 3, out)
+    if cin != cout or resample is not None:
+        _conv(prefix + ".skip", path + ("skip",), 1, out)
+    if resample is not None:
+        buffers.add(prefix + ".conv0.resample_filter")
+        buffers.add(prefix + ".skip.resample_filter")
+    if attention:
+        a = prefix + ".attn.attention"
+        _norm(a + ".norm2", path + ("attn", "norm2"), out)
+        _conv(a + ".qkv", path + ("attn", "qkv"), 1, out)
+        _conv(a + ".proj", path + ("attn", "proj"), 1, out)
+
+
+def key_map(config: ModelConfig) -> tuple[dict[str, tuple[Path, str]], set[str]]:
+    """(parameters: torch key -> (flax path, rule), buffers: torch keys with no learned values)."""
+    config.check_supported()
+    out: dict[str, tuple[Path, str]] = {}
+    buffers = {"device_buffer"}
+    out["model.pos_embed"] = (("pos_embed",), "pos")
+    if config.label_dim:
+        _linear("model.map_label", ("map_label",), out)
+    _linear("model.map_layer0", ("map_layer0",), out)
+    _linear("model.map_layer1", ("map_layer1",), out)
+    for name, cin, cout, resample, attn in encoder_layout(config):
+        if name.endswith("_conv_embed"):
+            _conv(f"model.enc.{name}", ("enc", name), 3, out)
+        else:
+            _block(f"model.enc.{name}", ("enc", name), cin, cout, resample, attn, out, buffers)
+    for name, cin, cout, resample, attn in decoder_layout(config):
+        _block(f"model.dec.{name}", ("dec", name), cin, cout, resample, attn, out, buffers)
+    _norm("model.dec.64x64_aux_norm", ("aux_norm",), out)
+    _conv("model.dec.64x64_aux_conv", ("aux_conv",), 3, out)
+    if config.enable_classifier:
+        _conv("model.low_res_classifier.0", ("classifier_conv0",), 3, out)
+        _norm("model.low_res_classifier.2", ("classifier_norm",), out)
+        _conv("model.low_res_classifier.4", ("classifier_conv1",), 1, out)
+    return out, buffers

@@ -1,0 +1,124 @@
+"""Model configuration and channel metadata, as a cBottle checkpoint records them.
+
+``ModelConfig`` mirrors cBottle's ``model.json`` (``ModelConfigV1``); ``BatchInfo`` mirrors
+``batch_info.json`` (channel names and the per-channel normalisation
+``value_normalised = (value - center) / scale``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("unet_hpx64",)
+KNOWN_ARCHITECTURES = ("unet_hpx64", "unet_hpx1024_patch")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The checkpoint's architecture is not ported to JAX."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """cBottle model configuration (the fields of ``model.json``; defaults as cBottle's)."""
+
+    architecture: str = "unet_hpx64"
+    model_channels: int = 128
+    label_dim: int = 0
+    out_channels: int = 1
+    condition_channels: int = 0
+    time_length: int = 1
+    label_dropout: float = 0.0
+    level: int = 10
+    calendar_include_legacy_bug: bool = True
+    noise_dependent_dropout_config: dict | None = None
+    enable_classifier: bool = False
+    position_embed_channels: int = 20
+    img_resolution: int = 128
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from a ``model.json`` dict; unknown keys are ignored as cBottle does."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check_supported(self) -> None:
+        """Raise :class:`UnsupportedArchitectureError` for configs we do not port."""
+        if self.architecture not in KNOWN_ARCHITECTURES:
+            raise UnsupportedArchitectureError(
+                f"unknown architecture {self.architecture!r}; cBottle knows {KNOWN_ARCHITECTURES}, "
+                f"jaxguide ports {SUPPORTED_ARCHITECTURES}"
+            )
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedArchitectureError(
+                f"architecture {self.architecture!r} (the HPX1024 patch super-resolution model) is not "
+                f"ported to JAX; jaxguide ports {SUPPORTED_ARCHITECTURES}"
+            )
+        if self.time_length != 1:
+            raise UnsupportedArchitectureError(
+                f"architecture {self.architecture!r} with time_length={self.time_length} (the video model "
+                "with temporal attention) is not ported to JAX; only time_length=1 is"
+            )
+
+
+# The fixed architecture choices of cBottle's SongUNetHPX64 (not in model.json).
+HPX64_LEVEL = 6  # HEALPix level of the network grid: nside 64, 49152 pixels
+CHANNEL_MULT = (1, 2, 2, 2)
+NUM_BLOCKS = 4
+ATTN_RESOLUTIONS = (8,)
+CHANNEL_MULT_EMB = 4
+CALENDAR_EMBED_CHANNELS = 8  # -> 4 * 8 = 32 input channels
+SIGMA_DATA = 0.5
+GN_EPS = 1e-6
+MAX_CLASSES = 1024
+LABELS = ("icon", "era5")  # cBottle's dataset labels: one-hot index 0 = ICON, 1 = ERA5
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchInfo:
+    """Channel names and normalisation of a checkpoint (``batch_info.json``)."""
+
+    channels: tuple[str, ...]
+    center: tuple[float, ...] | None = None
+    scales: tuple[float, ...] | None = None
+    time_step: int = 1
+    time_unit: str = "HOUR"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BatchInfo":
+        channels = tuple(d["channels"])
+        center = tuple(float(v) for v in d["center"]) if d.get("center") is not None else None
+        scales = tuple(float(v) for v in d["scales"]) if d.get("scales") is not None else None
+        for name, vals in (("center", center), ("scales", scales)):
+            if vals is not None and len(vals) != len(channels):
+                raise ValueError(f"batch_info: {len(vals)} {name} for {len(channels)} channels")
+        return cls(
+            channels=channels,
+            center=center,
+            scales=scales,
+            time_step=int(d.get("time_step", 1)),
+            time_unit=str(d.get("time_unit", "HOUR") or "HOUR"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channels": list(self.channels),
+            "center": None if self.center is None else list(self.center),
+            "scales": None if self.scales is None else list(self.scales),
+            "time_step": self.time_step,
+            "time_unit": self.time_unit,
+        }
+
+    def channel_index(self, name: str) -> int:
+        try:
+            return self.channels.index(name)
+        except ValueError:
+            raise KeyError(f"unknown variable {name!r}; this model's channels are {list(self.channels)}") from None
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True)
