@@ -288,7 +288,7 @@ def write_cbottle_checkpoint(
     state = {"device_buffer": torch.empty(0)}
     flat = dict(_leaves_with_path(params))
     for key, (fpath, rule) in mapping.items():
-        state[key] = torch.from_numpy(to_torch(rule, np.asarray(flat[fpath], np.float32)))
+        state[key] = torch.from_numpy(np.array(to_torch(rule, np.asarray(flat[fpath], np.float32))))
     for key in sorted(buffers - {"device_buffer"}):
         state[key] = torch.from_numpy(RESAMPLE_FILTER.copy())
     path = Path(path)

@@ -1,0 +1,84 @@
+"""Convert a random-weight checkpoint at cBottle's released coarse size; report time and memory.
+
+Builds the checkpoint by inverting the key mapping (cBottle's zip format, 68,361,901
+parameters, ~273 MB), then converts it in a fresh subprocess and reports wall time and
+the subprocess's peak resident memory, with the interpreter + import baseline measured
+separately in another subprocess so the conversion's own footprint can be read off.
+
+    python benchmarks/convert_full_size.py [--workdir DIR] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = r"""
+import resource, sys, time, json
+t0 = time.perf_counter()
+import convert, jaxguide.model  # imports: torch, jax, orbax
+t1 = time.perf_counter()
+if sys.argv[1] == "convert":
+    convert.convert_checkpoints([sys.argv[2]], sys.argv[3], overwrite=True)
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "work_s": t2 - t1,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def run_child(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="jaxguide-fullsize-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    from convert import write_cbottle_checkpoint
+    from jaxguide.config import BatchInfo, ModelConfig
+    from jaxguide.model import count_params, init_params
+
+    config = ModelConfig(model_channels=128, label_dim=1024, out_channels=45, condition_channels=1)
+    channels = tuple(f"ch{i}" for i in range(45))
+    info = BatchInfo(channels=channels, center=(0.0,) * 45, scales=(1.0,) * 45)
+    ckpt = work / "released_size_random.checkpoint"
+    t = time.perf_counter()
+    write_cbottle_checkpoint(ckpt, config, info, init_params(config, seed=0))
+    build_s = time.perf_counter() - t
+    size = ckpt.stat().st_size
+
+    baseline = run_child("baseline")
+    conv = run_child("convert", str(ckpt), str(work / "converted"))
+    result = {
+        "parameters": count_params(config),
+        "checkpoint_bytes": size,
+        "build_checkpoint_s": build_s,
+        "convert_s": conv["work_s"],
+        "peak_rss_convert_bytes": conv["peak_rss_bytes"],
+        "peak_rss_imports_only_bytes": baseline["peak_rss_bytes"],
+        "peak_rss_over_checkpoint": conv["peak_rss_bytes"] / size,
+        "conversion_rss_over_checkpoint": (conv["peak_rss_bytes"] - baseline["peak_rss_bytes"]) / size,
+    }
+    print(f"parameters                      {result['parameters']:,}")
+    print(f"checkpoint size                 {size / 2**20:.1f} MiB")
+    print(f"conversion time                 {result['convert_s']:.1f} s (imports excluded)")
+    print(f"peak RSS of converting process  {conv['peak_rss_bytes'] / 2**20:.0f} MiB = {result['peak_rss_over_checkpoint']:.2f} x checkpoint")
+    print(f"  of which imports (baseline)   {baseline['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(f"  conversion above baseline     {result['conversion_rss_over_checkpoint']:.2f} x checkpoint")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
