@@ -1,0 +1,113 @@
+"""From a loaded cBottle model to the ``denoiser(x, sigma) -> x0_hat`` that guidance and
+the sampler use, with the conditioning bound (time, SST, dataset label) and cBottle's
+ERA5 channel masking; plus the post-processing to NEST order and physical units.
+
+A member's state is ``(C, 1, npix)``: channels, time, pixels in the network's order,
+normalised units. ``vmap`` over members for ensembles.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxguide import healpix
+from jaxguide.config import LABELS, MAX_CLASSES
+from jaxguide.model import CBottleModel
+
+Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
+
+# Channels the ERA5 label never trained on: cBottle fills them from an ICON-label pass.
+ERA5_MISSING_CHANNELS = ("rlut", "rsut", "rsds")
+
+
+def label_one_hot(label: str, label_dim: int = MAX_CLASSES) -> np.ndarray:
+    """One-hot dataset label (1, label_dim): ``"icon"`` -> index 0, ``"era5"`` -> index 1."""
+    name = label.lower()
+    if name not in LABELS:
+        raise ValueError(f"unknown dataset label {label!r}; valid labels are {list(LABELS)}")
+    out = np.zeros((1, label_dim), np.float32)
+    out[0, LABELS.index(name)] = 1.0
+    return out
+
+
+def channel_mask(channels: tuple[str, ...], label: str) -> np.ndarray:
+    """(C,) bool: channels the label's network pass provides (all but rlut/rsut/rsds for ERA5)."""
+    if label.lower() == "era5":
+        return np.array([c not in ERA5_MISSING_CHANNELS for c in channels])
+    return np.ones(len(channels), bool)
+
+
+def make_denoiser(
+    model: CBottleModel,
+    *,
+    condition: jax.Array | None,
+    second_of_day,
+    day_of_year,
+    label: str = "era5",
+    params=None,
+    compute_dtype=jnp.float32,
+) -> Denoiser:
+    """A denoiser for one member, as cBottle's ``CBottle3d`` samples.
+
+    With the ERA5 label, channels ERA5 lacks (rlut, rsut, rsds) come from a second pass
+    with the ICON label: ``D = where(mask, net(where(mask, x, 0), ERA5), net(x, ICON))``
+    (two network evaluations); otherwise one pass.
+
+    Args:
+      condition: (1, 1, 1, npix) encoded SST (or None for models without it).
+      second_of_day, day_of_year: scalars or (1, 1) float32.
+      params: the expert parameters (default: ``model.params``); pass them explicitly to
+        differentiate with respect to them.
+    Returns ``denoiser(x (C, 1, npix), sigma scalar) -> (C, 1, npix)`` in x's dtype.
+    """
+    if model.config.label_dim == 0:
+        labels_main = labels_fill = None
+        mask = np.ones(model.config.out_channels, bool)
+    else:
+        labels_main = label_one_hot(label, model.config.label_dim)
+        labels_fill = label_one_hot("icon", model.config.label_dim)
+        mask = channel_mask(model.channels, label)
+    two_pass = not mask.all()
+    mask_b = jnp.asarray(mask)[None, :, None, None]
+    sod = jnp.asarray(second_of_day, jnp.float32).reshape(1, 1)
+    doy = jnp.asarray(day_of_year, jnp.float32).reshape(1, 1)
+    cond = None if condition is None else jnp.asarray(condition, jnp.float32).reshape(1, -1, 1, healpix_npix(condition))
+
+    def denoise(x: jax.Array, sigma) -> jax.Array:
+        p = model.params if params is None else params
+        xb = x[None]
+        kw = dict(condition=cond, second_of_day=sod, day_of_year=doy, compute_dtype=compute_dtype)
+        if two_pass:
+            main = model.apply(p, jnp.where(mask_b, xb, 0), sigma, class_labels=labels_main, **kw)
+            fill = model.apply(p, xb, sigma, class_labels=labels_fill, **kw)
+            d = jnp.where(mask_b, main, fill)
+        else:
+            d = model.apply(p, xb, sigma, class_labels=labels_main, **kw)
+        return d[0].astype(x.dtype)
+
+    return denoise
+
+
+def healpix_npix(a) -> int:
+    return int(np.shape(a)[-1])
+
+
+def postprocess(x, center, scale) -> np.ndarray:
+    """Network state (..., C, T, npix) normalised, net order -> physical units, NEST order (float64)."""
+    x = np.asarray(x, np.float64)
+    x = healpix.reorder(x, "net", "nest")
+    c = np.asarray(center, np.float64)[:, None, None]
+    s = np.asarray(scale, np.float64)[:, None, None]
+    return x * s + c
+
+
+def normalise(x_phys_nest, center, scale) -> np.ndarray:
+    """Inverse of :func:`postprocess`: physical units, NEST -> normalised, net order (float32)."""
+    x = np.asarray(x_phys_nest, np.float64)
+    c = np.asarray(center, np.float64)[:, None, None]
+    s = np.asarray(scale, np.float64)[:, None, None]
+    return healpix.reorder((x - c) / s, "nest", "net").astype(np.float32)
