@@ -252,3 +252,75 @@ def test_assimilation_inputs():
     idx = O.channel_index(t["variable"], CHANNELS)
     np.testing.assert_allclose(np.asarray(y), (t["value"] - np.array(CENTER)[idx]) / np.array(SCALE)[idx], rtol=1e-6)
     assert A.num_obs == len(t) and s.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------- strategies
+
+from jaxguide import strategies as S  # noqa: E402
+
+
+def _truth(rng):
+    lon, lat = H.lonlat(NSIDE, "net")
+    smooth = np.sin(np.radians(lat)) + 0.5 * np.cos(np.radians(lon)) * np.cos(np.radians(lat))
+    return np.stack([smooth + 0.1 * c for c in range(len(CHANNELS))])[:, None, :].astype(np.float32)
+
+
+def test_sample_observations_noise_split_and_units():
+    rng = np.random.default_rng(0)
+    truth_n = _truth(rng)
+    kw = dict(time="2020-01-01", count=2000, sigma={"T850": 0.5, "tas": 2.0}, holdout_fraction=0.2,
+              center=CENTER, scale=SCALE)
+    obs, held = S.sample_observations(truth_n, CHANNELS, ["T850", "tas"], strategy="random", rng=7, **kw)
+    obs2, held2 = S.sample_observations(truth_n, CHANNELS, ["T850", "tas"], strategy="random",
+                                        rng=np.random.default_rng(7), **kw)
+    pd.testing.assert_frame_equal(obs, obs2)
+    pd.testing.assert_frame_equal(held, held2)
+    assert len(obs) == 2 * 1600 and len(held) == 2 * 400
+    # held-out locations are disjoint from assimilated ones
+    key = lambda t: set(zip(t["lat"].round(9), t["lon"].round(9)))  # noqa: E731
+    assert not key(obs) & key(held)
+    # values = A(physical truth) + noise of the requested std (physical units)
+    both = pd.concat([obs, held], ignore_index=True)
+    truth_phys = truth_n * np.array(SCALE)[:, None, None] + np.array(CENTER)[:, None, None]
+    A = O.build_operator(both, CHANNELS)
+    resid = both["value"].to_numpy() - np.asarray(A(jnp.asarray(truth_phys)), np.float64)
+    for var, s in (("T850", 0.5), ("tas", 2.0)):
+        r = resid[both["variable"].to_numpy() == var]
+        assert abs(r.std() / s - 1) < 0.06, (var, r.std())  # 2000 draws: std error ~1.6 %
+        assert abs(r.mean()) < 4 * s / np.sqrt(r.size)
+        assert (both.loc[both["variable"] == var, "sigma"] == s).all()
+    O.validate_observations(both, CHANNELS)
+    # physical truth (no center/scale) gives the same values for the same draws
+    obs3, _ = S.sample_observations(truth_phys, CHANNELS, ["T850", "tas"], strategy="random", rng=7,
+                                    time="2020-01-01", count=2000, sigma={"T850": 0.5, "tas": 2.0},
+                                    holdout_fraction=0.2)
+    np.testing.assert_allclose(obs3["value"], obs["value"], rtol=0, atol=1e-3)
+
+
+def test_uniform_strategy_is_near_equal_area():
+    lon, lat = S.sample_locations("uniform", 3000, np.random.default_rng(1))
+    counts = np.bincount(H.ang2pix(4, lon, lat, "net"), minlength=192)  # 192 equal-area cells
+    assert counts.min() >= 10 and counts.max() <= 22  # mean 15.6; random points would spread ~ +-4 sigma = 8..32
+    rlon, rlat = S.sample_locations("random", 3000, np.random.default_rng(1))
+    assert np.bincount(H.ang2pix(4, rlon, rlat, "net"), minlength=192).std() > 2 * counts.std()
+
+
+def test_land_only_with_mask_and_errors():
+    npix = 12 * 16**2
+    lon, lat = H.lonlat(16, "net")
+    mask = (lat > 20) & (lon < 90)  # a synthetic "continent"
+    plon, plat = S.sample_locations("land_only", 500, np.random.default_rng(2), land_mask=mask)
+    assert plon.size == 500 and mask[H.ang2pix(16, plon, plat, "net")].all()
+    with pytest.raises(ValueError, match="no land"):
+        S.sample_locations("land_only", 5, 0, land_mask=np.zeros(npix, bool))
+    with pytest.raises(ValueError, match="land_mask"):
+        S.sample_locations("land_only", 5, 0)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        S.sample_locations("gaussian", 5, 0)
+    with pytest.raises(TypeError, match="Generator"):
+        S.sample_locations("random", 5, None)
+    truth = np.zeros((len(CHANNELS), 1, NPIX), np.float32)
+    with pytest.raises(O.UnknownVariableError):
+        S.sample_observations(truth, CHANNELS, ["Q850"], time="2020-01-01", count=5, rng=0, sigma=1.0)
+    with pytest.raises(ValueError, match="both center and scale"):
+        S.sample_observations(truth, CHANNELS, ["tas"], time="2020-01-01", count=5, rng=0, sigma=1.0, center=CENTER)
