@@ -71,10 +71,13 @@ def _normalise_one(ds: xr.Dataset, name: str) -> xr.Dataset:
     keep = {"time", "level", "lat", "lon"}
     t = t.drop_vars([c for c in t.coords if c not in keep])
     t.attrs = {"units": "K", "long_name": "temperature"}
+    level = np.asarray(t["level"].values, dtype=np.float64)
+    if str(t["level"].attrs.get("units", "hPa")).strip() == "Pa":
+        level = level / 100.0
     out = t.to_dataset(name="t")
     out = out.assign_coords(
         time=pd.to_datetime(out["time"].values).astype("datetime64[ns]"),
-        level=np.asarray(out["level"].values).astype(np.float64).round().astype(np.int64),
+        level=level.round().astype(np.int64),
         lat=np.asarray(out["lat"].values, np.float64),
         lon=np.asarray(out["lon"].values, np.float64) % 360.0,
     )

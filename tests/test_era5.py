@@ -127,6 +127,10 @@ def test_multiple_files_and_zip(tmp_path):
         for name in ("a.nc", "b.nc", "z.nc"):
             z.write(tmp_path / name, f"data_stream-oper_{name}")
     xr.testing.assert_identical(E.read_era5_temperature(tmp_path / "cds.zip"), ref)
+    pa = _current()
+    pa["pressure_level"] = ("pressure_level", LEVELS * 100.0, {"units": "Pa"})
+    pa.to_netcdf(tmp_path / "pa.nc")
+    xr.testing.assert_identical(E.read_era5_temperature(tmp_path / "pa.nc"), ref)
     with pytest.raises(E.ERA5FormatError, match="no ERA5 temperature"):
         E.read_era5_temperature(tmp_path / "z.nc")
 
