@@ -83,7 +83,7 @@ def _sst_field(lat, lon, month):
     return 28.0 - 30.0 * np.sin(la) ** 2 + 2.0 * np.cos(lo) * np.cos(la) + 0.5 * month
 
 
-def _write_tosbcs(path, calendar, months=(1, 2, 3), land=None, res=2.0):
+def _write_tosbcs(path, calendar, months=(1, 2, 3), land=None, res=2.0, flip=False):
     lat, lon = _grid(res)
     times = [cftime.datetime(2001, m, 15, 12, calendar=calendar) for m in months]
     units = "days since 1870-01-01"
@@ -95,10 +95,14 @@ def _write_tosbcs(path, calendar, months=(1, 2, 3), land=None, res=2.0):
         {"tosbcs": (("time", "lat", "lon"), data, {"units": "degC"})},
         coords={
             "time": ("time", tnum, {"units": units, "calendar": calendar}),
-            "lat": ("lat", lat[::-1] if False else lat),
+            "lat": lat,
             "lon": lon,
         },
     )
+    if flip:  # latitude descending, longitude -180..180, named latitude/longitude
+        ds = ds.isel(lat=slice(None, None, -1)).roll(lon=lon.size // 2, roll_coords=True)
+        ds = ds.assign_coords(lon=np.where(ds["lon"] >= 180, ds["lon"] - 360, ds["lon"]))
+        ds = ds.rename(lat="latitude", lon="longitude")
     ds.to_netcdf(path, encoding={"time": {"dtype": "float64"}})
     return ds
 
@@ -150,6 +154,15 @@ def test_sst_exact_month_and_out_of_range(tmp_path):
         C.sst_at(ds, "2001-03-15 12:00:01")
     with pytest.raises(C.SSTTimeError, match="outside"):
         C.sst_at(ds, "1999-01-01")
+
+
+def test_sst_grid_orientation_does_not_matter(tmp_path):
+    _write_tosbcs(tmp_path / "a.nc", "standard")
+    _write_tosbcs(tmp_path / "b.nc", "standard", flip=True)
+    a, b = C.read_amip_sst(tmp_path / "a.nc"), C.read_amip_sst(tmp_path / "b.nc")
+    with xr.open_dataset(tmp_path / "b.nc") as raw:
+        assert raw["latitude"][0] > 0 and raw["longitude"].min() < 0
+    np.testing.assert_allclose(C.sst_kelvin_at(b, "2001-02-10"), C.sst_kelvin_at(a, "2001-02-10"), rtol=0, atol=1e-9)
 
 
 def test_sst_360_day_invalid_date(tmp_path):
