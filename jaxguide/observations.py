@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -101,7 +102,14 @@ def make_table(time, lat, lon, variable, value, sigma) -> pd.DataFrame:
 
 
 def _to_utc_naive(t) -> pd.Series:
-    t = pd.to_datetime(pd.Series(t), utc=True)
+    """Times as UTC-naive datetime64[ns]; unparseable entries become NaT (flagged later)."""
+    t = pd.Series(t)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "could not infer format"
+            t = pd.to_datetime(t, utc=True)
+    except (ValueError, TypeError):  # mixed formats or garbage: element-wise, NaT on failure
+        t = pd.to_datetime(t, utc=True, format="mixed", errors="coerce")
     return t.dt.tz_localize(None).astype("datetime64[ns]")
 
 

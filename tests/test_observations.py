@@ -147,6 +147,11 @@ def test_times_outside_data():
     t.loc[0, "time"] = pd.NaT
     with pytest.raises(O.BadObservationsError, match="bad_time"):
         O.validate_observations(t, CHANNELS)
+    t = _table(3).astype({"time": object})
+    t.loc[0, "time"] = "not a time"
+    t.loc[1, "time"] = "2020-01-01T06:00:00+01:00"  # mixed formats still parse
+    clean, counts = O.validate_observations(t, CHANNELS, drop_bad=True)
+    assert counts == {"bad_time": 1} and clean["time"][0] == pd.Timestamp("2020-01-01 05:00")
 
 
 def test_normalise():
