@@ -197,9 +197,13 @@ def sst_kelvin_at(ds: xr.Dataset, time, nside: int = 64, order: healpix.Order = 
     return regrid_latlon_to_healpix(field, ds["lat"].values, ds["lon"].values, nside, order)
 
 
-def sst_at(ds: xr.Dataset, time, nside: int = 64) -> np.ndarray:
-    """Encoded SST condition (1, 1, 1, npix) float32 (batch, channel, time, pixel), net order."""
-    return encode_sst(sst_kelvin_at(ds, time, nside, "net"))[None, None, None, :]
+def sst_at(ds: xr.Dataset, time, nside: int = 64, offset: float = 0.0) -> np.ndarray:
+    """Encoded SST condition (1, 1, 1, npix) float32 (batch, channel, time, pixel), net order.
+
+    ``offset`` (K) is added to the ocean SST before encoding (cBottle's ``sst_offset``,
+    for warming experiments); land stays at 290 K.
+    """
+    return encode_sst(sst_kelvin_at(ds, time, nside, "net") + offset)[None, None, None, :]
 
 
 def land_mask_from_sst(sst_k: np.ndarray) -> np.ndarray:

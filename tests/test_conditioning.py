@@ -140,6 +140,9 @@ def test_sst_time_interpolation_and_regrid(tmp_path, calendar):
     assert cond.shape == (1, 1, 1, 12 * NSIDE**2) and cond.dtype == np.float32
     np.testing.assert_allclose(cond[0, 0, 0, ~inside], (290 - 287.6897) / 15.5862, rtol=1e-6)
     np.testing.assert_allclose(cond[0, 0, 0, inside], (hp_k[inside] - 287.6897) / 15.5862, rtol=1e-5)
+    warm = C.sst_at(ds, t, offset=2.0)
+    np.testing.assert_allclose(warm[0, 0, 0, inside] - cond[0, 0, 0, inside], 2.0 / 15.5862, atol=1e-5)
+    np.testing.assert_array_equal(warm[0, 0, 0, ~inside], cond[0, 0, 0, ~inside])
 
 
 def test_sst_exact_month_and_out_of_range(tmp_path):
