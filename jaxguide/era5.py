@@ -161,6 +161,11 @@ def bilinear_latlon(
     order = np.argsort(lon, kind="stable")
     lon, field = lon[order], field[..., order]
     nlat, nlon = lat.size, lon.size
+    if nlat < 2 or nlon < 2:
+        raise ValueError(f"need at least a 2 x 2 grid, got {nlat} x {nlon}")
+    step = np.diff(np.append(lon, lon[0] + 360.0))
+    if not np.allclose(step, step[0], rtol=0, atol=1e-3 * abs(step[0])) or step[0] <= 0:
+        raise ValueError("longitudes must be a global, evenly spaced grid (regional grids are not supported)")
     lon_ext = np.concatenate([lon, [lon[0] + 360.0]])
     field = np.concatenate([field, field[..., :1]], axis=-1)
 

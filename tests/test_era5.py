@@ -171,3 +171,9 @@ def test_observations_at_grid_nodes_and_strategy(tmp_path):
         E.era5_to_observations(ds, levels=(700,), points={"lat": [0.0], "lon": [0.0]})
     with pytest.raises(ValueError, match="exactly one"):
         E.era5_to_observations(ds)
+
+
+def test_regional_grid_rejected():
+    lat, lon = np.array([0.0, 1.0]), np.array([10.0, 11.0, 12.0])
+    with pytest.raises(ValueError, match="global"):
+        E.bilinear_latlon(np.zeros((2, 3)), lat, lon, np.array([0.5]), np.array([10.5]))
