@@ -1,0 +1,407 @@
+"""Point observations: the table, its validation and the linear operator A.
+
+An observation table is a pandas DataFrame with one row per scalar observation:
+
+=========  ==================================================================
+time       ``datetime64[ns]`` (UTC, timezone-naive)
+lat        latitude, degrees north, in [-90, 90]
+lon        longitude, degrees east; -180..180 or 0..360 accepted, stored in [0, 360)
+variable   the model's channel name (``"T850"``, ``"tas"``, ...)
+value      observed value in PHYSICAL units (K for temperatures, Pa for pressure)
+sigma      observation-error standard deviation, same units as ``value``, > 0
+=========  ==================================================================
+
+:func:`normalise` converts value/sigma to the network's normalised units with the
+checkpoint's per-channel ``center``/``scale``; :func:`build_operator` turns the
+locations into :class:`PointObservationOperator`, a gather + weighted sum over
+network-order pixels that is linear and jit/vmap/grad friendly. Row ``i`` of the
+table is element ``i`` of ``A(x)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from jaxguide import healpix
+
+logger = logging.getLogger(__name__)
+
+COLUMNS: tuple[str, ...] = ("time", "lat", "lon", "variable", "value", "sigma")
+
+# Reasons a row can be rejected, in the order they are checked (a row counts once,
+# under the first reason that applies).
+REASONS: tuple[str, ...] = (
+    "unknown_variable",
+    "bad_time",
+    "time_outside_data",
+    "bad_lat",
+    "bad_lon",
+    "nan_value",
+    "bad_sigma",
+    "duplicate",
+)
+
+
+class ObservationError(ValueError):
+    """An observation table that cannot be used as it is.
+
+    ``counts`` maps each reason in :data:`REASONS` that applies to its number of rows.
+    """
+
+    def __init__(self, message: str, counts: Mapping[str, int] | None = None):
+        super().__init__(message)
+        self.counts = dict(counts or {})
+
+
+class MissingColumnsError(ObservationError):
+    """Required columns are absent."""
+
+
+class EmptyTableError(ObservationError):
+    """No rows (before or after dropping bad ones)."""
+
+
+class UnknownVariableError(ObservationError):
+    """A variable name that is not one of the model's channels."""
+
+
+class BadObservationsError(ObservationError):
+    """Rows with NaN, out-of-range or duplicate entries (see ``counts``)."""
+
+
+# --------------------------------------------------------------------------------------
+# Construction, I/O
+
+
+def make_table(time, lat, lon, variable, value, sigma) -> pd.DataFrame:
+    """Observation table from equal-length columns (scalars are broadcast).
+
+    Types are coerced (time to datetime64[ns] UTC-naive, numbers to float64,
+    variable to str); nothing is validated: call :func:`validate_observations`.
+    """
+    cols = dict(time=time, lat=lat, lon=lon, variable=variable, value=value, sigma=sigma)
+    n = max((len(v) for v in cols.values() if np.ndim(v) > 0 and not isinstance(v, str)), default=1)
+    out = {}
+    for k, v in cols.items():
+        if isinstance(v, str) or np.ndim(v) == 0:
+            v = [v] * n
+        out[k] = list(v) if not isinstance(v, np.ndarray) else v
+    return _coerce(pd.DataFrame(out, columns=list(COLUMNS)))
+
+
+def _to_utc_naive(t) -> pd.Series:
+    """Times as UTC-naive datetime64[ns]; unparseable entries become NaT (flagged later)."""
+    t = pd.Series(t)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "could not infer format"
+            t = pd.to_datetime(t, utc=True)
+    except (ValueError, TypeError):  # mixed formats or garbage: element-wise, NaT on failure
+        t = pd.to_datetime(t, utc=True, format="mixed", errors="coerce")
+    return t.dt.tz_localize(None).astype("datetime64[ns]")
+
+
+def _coerce(table: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise MissingColumnsError(f"observation table lacks columns {missing}; required: {list(COLUMNS)}")
+    out = table.copy()
+    out = out.reset_index(drop=True)
+    out["time"] = _to_utc_naive(out["time"]).to_numpy()
+    for c in ("lat", "lon", "value", "sigma"):
+        out[c] = pd.to_numeric(out[c], errors="coerce").astype(np.float64)
+    out["variable"] = out["variable"].astype(str)
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix in (".nc", ".nc4", ".netcdf"):
+        return "netcdf"
+    raise ValueError(f"unknown observation file type {suffix!r} ({path}); use .csv, .parquet or .nc")
+
+
+def write_observations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a table as CSV, Parquet or NetCDF (by suffix), atomically (temp + rename).
+
+    Extra columns (e.g. ``value_n``) are written too; times are written as UTC.
+    """
+    path = Path(path)
+    fmt = _format(path)
+    table = _coerce(table)
+
+    def write(tmp: Path):
+        if fmt == "csv":
+            out = table.copy()
+            out["time"] = out["time"].dt.strftime("%Y-%m-%dT%H:%M:%S.%f")
+            out.to_csv(tmp, index=False)
+        elif fmt == "parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            ds = table.rename_axis("obs").to_xarray()
+            ds["variable"] = ds["variable"].astype(str)
+            ds.attrs["title"] = "jaxguide point observations"
+            ds.to_netcdf(tmp, engine="netcdf4")
+
+    _atomic_write(path, write)
+    return path
+
+
+def read_observations(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a table written by :func:`write_observations` (or by hand, same columns)."""
+    path = Path(path)
+    fmt = _format(path)
+    if fmt == "csv":
+        table = pd.read_csv(path, dtype={"variable": str})
+    elif fmt == "parquet":
+        table = pd.read_parquet(path)
+    else:
+        import xarray as xr
+
+        with xr.open_dataset(path, engine="netcdf4") as ds:
+            table = ds.load().to_dataframe().reset_index(drop=True)
+    return _coerce(table)
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+
+
+def _unknown_message(unknown: Sequence[str], channels: Sequence[str]) -> str:
+    return f"unknown variable(s) {sorted(set(unknown))}; valid channel names: {list(channels)}"
+
+
+def validate_observations(
+    table: pd.DataFrame,
+    channels: Sequence[str],
+    *,
+    times: Sequence | None = None,
+    time_window: tuple | None = None,
+    drop_bad: bool = False,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Check a table; return ``(clean_table, dropped_counts)``.
+
+    Rejected rows (reasons in :data:`REASONS`): unknown variable; NaT time; time not
+    among ``times`` / outside the inclusive ``time_window=(start, end)``; latitude
+    NaN or outside [-90, 90]; longitude NaN or outside [-180, 360]; NaN value; sigma
+    NaN or <= 0; duplicate (time, lat, lon, variable) after normalising lon (the first
+    is kept). With ``drop_bad=False`` any rejected row raises (an
+    :class:`ObservationError` subclass whose ``counts`` give every reason); with
+    ``drop_bad=True`` the rows are removed and the counts are logged and returned.
+    Missing columns and an empty table (before or after dropping) always raise.
+    The clean table has lon in [0, 360) and a fresh 0..n-1 index.
+    """
+    channels = list(channels)
+    table = _coerce(table)
+    if len(table) == 0:
+        raise EmptyTableError("observation table is empty")
+
+    lat, lon = table["lat"].to_numpy(), table["lon"].to_numpy()
+    sigma = table["sigma"].to_numpy()
+    t = table["time"]
+    checks: dict[str, np.ndarray] = {
+        "unknown_variable": ~table["variable"].isin(channels).to_numpy(),
+        "bad_time": t.isna().to_numpy(),
+        "time_outside_data": np.zeros(len(table), bool),
+        "bad_lat": ~(np.abs(lat) <= 90.0),
+        "bad_lon": ~((lon >= -180.0) & (lon <= 360.0)),
+        "nan_value": ~np.isfinite(table["value"].to_numpy()),
+        "bad_sigma": ~(sigma > 0) | ~np.isfinite(sigma),
+    }
+    if times is not None:
+        allowed = pd.DatetimeIndex(_to_utc_naive(list(times)))
+        checks["time_outside_data"] |= ~t.isin(allowed).to_numpy()
+    if time_window is not None:
+        start, end = _to_utc_naive(list(time_window))
+        checks["time_outside_data"] |= ((t < start) | (t > end)).to_numpy()
+    checks["time_outside_data"] &= ~checks["bad_time"]
+
+    out = table.copy()
+    out["lon"] = np.mod(np.where(checks["bad_lon"], 0.0, lon), 360.0)
+    out.loc[out["lon"] >= 360.0, "lon"] = 0.0  # -1e-20 % 360 == 360.0
+    checks["duplicate"] = out.duplicated(subset=["time", "lat", "lon", "variable"], keep="first").to_numpy()
+
+    bad_so_far = np.zeros(len(table), bool)
+    counts: dict[str, int] = {}
+    for reason in REASONS:
+        first = checks[reason] & ~bad_so_far
+        bad_so_far |= checks[reason]
+        if first.any():
+            counts[reason] = int(first.sum())
+
+    if counts and not drop_bad:
+        detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        if set(counts) == {"unknown_variable"}:
+            unknown = table.loc[checks["unknown_variable"], "variable"].tolist()
+            raise UnknownVariableError(_unknown_message(unknown, channels), counts)
+        msg = f"{int(bad_so_far.sum())} bad observation rows of {len(table)} ({detail})"
+        if "unknown_variable" in counts:
+            msg += "; " + _unknown_message(table.loc[checks["unknown_variable"], "variable"].tolist(), channels)
+        raise BadObservationsError(msg, counts)
+    if counts:
+        logger.warning("dropped %d of %d observation rows: %s", int(bad_so_far.sum()), len(table), counts)
+    out = out.loc[~bad_so_far].reset_index(drop=True)
+    if len(out) == 0:
+        raise EmptyTableError(f"no observations left after dropping bad rows ({counts})", counts)
+    return out, counts
+
+
+def channel_index(variables: Sequence[str], channels: Sequence[str]) -> np.ndarray:
+    """Index of each variable name in ``channels`` (int32); unknown names raise."""
+    channels = list(channels)
+    lookup = {c: i for i, c in enumerate(channels)}
+    unknown = [v for v in variables if v not in lookup]
+    if unknown:
+        raise UnknownVariableError(_unknown_message(unknown, channels), {"unknown_variable": len(unknown)})
+    return np.array([lookup[v] for v in variables], dtype=np.int32)
+
+
+def normalise(
+    table: pd.DataFrame, channels: Sequence[str], center: Sequence[float], scale: Sequence[float]
+) -> pd.DataFrame:
+    """Add ``value_n = (value - center[c]) / scale[c]`` and ``sigma_n = sigma / scale[c]``.
+
+    ``center``/``scale`` are the checkpoint's per-channel values (batch_info), in the
+    physical units of the table, aligned with ``channels``.
+    """
+    center = np.asarray(center, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    if center.shape != (len(channels),) or scale.shape != (len(channels),):
+        raise ValueError(f"center/scale must have shape ({len(channels)},), got {center.shape}, {scale.shape}")
+    idx = channel_index(table["variable"].tolist(), channels)
+    out = table.copy()
+    out["value_n"] = (out["value"].to_numpy(np.float64) - center[idx]) / scale[idx]
+    out["sigma_n"] = out["sigma"].to_numpy(np.float64) / scale[idx]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The operator A
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PointObservationOperator:
+    """Linear point-observation operator ``A``: state -> observed values.
+
+    Arrays (pytree leaves):
+      channel: (n,) int32, channel index of each observation.
+      pixel: (n, 4) int32, network-order pixels of the interpolation stencil.
+      weight: (n, 4) float32, interpolation weights (rows sum to 1).
+    """
+
+    channel: jax.Array
+    pixel: jax.Array
+    weight: jax.Array
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (C, 1, npix) one member's state in net order -> (n,) in x's units."""
+        if x.ndim != 3 or x.shape[1] != 1:
+            raise ValueError(f"expected a state of shape (C, 1, npix), got {x.shape}")
+        vals = x[self.channel[:, None], 0, self.pixel]  # (n, 4)
+        return jnp.sum(vals * self.weight.astype(vals.dtype), axis=-1)
+
+    @property
+    def num_obs(self) -> int:
+        return self.channel.shape[0]
+
+
+jax.tree_util.register_dataclass(
+    PointObservationOperator, data_fields=["channel", "pixel", "weight"], meta_fields=[]
+)
+
+
+def stencil(
+    lon, lat, nside: int = 64, method: Literal["bilinear", "nearest"] = "bilinear"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Net-order pixels (n, 4) int32 and weights (n, 4) float32 for points (degrees)."""
+    lon = np.asarray(lon, dtype=np.float64).ravel()
+    lat = np.asarray(lat, dtype=np.float64).ravel()
+    if method == "bilinear":
+        pix, w = healpix.interp_weights(nside, lon, lat, "net")
+    elif method == "nearest":
+        pix = np.zeros((lon.size, 4), dtype=np.int64)
+        pix[:, 0] = healpix.ang2pix(nside, lon, lat, "net")
+        pix[:, 1:] = pix[:, :1]
+        w = np.zeros((lon.size, 4))
+        w[:, 0] = 1.0
+    else:
+        raise ValueError(f"unknown method {method!r}; expected 'bilinear' or 'nearest'")
+    return pix.astype(np.int32), w.astype(np.float32)
+
+
+def build_operator(
+    table_or_arrays: pd.DataFrame | Mapping,
+    channels: Sequence[str],
+    nside: int = 64,
+    method: Literal["bilinear", "nearest"] = "bilinear",
+) -> PointObservationOperator:
+    """Operator for the rows of a table (or a mapping with ``lat``, ``lon``, ``variable``).
+
+    ``variable`` holds channel names, or integer channel indices in a mapping.
+    Row order is kept: element ``i`` of ``A(x)`` is row ``i``.
+    """
+    src = table_or_arrays
+    missing = [k for k in ("lat", "lon", "variable") if k not in src]
+    if missing:
+        raise MissingColumnsError(f"observation locations lack {missing}")
+    lat = np.asarray(src["lat"], dtype=np.float64)
+    lon = np.asarray(src["lon"], dtype=np.float64)
+    var = np.asarray(src["variable"])
+    if var.dtype.kind in "iu":
+        if var.size and (var.min() < 0 or var.max() >= len(channels)):
+            raise UnknownVariableError(f"channel indices must be in [0, {len(channels)}), got {var.min()}..{var.max()}")
+        ch = var.astype(np.int32)
+    else:
+        ch = channel_index([str(v) for v in var], channels)
+    if not (lat.shape == lon.shape == ch.shape and lat.ndim == 1):
+        raise ValueError(f"lat, lon, variable must be 1-D of equal length, got {lat.shape}, {lon.shape}, {ch.shape}")
+    pix, w = stencil(lon, lat, nside, method)
+    return PointObservationOperator(jnp.asarray(ch), jnp.asarray(pix), jnp.asarray(w))
+
+
+def assimilation_inputs(
+    table: pd.DataFrame,
+    channels: Sequence[str],
+    center: Sequence[float],
+    scale: Sequence[float],
+    *,
+    nside: int = 64,
+    method: Literal["bilinear", "nearest"] = "bilinear",
+) -> tuple[PointObservationOperator, jax.Array, jax.Array]:
+    """``(A, y_n (n,) float32, sigma_n (n,) float32)`` in normalised units, validated."""
+    clean, _ = validate_observations(table, channels)
+    norm = normalise(clean, channels, center, scale)
+    op = build_operator(norm, channels, nside=nside, method=method)
+    return (
+        op,
+        jnp.asarray(norm["value_n"].to_numpy(np.float32)),
+        jnp.asarray(norm["sigma_n"].to_numpy(np.float32)),
+    )

@@ -1,0 +1,179 @@
+"""ERA5 temperature reading (current + legacy CDS layouts), observations and regrid.
+
+The test files are written here (xarray + netCDF4/scipy), including int16 packing.
+Tolerances: identical layouts exact (values chosen exactly representable); a packed
+realistic file decodes to within half a packing step; regrid vs scipy 1e-9 K.
+"""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from scipy.interpolate import RegularGridInterpolator
+
+from jaxguide import era5 as E
+from jaxguide import healpix as H
+from jaxguide import observations as O
+
+RES = 5.0
+LAT_DESC = np.arange(90.0, -90.0 - RES / 2, -RES)  # 90 .. -90, as CDS delivers
+LON = np.arange(0.0, 360.0, RES)
+LEVELS = np.array([1000, 850, 500, 300])
+TIMES = pd.date_range("2020-01-01", periods=4, freq="6h")
+SCALE = 2.0**-6  # exactly representable packing so both layouts hold identical numbers
+OFFSET = 250.0
+
+
+def _kelvin(times=TIMES, levels=LEVELS, lat=LAT_DESC, lon=LON):
+    """Smooth temperature (time, level, lat, lon) on the packing grid (exact in float32)."""
+    t = np.arange(len(times))[:, None, None, None]
+    lv = np.asarray(levels)[None, :, None, None]
+    la = np.radians(lat)[None, None, :, None]
+    lo = np.radians(lon)[None, None, None, :]
+    k = 230.0 + 60.0 * np.cos(la) ** 2 + 0.03 * (lv - 300) + 3.0 * np.sin(lo) * np.cos(la) + 0.5 * t
+    return OFFSET + np.round((k - OFFSET) / SCALE) * SCALE
+
+
+def _current(times=TIMES, data=None):
+    data = _kelvin(times) if data is None else data
+    return xr.Dataset(
+        {"t": (("valid_time", "pressure_level", "latitude", "longitude"), data.astype(np.float32),
+               {"units": "K", "standard_name": "air_temperature"})},
+        coords={
+            "valid_time": times,
+            "pressure_level": ("pressure_level", LEVELS.astype(np.float64), {"units": "hPa"}),
+            "latitude": LAT_DESC,
+            "longitude": LON,
+            "number": 0,
+            "expver": ("valid_time", np.array(["0001"] * len(times))),
+        },
+    )
+
+
+def _legacy(data=None, scale=SCALE, offset=OFFSET):
+    data = _kelvin() if data is None else data
+    ds = xr.Dataset(
+        {"t": (("time", "level", "latitude", "longitude"), data, {"units": "K"})},
+        coords={
+            "time": TIMES,
+            "level": ("level", LEVELS.astype(np.int32), {"units": "millibars"}),
+            "latitude": LAT_DESC.astype(np.float32),
+            "longitude": LON.astype(np.float32),
+        },
+    )
+    enc = {
+        "t": {"dtype": "int16", "scale_factor": scale, "add_offset": offset, "_FillValue": np.int16(-32767)},
+        "time": {"units": "hours since 1900-01-01 00:00:00.0", "calendar": "gregorian", "dtype": "int32"},
+    }
+    return ds, enc
+
+
+def _write_legacy(path, **kw):
+    ds, enc = _legacy(**kw)
+    ds.to_netcdf(path, format="NETCDF3_64BIT", engine="netcdf4", encoding=enc)
+    return path
+
+
+def test_layouts_load_identically(tmp_path):
+    _current().to_netcdf(tmp_path / "new.nc", engine="netcdf4")
+    _write_legacy(tmp_path / "old.nc")
+    with xr.open_dataset(tmp_path / "old.nc", mask_and_scale=False) as raw:
+        assert raw["t"].dtype == np.int16 and "scale_factor" in raw["t"].attrs
+    new = E.read_era5_temperature(tmp_path / "new.nc")
+    old = E.read_era5_temperature([tmp_path / "old.nc"])
+    xr.testing.assert_identical(new, old)
+    assert new["t"].dims == ("time", "level", "lat", "lon")
+    assert np.all(np.diff(new["lat"].values) > 0) and new["lon"].min() >= 0 and new["lon"].max() < 360
+    assert new["level"].values.tolist() == [300, 500, 850, 1000]
+    np.testing.assert_array_equal(new["t"].sel(level=850).values[:, ::-1], _kelvin()[:, 1])
+
+    pts = {"lat": [10.0, -33.3, 89.0, -90.0], "lon": [-170.0, 359.0, 12.5, 0.0]}
+    a = E.era5_to_observations(new, points=pts, sigma={"T850": 0.5, "T500": 0.7, "T300": 0.9})
+    b = E.era5_to_observations(old, points=pts, sigma={"T850": 0.5, "T500": 0.7, "T300": 0.9})
+    pd.testing.assert_frame_equal(a, b)
+    assert len(a) == 4 * 3 * 4 and set(a["variable"]) == {"T850", "T500", "T300"}
+    O.validate_observations(a, ["T850", "T500", "T300", "tas"])
+
+
+def test_packed_values_and_fill_decode(tmp_path):
+    rng = np.random.default_rng(0)
+    data = 200.0 + 110.0 * rng.random((len(TIMES), len(LEVELS), LAT_DESC.size, LON.size))
+    data[1, 2, 3, 4] = np.nan
+    scale, offset = 0.0017, 255.0  # CDS-like packing: ~ (max - min) / (2**16 - 2), centred
+    _write_legacy(tmp_path / "old.nc", data=data, scale=scale, offset=offset)
+    ds = E.read_era5_temperature(tmp_path / "old.nc")
+    got = ds["t"].values[:, ::-1, ::-1, :]  # back to file order: level 1000..300, lat 90..-90
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(data))
+    np.testing.assert_allclose(got, data, rtol=0, atol=scale / 2 + 1e-9)
+    assert np.isnan(ds["t"].sel(level=500).values[1, LAT_DESC.size - 1 - 3, 4])
+
+
+def test_multiple_files_and_zip(tmp_path):
+    _current().to_netcdf(tmp_path / "full.nc")
+    first = _current(TIMES[:2], _kelvin()[:2])
+    second = _current(TIMES[2:], _kelvin()[2:])
+    first.to_netcdf(tmp_path / "a.nc")
+    second.to_netcdf(tmp_path / "b.nc")
+    other = xr.Dataset({"z": (("valid_time", "latitude", "longitude"), np.zeros((4, LAT_DESC.size, LON.size)))},
+                       coords={"valid_time": TIMES, "latitude": LAT_DESC, "longitude": LON})
+    other.to_netcdf(tmp_path / "z.nc")
+    ref = E.read_era5_temperature(tmp_path / "full.nc")
+    xr.testing.assert_identical(E.read_era5_temperature([tmp_path / "b.nc", tmp_path / "a.nc", tmp_path / "z.nc"]), ref)
+    with zipfile.ZipFile(tmp_path / "cds.zip", "w") as z:
+        for name in ("a.nc", "b.nc", "z.nc"):
+            z.write(tmp_path / name, f"data_stream-oper_{name}")
+    xr.testing.assert_identical(E.read_era5_temperature(tmp_path / "cds.zip"), ref)
+    pa = _current()
+    pa["pressure_level"] = ("pressure_level", LEVELS * 100.0, {"units": "Pa"})
+    pa.to_netcdf(tmp_path / "pa.nc")
+    xr.testing.assert_identical(E.read_era5_temperature(tmp_path / "pa.nc"), ref)
+    with pytest.raises(E.ERA5FormatError, match="no ERA5 temperature"):
+        E.read_era5_temperature(tmp_path / "z.nc")
+
+
+def test_era5_to_healpix_matches_scipy(tmp_path):
+    _current().to_netcdf(tmp_path / "new.nc")
+    ds = E.read_era5_temperature(tmp_path / "new.nc")
+    hp_t = E.era5_to_healpix(ds, nside=16, order="net")
+    assert hp_t.dims == ("time", "level", "pixel") and hp_t.shape == (4, 4, 12 * 16**2)
+    plon, plat = H.lonlat(16, "net")
+    lat, lon = ds["lat"].values, ds["lon"].values
+    f = ds["t"].values[2, 1]
+    f_ext = np.concatenate([f, f[:, :1]], axis=1)
+    ref = RegularGridInterpolator((lat, np.append(lon, 360.0)), f_ext)(np.stack([plat, plon], -1))
+    np.testing.assert_allclose(hp_t.values[2, 1], ref, rtol=0, atol=1e-9)
+    # ring order is a permutation of the same values
+    np.testing.assert_array_equal(
+        E.era5_to_healpix(ds, nside=16, order="ring").values, H.reorder(hp_t.values, "net", "ring")
+    )
+
+
+def test_observations_at_grid_nodes_and_strategy(tmp_path):
+    _current().to_netcdf(tmp_path / "new.nc")
+    ds = E.read_era5_temperature(tmp_path / "new.nc")
+    obs = E.era5_to_observations(ds, levels=(500,), points={"lat": [45.0, -60.0], "lon": [-90.0, 355.0]},
+                                 times=TIMES[1:2])
+    want = [ds["t"].sel(time=TIMES[1], level=500, lat=45.0, lon=270.0).item(),
+            ds["t"].sel(time=TIMES[1], level=500, lat=-60.0, lon=355.0).item()]
+    np.testing.assert_array_equal(obs["value"].to_numpy(), want)
+    assert (obs["sigma"] == 1.0).all() and (obs["variable"] == "T500").all()
+    a = E.era5_to_observations(ds, strategy="uniform", count=50, rng=np.random.default_rng(1), noise=True, sigma=2.0)
+    b = E.era5_to_observations(ds, strategy="uniform", count=50, rng=np.random.default_rng(1), noise=True, sigma=2.0)
+    pd.testing.assert_frame_equal(a, b)
+    clean = E.era5_to_observations(ds, strategy="uniform", count=50, rng=np.random.default_rng(1), sigma=2.0)
+    resid = (a["value"] - clean["value"]).to_numpy()
+    assert 1.5 < resid.std() < 2.5  # 600 draws of N(0, 2^2)
+    with pytest.raises(ValueError, match="levels"):
+        E.era5_to_observations(ds, levels=(700,), points={"lat": [0.0], "lon": [0.0]})
+    with pytest.raises(ValueError, match="exactly one"):
+        E.era5_to_observations(ds)
+
+
+def test_regional_grid_rejected():
+    lat, lon = np.array([0.0, 1.0]), np.array([10.0, 11.0, 12.0])
+    with pytest.raises(ValueError, match="global"):
+        E.bilinear_latlon(np.zeros((2, 3)), lat, lon, np.array([0.5]), np.array([10.5]))
