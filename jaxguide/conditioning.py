@@ -28,11 +28,10 @@ import pandas as pd
 import xarray as xr
 
 from jaxguide import healpix
+from jaxguide.config import LABELS, MAX_CLASSES  # cBottle: one-hot index 0 = ICON, 1 = ERA5
 
 logger = logging.getLogger(__name__)
 
-MAX_CLASSES = 1024
-LABELS: tuple[str, ...] = ("icon", "era5")
 SST_LAND_FILL_VALUE = 290.0  # K
 SST_MEAN = 287.6897  # K
 SST_SCALE = 15.5862  # K

@@ -15,23 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxguide import healpix
-from jaxguide.config import LABELS, MAX_CLASSES
+from jaxguide.conditioning import label_one_hot
 from jaxguide.model import CBottleModel
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
 # Channels the ERA5 label never trained on: cBottle fills them from an ICON-label pass.
 ERA5_MISSING_CHANNELS = ("rlut", "rsut", "rsds")
-
-
-def label_one_hot(label: str, label_dim: int = MAX_CLASSES) -> np.ndarray:
-    """One-hot dataset label (1, label_dim): ``"icon"`` -> index 0, ``"era5"`` -> index 1."""
-    name = label.lower()
-    if name not in LABELS:
-        raise ValueError(f"unknown dataset label {label!r}; valid labels are {list(LABELS)}")
-    out = np.zeros((1, label_dim), np.float32)
-    out[0, LABELS.index(name)] = 1.0
-    return out
 
 
 def channel_mask(channels: tuple[str, ...], label: str) -> np.ndarray:
@@ -68,8 +58,8 @@ def make_denoiser(
         labels_main = labels_fill = None
         mask = np.ones(model.config.out_channels, bool)
     else:
-        labels_main = label_one_hot(label, model.config.label_dim)
-        labels_fill = label_one_hot("icon", model.config.label_dim)
+        labels_main = label_one_hot(label, model.config.label_dim)[None]
+        labels_fill = label_one_hot("icon", model.config.label_dim)[None]
         mask = channel_mask(model.channels, label)
     two_pass = not mask.all()
     mask_b = jnp.asarray(mask)[None, :, None, None]
