@@ -214,6 +214,18 @@ def _truth_metrics(ds, truth_path: Path) -> dict[str, dict]:
     return out
 
 
+def _check_writable_dir(directory: Path) -> None:
+    """Raise FileNotFoundError / PermissionError unless a file can be created in ``directory``."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"output directory {str(directory)!r} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".jaxguide-probe.", dir=directory)
+    except OSError as e:
+        raise PermissionError(f"cannot create files in output directory {str(directory)!r}: {e.strerror}") from e
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -265,14 +277,16 @@ def evaluate(
     from jaxguide import metrics
     from jaxguide.io import PRIOR_SUFFIX, read_analysis
 
-    # check outputs before the work
-    for p in [json_path] if json_path else []:
-        if not Path(p).parent.is_dir():
-            raise FileNotFoundError(f"output directory {str(Path(p).parent)!r} does not exist")
+    # check the outputs before the work
+    if json_path is not None:
+        _check_writable_dir(Path(json_path).parent if str(Path(json_path).parent) else Path("."))
     if plots_dir is not None:
-        plots_dir.mkdir(parents=False, exist_ok=True)
-        if not os.access(plots_dir, os.W_OK | os.X_OK):
-            raise PermissionError(f"plot directory {str(plots_dir)!r} is not writable")
+        if not plots_dir.is_dir():
+            if not plots_dir.parent.is_dir():
+                raise FileNotFoundError(f"output directory {str(plots_dir.parent)!r} does not exist")
+            _check_writable_dir(plots_dir.parent)
+            plots_dir.mkdir()
+        _check_writable_dir(plots_dir)
 
     ds = read_analysis(analysis)
     sets = {"assimilated": read_observations(obs)}
@@ -286,6 +300,10 @@ def evaluate(
         if not per_var:
             raise ValueError(f"none of the {name} observation variables {sorted(set(table['variable']))} is in the analysis")
         samples[name] = per_var
+        skipped = sorted(set(table["variable"]) - set(per_var))
+        if skipped:
+            n_skip = int(table["variable"].isin(skipped).sum())
+            typer.echo(f"note: {name}: left out {n_skip} observations of variables not in the analysis: {skipped}", err=True)
         results[name] = {
             var: metrics.summarize(ens, y, obs_sigma=sig, seed=seed) for var, (ens, y, sig, _) in per_var.items()
         }

@@ -449,6 +449,13 @@ def _remove(path: Path) -> None:
             pass
 
 
+def _require_zarr() -> None:
+    try:
+        import zarr  # noqa: F401
+    except ImportError:
+        raise ValueError("the zarr format needs the 'zarr' package (tested with zarr==3.1.6)") from None
+
+
 def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "netcdf", overwrite: bool = False) -> Path:
     """Write ``ds`` atomically: to a hidden temporary in the same directory, then
     ``os.replace``. The destination either does not exist or is complete.
@@ -460,6 +467,8 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "
     """
     if format not in ("netcdf", "zarr"):
         raise ValueError(f"unknown format {format!r}; expected 'netcdf' or 'zarr'")
+    if format == "zarr":
+        _require_zarr()
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -499,6 +508,7 @@ def read_analysis(path: str | os.PathLike) -> xr.Dataset:
     if not path.exists():
         raise FileNotFoundError(f"no such analysis file: {str(path)!r}")
     if path.is_dir():
+        _require_zarr()
         ds = xr.open_zarr(path, consolidated=False)
     else:
         ds = xr.open_dataset(path, engine="netcdf4")

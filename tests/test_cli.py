@@ -100,6 +100,8 @@ def test_evaluate_bad_inputs(case, tmp_path):
     if os.path.isdir("/sys"):
         line = _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--json", "/sys/m.json"]))
         assert "/sys" in line
+        line = _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--plots", "/sys/plots"]))
+        assert "/sys" in line
     not_analysis = tmp_path / "not.nc"
     not_analysis.write_text("garbage")
     _one_line_error(runner.invoke(app, ["evaluate", str(not_analysis), "--obs", obs]))
