@@ -58,6 +58,10 @@ def test_chunked_and_remat_match_vmap():
     remat = np.asarray(sample_ensemble(gauss_denoiser, key, SHAPE, 6, remat=True, **args))
     np.testing.assert_allclose(chunked, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(remat, ref, rtol=1e-5, atol=1e-5)
+    # remat really wraps the denoiser in jax.checkpoint
+    for flag in (True, False):
+        jaxpr = jax.make_jaxpr(lambda k: sample_ensemble(gauss_denoiser, k, SHAPE, 6, remat=flag, **args))(key)
+        assert ("remat" in str(jaxpr)) == flag  # jax.checkpoint shows as remat2
 
 
 def test_compiles_once_per_configuration():
@@ -65,9 +69,25 @@ def test_compiles_once_per_configuration():
         return gauss_denoiser(x, sigma, mu)
 
     args = dict(sampler_kwargs=KW, sampler=stand_in_sampler, devices=jax.devices()[:1])
+    key_a, key_b = jax.random.key(2), jax.random.key(3)
+    mu_a, mu_b = jnp.zeros(SHAPE), jnp.ones(SHAPE) * 5.0
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
     start = TRACES["n"]
-    a = sample_ensemble(den, jax.random.key(2), SHAPE, 3, operands=(jnp.zeros(SHAPE),), **args)
-    b = sample_ensemble(den, jax.random.key(3), SHAPE, 3, operands=(jnp.full(SHAPE, 5.0),), **args)
+    a = sample_ensemble(den, key_a, SHAPE, 3, operands=(mu_a,), **args)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        b = sample_ensemble(den, key_b, SHAPE, 3, operands=(mu_b,), **args)
+        b.block_until_ready()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []  # the second call with new data compiles nothing
+    # weakly typed operands (jnp.full with a Python float) reuse the same program too
+    sample_ensemble(den, key_b, SHAPE, 3, operands=(jnp.full(SHAPE, 2.0),), **args)
     assert TRACES["n"] - start == 1
     assert not np.allclose(np.asarray(a), np.asarray(b))
     sample_ensemble(den, jax.random.key(3), SHAPE, 3, operands=(jnp.zeros(SHAPE),), **{**args, "sampler_kwargs": {**KW, "num_steps": 4}})
