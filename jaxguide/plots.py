@@ -2,7 +2,8 @@
 
 HEALPix fields are drawn by sampling them on an equirectangular raster (nearest pixel
 centre to each raster cell centre) and showing the raster on matplotlib's built-in
-Mollweide projection. No coastlines (they would need a download).
+Mollweide projection. No coastlines (they would need a download). Figures are drawn
+on an explicit Agg canvas: no pyplot, no global backend switch.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg", force=False)
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from jaxguide import healpix  # noqa: E402
-from jaxguide.io import nearest_pixels  # noqa: E402
+from jaxguide import healpix
+from jaxguide.io import nearest_pixels
 
 
 @functools.lru_cache(maxsize=8)
@@ -123,6 +122,7 @@ def plot_maps(
         panels.append((ens.std(axis=0, ddof=1), f"{name} ensemble spread", "magma", False))
     obs = None if obs_lon is None or obs_lat is None else (obs_lon, obs_lat)
     fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
     for i, (field, title, cmap, sym) in enumerate(panels, start=1):
         img = healpix_to_image(field, order=order, height=raster[0], width=raster[1])
         _map_panel(fig, i, len(panels), img, title, cmap, sym, obs, units)
@@ -137,6 +137,7 @@ def plot_rank_histogram(
     if counts.ndim != 1 or counts.size < 2:
         raise ValueError(f"counts must be (M + 1,) with M >= 1, got shape {counts.shape}")
     fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ranks = np.arange(counts.size)
     ax.bar(ranks, counts, color="tab:blue", width=0.9)
