@@ -151,8 +151,8 @@ def read_observations(path: Path):
         table[col] = pd.to_numeric(table[col], errors="raise")
     if not np.all(np.abs(table["lat"]) <= 90):
         raise ValueError(f"observation file {str(path)!r} has latitudes outside [-90, 90]")
-    table["time"] = pd.to_datetime(table["time"])
-    return table
+    table["time"] = pd.to_datetime(table["time"], utc=True, format="ISO8601").dt.tz_localize(None)  # naive UTC
+    return table.reset_index(drop=True)
 
 
 def _time_index(ds_times: np.ndarray, obs_times) -> np.ndarray:

@@ -31,18 +31,18 @@ def case(tmp_path):
     truth_phys = healpix.reorder(truth_norm[0, :, 0] * SCALE[:, None] + CENTER[:, None], "net", "nest")
     lon, lat = healpix.lonlat(NSIDE, "nest")
 
-    def table(pixels, fname):
+    def table(pixels, fname, stamp):
         rows = []
         for c, var in enumerate(CHANNELS):
             for p in pixels:
-                rows.append({"time": "2022-03-01T00:00", "lat": lat[p], "lon": lon[p], "variable": var, "value": truth_phys[c, p], "sigma": 0.5})
+                rows.append({"time": stamp, "lat": lat[p], "lon": lon[p], "variable": var, "value": truth_phys[c, p], "sigma": 0.5})
         rows.append({"time": "2022-03-01T00:00", "lat": 0.0, "lon": 0.0, "variable": "unknown_var", "value": 1.0, "sigma": 1.0})
         pd.DataFrame(rows).to_csv(tmp_path / fname, index=False)
         return tmp_path / fname
 
     pix = rng.choice(NPIX, size=60, replace=False)
-    obs = table(pix[:40], "obs.csv")
-    held = table(pix[40:], "held.csv")
+    obs = table(pix[:40], "obs.csv", "2022-03-01T00:00")
+    held = table(pix[40:], "held.csv", "2022-03-01T00:00:00Z")
     tds = ds[["tas", "pres_msl"]].isel(member=0).copy(deep=True)
     tds["tas"].values[:] = truth_phys[0][None]
     tds["pres_msl"].values[:] = truth_phys[1][None]
