@@ -11,7 +11,10 @@ the device count (a ``ValueError`` says so; no silent padding).
 Compiled programs are cached per configuration (denoiser and sampler function
 identity, member shape, member count, sampler options, devices, remat, chunk size):
 pass changing data (network parameters, observations) through ``operands`` rather
-than by building a new closure per call, or every call compiles again.
+than by building a new closure per call, or every call compiles again. The cache
+keeps the 32 most recently used configurations (and so references to their denoiser
+functions). Sampler options must be hashable or arrays (they are baked into the program);
+per-member inputs such as fixed latents are not supported here.
 """
 
 from __future__ import annotations
