@@ -1,0 +1,348 @@
+"""Command line: ``jaxguide convert | assimilate | evaluate | demo``.
+
+``evaluate`` is complete. ``convert``, ``assimilate`` and ``demo`` are skeletons: each
+calls a library function that does not exist yet (see the ``TODO`` markers) and exits
+with a one-line error until it does.
+
+Expected failures (missing or malformed files, unwritable outputs) end with one line
+``error: ...`` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Score-based data assimilation with cBottle in JAX.")
+
+EXPECTED_ERRORS = (FileNotFoundError, ValueError, KeyError, OSError)
+OBS_COLUMNS = ("time", "lat", "lon", "variable", "value", "sigma")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, KeyError):
+        return f"missing key {e.args[0]!r}" if e.args else "missing key"
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def handle_errors(fn):
+    """Turn expected error classes into one ``error: ...`` line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED_ERRORS as e:
+            _fail(_message(e))
+
+    return wrapper
+
+
+def _pending(module: str, name: str, command: str):
+    """The library function a skeleton command calls, or a clean error if not written yet."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        _fail(f"'jaxguide {command}' is not implemented yet (needs {module}.{name})")
+
+
+# --------------------------------------------------------------------------------------
+# skeleton commands
+
+
+@app.command()
+@handle_errors
+def convert(
+    checkpoint: Path = typer.Argument(..., help="cBottle checkpoint (.checkpoint zip)"),
+    out: Path = typer.Option(..., "--out", help="output directory for the JAX parameters"),
+    overwrite: bool = typer.Option(False, help="replace an existing output"),
+) -> None:
+    """Convert a cBottle PyTorch checkpoint to jaxguide parameters."""
+    # TODO(convert): implement jaxguide.convert_checkpoint.convert(checkpoint, out, overwrite=...)
+    #   (torch state_dict -> flax params, batch_info.json, model sha256 for provenance).
+    fn = _pending("jaxguide.convert_checkpoint", "convert", "convert")
+    fn(checkpoint, out, overwrite=overwrite)
+
+
+@app.command()
+@handle_errors
+def assimilate(
+    model: Path = typer.Option(..., "--model", help="converted model directory"),
+    obs: Path = typer.Option(..., "--obs", help="observation table (CSV: time, lat, lon, variable, value, sigma)"),
+    out: Path = typer.Option(..., "--out", help="analysis file (.nc or .zarr)"),
+    method: str = typer.Option("mmps", help="mmps | regression | dps | sda | pigdm | replacement"),
+    members: int = typer.Option(8, help="ensemble size"),
+    steps: int = typer.Option(18, help="sampler steps"),
+    sigma_y: float = typer.Option(None, help="observation error override (physical units); default: the table's sigma"),
+    guidance_scale: float = typer.Option(1.0, help="guidance scale (regression/dps)"),
+    seed: int = typer.Option(0, help="random seed"),
+    overwrite: bool = typer.Option(False, help="replace an existing output"),
+) -> None:
+    """Sample a posterior ensemble given observations and write an analysis file."""
+    # TODO(assimilate): implement jaxguide.pipeline.assimilate(...): load model, build the
+    #   observation operator (jaxguide.observations.build_operator), guided denoiser
+    #   (jaxguide.guidance.apply), ensemble (jaxguide.ensemble.sample_ensemble), then
+    #   jaxguide.io.analysis_to_dataset + write_dataset with full provenance.
+    fn = _pending("jaxguide.pipeline", "assimilate", "assimilate")
+    fn(
+        model=model,
+        obs=obs,
+        out=out,
+        method=method,
+        members=members,
+        steps=steps,
+        sigma_y=sigma_y,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        overwrite=overwrite,
+    )
+
+
+@app.command()
+@handle_errors
+def demo(
+    out: Path = typer.Option(Path("demo"), "--out", help="output directory"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """End-to-end demo on synthetic observations with the small test model."""
+    # TODO(demo): implement jaxguide.pipeline.demo(out, seed): synthetic truth + observations,
+    #   assimilate, evaluate, plots.
+    fn = _pending("jaxguide.pipeline", "demo", "demo")
+    fn(out=out, seed=seed)
+
+
+# --------------------------------------------------------------------------------------
+# evaluate
+
+
+def read_observations(path: Path):
+    """Observation table (CSV or Parquet) with columns :data:`OBS_COLUMNS`, physical units."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such observation file: {str(path)!r}")
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"observation file {str(path)!r} is empty") from None
+    missing = [c for c in OBS_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"observation file {str(path)!r} lacks columns {missing}")
+    if len(table) == 0:
+        raise ValueError(f"observation file {str(path)!r} has no observations")
+    for col in ("lat", "lon", "value", "sigma"):
+        table[col] = pd.to_numeric(table[col], errors="raise")
+    if not np.all(np.abs(table["lat"]) <= 90):
+        raise ValueError(f"observation file {str(path)!r} has latitudes outside [-90, 90]")
+    table["time"] = pd.to_datetime(table["time"], utc=True, format="ISO8601").dt.tz_localize(None)  # naive UTC
+    return table.reset_index(drop=True)
+
+
+def _time_index(ds_times: np.ndarray, obs_times) -> np.ndarray:
+    if ds_times.size == 1:
+        return np.zeros(len(obs_times), dtype=np.int64)
+    t = np.asarray(obs_times, dtype="datetime64[ns]").astype(np.int64)
+    d = np.asarray(ds_times, dtype="datetime64[ns]").astype(np.int64)
+    return np.argmin(np.abs(t[:, None] - d[None, :]), axis=1)
+
+
+def ensemble_at_observations(ds, table) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]]:
+    """Per variable: (ensemble (M, n), obs (n,), sigma (n,), rows) at the nearest NEST pixel.
+
+    Observations of variables not in the analysis are left out (listed under ``""``)."""
+    from jaxguide import healpix
+    from jaxguide.io import channel_variables, nearest_pixels
+
+    if "pixel" not in ds.dims:
+        raise ValueError("evaluate needs an analysis on the HEALPix grid (dimension 'pixel')")
+    nside = healpix.nside_of_npix(ds.sizes["pixel"])
+    channels = set(channel_variables(ds))
+    pix = nearest_pixels(nside, table["lon"].to_numpy(), table["lat"].to_numpy(), "nest")
+    tidx = _time_index(ds["time"].values, table["time"])
+    out = {}
+    for var, rows in table.groupby("variable", sort=True):
+        if var not in channels:
+            continue
+        sel = rows.index.to_numpy()
+        field = ds[var].transpose("member", "time", "pixel").values
+        pos = table.index.get_indexer(sel)
+        out[var] = (field[:, tidx[pos], pix[pos]], rows["value"].to_numpy(np.float64), rows["sigma"].to_numpy(np.float64), rows)
+    return out
+
+
+def _truth_metrics(ds, truth_path: Path) -> dict[str, dict]:
+    import xarray as xr
+
+    from jaxguide import metrics
+    from jaxguide.io import channel_variables
+
+    if not Path(truth_path).exists():
+        raise FileNotFoundError(f"no such truth file: {str(truth_path)!r}")
+    with xr.open_dataset(truth_path) as t:
+        truth = t.load()
+    out = {}
+    for var in channel_variables(ds):
+        if var not in truth:
+            continue
+        tv = truth[var]
+        if "member" in tv.dims:
+            tv = tv.isel(member=0)
+        tv = tv.transpose("time", "pixel").values
+        ev = ds[var].transpose("member", "time", "pixel").values
+        if tv.shape != ev.shape[1:]:
+            raise ValueError(f"truth {var} has shape {tv.shape}, analysis {ev.shape[1:]}")
+        out[var] = metrics.summarize(ev.reshape(ev.shape[0], -1), tv.reshape(-1))
+    if not out:
+        raise ValueError(f"truth file {str(truth_path)!r} shares no variable with the analysis")
+    return out
+
+
+def _check_writable_dir(directory: Path) -> None:
+    """Raise FileNotFoundError / PermissionError unless a file can be created in ``directory``."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"output directory {str(directory)!r} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".jaxguide-probe.", dir=directory)
+    except OSError as e:
+        raise PermissionError(f"cannot create files in output directory {str(directory)!r}: {e.strerror}") from e
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output directory {str(parent)!r} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from e
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, default=float)
+            fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _print_table(results: dict[str, dict[str, dict]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="analysis verification")
+    for col in ("set", "variable", "n", "RMSE", "bias", "CRPS", "spread", "spread/skill"):
+        table.add_column(col, justify="right" if col not in ("set", "variable") else "left")
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.4g}"
+
+    for set_name, per_var in results.items():
+        for var, s in per_var.items():
+            table.add_row(set_name, var, str(s["n_obs"]), fmt(s["rmse"]), fmt(s["bias"]), fmt(s["crps"]), fmt(s.get("spread")), fmt(s.get("spread_skill")))
+    Console().print(table)
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    analysis: Path = typer.Argument(..., help="analysis file written by jaxguide (.nc or .zarr)"),
+    obs: Path = typer.Option(..., "--obs", help="assimilated observations (CSV: time, lat, lon, variable, value, sigma)"),
+    held_out: Path = typer.Option(None, "--held-out", help="held-out observations, same format"),
+    truth: Path = typer.Option(None, "--truth", help="truth fields (NetCDF, same variables, NEST pixels)"),
+    json_path: Path = typer.Option(None, "--json", help="write the metrics as JSON here"),
+    plots_dir: Path = typer.Option(None, "--plots", help="write PNG maps and rank histograms into this directory"),
+    seed: int = typer.Option(0, help="seed of the rank histograms' tie-breaking"),
+) -> None:
+    """RMSE / CRPS / spread / spread-skill of an analysis at assimilated and held-out observations."""
+    from jaxguide import metrics
+    from jaxguide.io import PRIOR_SUFFIX, read_analysis
+
+    # check the outputs before the work
+    if json_path is not None:
+        _check_writable_dir(Path(json_path).parent if str(Path(json_path).parent) else Path("."))
+    if plots_dir is not None:
+        if not plots_dir.is_dir():
+            if not plots_dir.parent.is_dir():
+                raise FileNotFoundError(f"output directory {str(plots_dir.parent)!r} does not exist")
+            _check_writable_dir(plots_dir.parent)
+            plots_dir.mkdir()
+        _check_writable_dir(plots_dir)
+
+    ds = read_analysis(analysis)
+    sets = {"assimilated": read_observations(obs)}
+    if held_out is not None:
+        sets["held_out"] = read_observations(held_out)
+
+    results: dict[str, dict[str, dict]] = {}
+    samples = {}
+    for name, table in sets.items():
+        per_var = ensemble_at_observations(ds, table)
+        if not per_var:
+            raise ValueError(f"none of the {name} observation variables {sorted(set(table['variable']))} is in the analysis")
+        samples[name] = per_var
+        skipped = sorted(set(table["variable"]) - set(per_var))
+        if skipped:
+            n_skip = int(table["variable"].isin(skipped).sum())
+            typer.echo(f"note: {name}: left out {n_skip} observations of variables not in the analysis: {skipped}", err=True)
+        results[name] = {
+            var: metrics.summarize(ens, y, obs_sigma=sig, seed=seed) for var, (ens, y, sig, _) in per_var.items()
+        }
+    if truth is not None:
+        results["truth"] = _truth_metrics(ds, truth)
+
+    _print_table(results)
+    if json_path is not None:
+        _write_json_atomic(json_path, {"analysis": str(analysis), "metrics": results})
+        typer.echo(f"wrote {json_path}")
+    if plots_dir is not None:
+        from jaxguide import plots
+
+        for var in sorted({v for per in samples.values() for v in per}):
+            assim = samples["assimilated"].get(var)
+            prior_name = var + PRIOR_SUFFIX
+            prior = ds[prior_name].isel(time=0).values if prior_name in ds else None
+            lon = assim[3]["lon"].to_numpy() if assim else None
+            lat = assim[3]["lat"].to_numpy() if assim else None
+            plots.plot_maps(
+                plots_dir / f"{var}_maps.png",
+                ds[var].isel(time=0).transpose("member", "pixel").values,
+                order="nest",
+                prior=prior,
+                obs_lon=lon,
+                obs_lat=lat,
+                name=var,
+                units=str(ds[var].attrs.get("units", "")),
+            )
+        for set_name, per_var in results.items():
+            for var, s in per_var.items():
+                plots.plot_rank_histogram(plots_dir / f"{var}_{set_name}_rank.png", s["rank_histogram"], title=f"{var} ({set_name})")
+        typer.echo(f"wrote plots to {plots_dir}")
+
+
+def main() -> None:
+    """Console entry point (``jaxguide``)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

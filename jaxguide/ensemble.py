@@ -1,0 +1,191 @@
+"""Ensembles of diffusion samples in one jitted program, optionally sharded over devices.
+
+``sample_ensemble`` splits one key into ``n_members`` keys and runs the sampler for
+every member with ``jax.vmap`` (or ``jax.lax.map`` in chunks of ``chunk_size``
+members, to bound memory) inside a single ``jax.jit``. With more than one device the
+member axis is sharded over a 1-D mesh ``("member",)`` with ``jax.shard_map``: each
+device runs its own members, no communication; the result carries
+``NamedSharding(mesh, PartitionSpec("member"))``. ``n_members`` must be a multiple of
+the device count (a ``ValueError`` says so; no silent padding).
+
+Compiled programs are cached per configuration (denoiser and sampler function
+identity, member shape, member count, sampler options, devices, remat, chunk size):
+pass changing data (network parameters, observations) through ``operands`` rather
+than by building a new closure per call, or every call compiles again. The cache
+keeps the 32 most recently used configurations (and so references to their denoiser
+functions). Sampler options must be hashable or arrays (they are baked into the program);
+per-member inputs such as fixed latents are not supported here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
+
+Denoiser = Callable[..., Any]
+
+MEMBER_AXIS = "member"
+
+
+def cast_denoiser(denoiser: Denoiser, compute_dtype=jnp.bfloat16, output_dtype=jnp.float32) -> Denoiser:
+    """Evaluate ``denoiser`` in ``compute_dtype`` and return ``output_dtype``.
+
+    Every floating-point array argument (x, sigma, and any extra operands) is cast
+    down to ``compute_dtype``; every floating-point output leaf is cast up to
+    ``output_dtype`` so that the guidance algebra around the denoiser stays float32.
+    Integer/bool arguments pass through unchanged.
+    """
+
+    def down(a):
+        a = jnp.asarray(a)
+        return a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    def up(a):
+        return a.astype(output_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    @functools.wraps(denoiser)
+    def wrapped(*args, **kwargs):
+        args = jax.tree_util.tree_map(down, args)
+        kwargs = jax.tree_util.tree_map(down, kwargs)
+        return jax.tree_util.tree_map(up, denoiser(*args, **kwargs))
+
+    return wrapped
+
+
+def _default_sampler():
+    from jaxguide.sampler import sample  # lazy: the sampler module is written in parallel
+
+    return sample
+
+
+def _freeze(value):
+    """Hashable version of nested sampler options (dicts, lists, arrays of scalars)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, (np.ndarray, jax.Array)):
+        arr = np.asarray(value)
+        return ("array", arr.dtype.str, arr.shape, arr.tobytes())
+    return value
+
+
+def _thaw(value):
+    """Inverse of :func:`_freeze` for the values it produces (dicts come back as tuples of pairs)."""
+    if isinstance(value, tuple) and len(value) == 4 and value[0] == "array":
+        return np.frombuffer(value[3], dtype=np.dtype(value[1])).reshape(value[2])
+    if isinstance(value, tuple):
+        return tuple(_thaw(v) for v in value)
+    return value
+
+
+def resolve_devices(devices: Sequence[Any] | None) -> tuple[Any, ...]:
+    """The devices to shard over: the given ones, else all of ``jax.devices()``."""
+    devs = tuple(jax.devices() if devices is None else devices)
+    if not devs:
+        raise ValueError("no devices given")
+    return devs
+
+
+@functools.lru_cache(maxsize=32)
+def _build(denoiser_fn, sampler, member_shape, n_members, frozen_kwargs, devices, remat, chunk_size):
+    kwargs = {k: _thaw(v) for k, v in frozen_kwargs}
+    den_core = jax.checkpoint(denoiser_fn) if remat else denoiser_fn
+
+    def members(keys, operands):
+        def den(x, sigma):
+            return den_core(x, sigma, *operands)
+
+        def one(k):
+            return sampler(den, k, member_shape, **kwargs)
+
+        if chunk_size is None:
+            return jax.vmap(one)(keys)
+        return jax.lax.map(one, keys, batch_size=chunk_size)
+
+    if len(devices) > 1:
+        mesh = Mesh(np.asarray(devices), (MEMBER_AXIS,))
+        spec = PartitionSpec(MEMBER_AXIS)
+        sharded = jax.shard_map(members, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=spec, check_vma=False)
+        out_sharding = NamedSharding(mesh, spec)
+
+        def program(key, operands):
+            keys = jax.random.split(key, n_members)
+            return sharded(keys, operands)
+
+        logger.debug("ensemble program: %d members sharded over %d devices", n_members, len(devices))
+        return jax.jit(program, out_shardings=out_sharding)
+
+    def program(key, operands):
+        return members(jax.random.split(key, n_members), operands)
+
+    return jax.jit(program)
+
+
+def sample_ensemble(
+    denoiser_fn: Denoiser,
+    key: jax.Array,
+    member_shape: tuple[int, ...],
+    n_members: int,
+    *,
+    sampler_kwargs: dict[str, Any],
+    devices: Sequence[Any] | None = None,
+    remat: bool = False,
+    chunk_size: int | None = None,
+    operands: tuple = (),
+    sampler: Callable[..., Any] | None = None,
+) -> jax.Array:
+    """Sample ``n_members`` members; returns (n_members, *member_shape).
+
+    Args:
+      denoiser_fn: ``denoiser_fn(x, sigma, *operands) -> x0_hat`` for one member,
+        x of ``member_shape`` (e.g. (C, 1, npix), normalised, net order).
+      key: one PRNG key; member ``i`` uses ``jax.random.split(key, n_members)[i]``.
+      member_shape: shape of one member.
+      n_members: ensemble size M; a multiple of the device count when sharded.
+      sampler_kwargs: keyword options of the sampler (num_steps, sigma_min, ...);
+        static (part of the compiled configuration).
+      devices: devices for the member axis; default all of ``jax.devices()``. One
+        device means no sharding.
+      remat: wrap the denoiser in ``jax.checkpoint`` (less memory for gradients
+        through the denoiser, e.g. guidance VJPs, at the cost of recompute).
+      chunk_size: run members ``chunk_size`` at a time (``jax.lax.map``) instead of
+        all at once (per device when sharded).
+      operands: pytree of arrays passed to the denoiser as traced arguments
+        (parameters, observations): new values do not recompile.
+      sampler: ``sampler(denoiser, key, shape, **sampler_kwargs)``; default
+        ``jaxguide.sampler.sample``.
+    """
+    if n_members < 1:
+        raise ValueError(f"n_members must be >= 1, got {n_members}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    devs = resolve_devices(devices)
+    if len(devs) > 1 and n_members % len(devs):
+        raise ValueError(
+            f"n_members={n_members} is not a multiple of the {len(devs)} devices; "
+            f"use a multiple of {len(devs)} or pass devices= explicitly"
+        )
+    sampler = _default_sampler() if sampler is None else sampler
+    program = _build(
+        denoiser_fn,
+        sampler,
+        tuple(int(s) for s in member_shape),
+        int(n_members),
+        _freeze(dict(sampler_kwargs)),
+        devs if len(devs) > 1 else (),
+        bool(remat),
+        None if chunk_size is None else int(chunk_size),
+    )
+    # strip weak types so that e.g. jnp.full(shape, 5.0) and a concrete array share a program
+    operands = jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(jnp.asarray(a).dtype), tuple(operands))
+    return program(key, operands)

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from jaxguide import healpix, io, metrics
+from jaxguide.cli import app
+
+NSIDE = 8
+NPIX = 12 * NSIDE**2
+CHANNELS = ["tas", "pres_msl"]
+CENTER = np.array([286.0, 101160.0])
+SCALE = np.array([15.0, 1100.0])
+PROV = {"method": "mmps", "sigma_y": 1.0, "guidance_scale": 1.0, "steps": 6, "seed": 0, "model_sha256": "f" * 64, "n_obs": 40, "command": "test"}
+
+
+@pytest.fixture()
+def case(tmp_path):
+    """Analysis ensemble whose members and truth are exchangeable (calibrated) draws."""
+    rng = np.random.default_rng(0)
+    m = 6
+    truth_norm = rng.normal(size=(1, 2, 1, NPIX)).astype(np.float32)
+    ens = (truth_norm * 0 + rng.normal(size=(m, 2, 1, NPIX))).astype(np.float32)
+    ds = io.analysis_to_dataset(ens, channels=CHANNELS, center=CENTER, scale=SCALE, times=["2022-03-01T00"], provenance=PROV, prior=ens + 0.1)
+    path = io.write_dataset(ds, tmp_path / "analysis.nc")
+    truth_phys = healpix.reorder(truth_norm[0, :, 0] * SCALE[:, None] + CENTER[:, None], "net", "nest")
+    lon, lat = healpix.lonlat(NSIDE, "nest")
+
+    def table(pixels, fname, stamp):
+        rows = []
+        for c, var in enumerate(CHANNELS):
+            for p in pixels:
+                rows.append({"time": stamp, "lat": lat[p], "lon": lon[p], "variable": var, "value": truth_phys[c, p], "sigma": 0.5})
+        rows.append({"time": "2022-03-01T00:00", "lat": 0.0, "lon": 0.0, "variable": "unknown_var", "value": 1.0, "sigma": 1.0})
+        pd.DataFrame(rows).to_csv(tmp_path / fname, index=False)
+        return tmp_path / fname
+
+    pix = rng.choice(NPIX, size=60, replace=False)
+    obs = table(pix[:40], "obs.csv", "2022-03-01T00:00")
+    held = table(pix[40:], "held.csv", "2022-03-01T00:00:00Z")
+    tds = ds[["tas", "pres_msl"]].isel(member=0).copy(deep=True)
+    tds["tas"].values[:] = truth_phys[0][None]
+    tds["pres_msl"].values[:] = truth_phys[1][None]
+    truth_path = tmp_path / "truth.nc"
+    tds.to_netcdf(truth_path)
+    return dict(path=path, obs=obs, held=held, truth=truth_path, ds=ds, truth_phys=truth_phys, pix=pix, tmp=tmp_path)
+
+
+def test_evaluate_end_to_end(case):
+    tmp = case["tmp"]
+    runner = CliRunner()
+    args = ["evaluate", str(case["path"]), "--obs", str(case["obs"]), "--held-out", str(case["held"]), "--truth", str(case["truth"])]
+    args += ["--json", str(tmp / "m.json"), "--plots", str(tmp / "plots")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "RMSE" in res.stdout and "held_out" in res.stdout
+    out = json.loads((tmp / "m.json").read_text())["metrics"]
+    assert set(out) == {"assimilated", "held_out", "truth"}
+    assert set(out["assimilated"]) == {"tas", "pres_msl"}
+    # independent recomputation for the assimilated tas observations (exact pixel centres)
+    ens = case["ds"]["tas"].values[:, 0][:, case["pix"][:40]]
+    y = case["truth_phys"][0, case["pix"][:40]]
+    assert out["assimilated"]["tas"]["rmse"] == pytest.approx(metrics.rmse(ens, y), rel=1e-6)
+    assert out["assimilated"]["tas"]["crps"] == pytest.approx(float(metrics.crps_ensemble(ens, y).mean()), rel=1e-6)
+    assert out["held_out"]["pres_msl"]["n_obs"] == 20
+    # calibrated by construction (in normalised units): spread-skill near 1 over the full field
+    assert 0.8 < out["truth"]["tas"]["spread_skill"] < 1.2
+    pngs = sorted(os.listdir(tmp / "plots"))
+    assert "tas_maps.png" in pngs and "pres_msl_held_out_rank.png" in pngs and "tas_truth_rank.png" in pngs
+
+
+def _one_line_error(res):
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.output
+    return lines[0]
+
+
+def test_evaluate_bad_inputs(case, tmp_path):
+    runner = CliRunner()
+    path, obs = str(case["path"]), str(case["obs"])
+    line = _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "nope.nc"), "--obs", obs]))
+    assert "nope.nc" in line
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert "empty" in _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", str(empty)]))
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("time,lat,lon,variable,value,sigma\n")
+    assert "no observations" in _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", str(header_only)]))
+    bad_cols = tmp_path / "cols.csv"
+    bad_cols.write_text("a,b\n1,2\n")
+    assert "lacks columns" in _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", str(bad_cols)]))
+    _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--json", str(tmp_path / "missing_dir" / "m.json")]))
+    if os.path.isdir("/sys"):
+        line = _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--json", "/sys/m.json"]))
+        assert "/sys" in line
+        line = _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--plots", "/sys/plots"]))
+        assert "/sys" in line
+    not_analysis = tmp_path / "not.nc"
+    not_analysis.write_text("garbage")
+    _one_line_error(runner.invoke(app, ["evaluate", str(not_analysis), "--obs", obs]))
+
+
+def test_skeleton_commands_fail_cleanly(tmp_path):
+    runner = CliRunner()
+    line = _one_line_error(runner.invoke(app, ["demo", "--out", str(tmp_path)]))
+    assert "not implemented" in line
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("convert", "assimilate", "evaluate", "demo"):
+        assert cmd in res.stdout

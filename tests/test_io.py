@@ -1,0 +1,246 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from jaxguide import healpix, io
+
+REPO = Path(__file__).resolve().parents[1]
+NSIDE = 4
+NPIX = 12 * NSIDE**2
+CHANNELS = ["T850", "tas", "pres_msl", "rlut"]
+CENTER = [281.13, 286.09, 101160.2, 243.58]
+SCALE = [12.34, 15.61, 1109.4, 42.0]
+PROV = {
+    "method": "mmps",
+    "sigma_y": 0.5,
+    "guidance_scale": 1.0,
+    "steps": 18,
+    "seed": 3,
+    "model_sha256": "0" * 64,
+    "n_obs": 12,
+    "command": "jaxguide assimilate --test",
+    "cg_iterations": None,
+    "use_bf16": False,
+}
+
+
+def make_ensemble(m=3, seed=0):
+    return np.random.default_rng(seed).normal(size=(m, len(CHANNELS), 1, NPIX)).astype(np.float32)
+
+
+def make_ds(**kw):
+    args = dict(channels=CHANNELS, center=CENTER, scale=SCALE, times=["2021-06-01T12:00"], provenance=PROV)
+    args.update(kw)
+    return io.analysis_to_dataset(kw.pop("ensemble", make_ensemble()), **{k: v for k, v in args.items() if k != "ensemble"})
+
+
+def test_dataset_layout_units_and_nest_order():
+    x = make_ensemble()
+    ds = io.analysis_to_dataset(x, channels=CHANNELS, center=CENTER, scale=SCALE, times=["2021-06-01T12:00"], provenance=PROV, prior=x[:2])
+    assert ds["T850"].dims == ("member", "time", "pixel") and ds["T850"].dtype == np.float32
+    # physical units, NEST order: value at nest pixel p is the net value at the same location
+    nest_to_net = healpix.permutation(NSIDE, "net", "nest")
+    c = 2
+    expected = x[:, c, 0, nest_to_net] * SCALE[c] + CENTER[c]
+    np.testing.assert_allclose(ds["pres_msl"].values[:, 0], expected, rtol=1e-6)
+    np.testing.assert_allclose(ds["pres_msl_prior_mean"].values[0], expected[:2].mean(axis=0), rtol=1e-6)
+    # pixel centres against healpy (independent implementation)
+    hp = pytest.importorskip("healpy")
+    lon, lat = hp.pix2ang(NSIDE, np.arange(NPIX), nest=True, lonlat=True)
+    np.testing.assert_allclose(ds["lat"].values, lat, atol=1e-9)
+    np.testing.assert_allclose(ds["lon"].values, lon, atol=1e-9)
+    assert ds["T850"].attrs["standard_name"] == "air_temperature" and ds["T850"].attrs["level"] == 850
+    assert ds["pres_msl"].attrs["units"] == "Pa" and ds["rlut"].attrs["units"] == "W m-2" and ds["tas"].attrs["units"] == "K"
+    assert ds["crs"].attrs["grid_mapping_name"] == "healpix" and ds["crs"].attrs["refinement_level"] == 2
+
+
+def test_missing_provenance_and_bad_shapes():
+    with pytest.raises(ValueError, match="provenance"):
+        make_ds(provenance={"method": "mmps"})
+    with pytest.raises(ValueError, match="times"):
+        make_ds(times=["2021-01-01", "2021-01-02"])
+    with pytest.raises(ValueError, match="length"):
+        make_ds(channels=CHANNELS[:2])
+
+
+@pytest.mark.parametrize("fmt,name", [("netcdf", "a.nc"), ("zarr", "a.zarr")])
+def test_roundtrip_and_cf_check(tmp_path, fmt, name):
+    if fmt == "zarr":
+        pytest.importorskip("zarr")
+    ds = make_ds()
+    assert io.check_cf(ds) == []
+    path = io.write_dataset(ds, tmp_path / name, format=fmt)
+    back = io.read_analysis(path)
+    assert io.check_cf(back) == []
+    np.testing.assert_array_equal(back["tas"].values, ds["tas"].values)
+    assert back.attrs["method"] == "mmps" and int(back.attrs["n_obs"]) == 12
+    assert back["crs"].attrs["healpix_order"] == "nest" and back["crs"].attrs["indexing_scheme"] == "nested"
+    assert back["tas"].attrs["grid_mapping"] == "crs"
+    assert sorted(os.listdir(tmp_path)) == [name]  # no temporaries left
+
+
+def test_cf_check_finds_problems(tmp_path):
+    good = make_ds()
+    cases = []
+    bad = good.copy(deep=True)
+    del bad["tas"].attrs["units"]
+    cases.append((bad, "tas: no units"))
+    bad = good.copy(deep=True)
+    bad["crs"].attrs["indexing_scheme"] = "ring"
+    cases.append((bad, "indexing_scheme"))
+    bad = good.copy(deep=True)
+    bad.attrs.pop("Conventions")
+    cases.append((bad, "Conventions"))
+    bad = good.copy(deep=True)
+    bad = bad.assign_coords(lat=("pixel", good["lat"].values[::-1], good["lat"].attrs))
+    cases.append((bad, "NEST pixel centres"))
+    bad = good.copy(deep=True)
+    bad["rlut"].attrs["units"] = "K"
+    cases.append((bad, "rlut: units"))
+    bad = good.copy(deep=True)
+    del bad.attrs["model_sha256"]
+    cases.append((bad, "model_sha256"))
+    for ds, needle in cases:
+        problems = io.check_cf(ds)
+        assert any(needle in p for p in problems), (needle, problems)
+    # a broken file read back from disk too
+    bad = good.copy(deep=True)
+    del bad["T850"].attrs["grid_mapping"]
+    back = io.read_analysis(io.write_dataset(bad, tmp_path / "bad.nc"))
+    assert any("grid_mapping" in p for p in io.check_cf(back))
+    # unknown channel: no units known
+    odd = make_ds(channels=["T850", "tas", "pres_msl", "mystery"])
+    assert any("mystery: no units" in p for p in io.check_cf(odd))
+
+
+def test_write_refuses_overwrite_and_bad_dirs(tmp_path):
+    ds = make_ds()
+    path = io.write_dataset(ds, tmp_path / "a.nc")
+    with pytest.raises(FileExistsError):
+        io.write_dataset(ds, path)
+    ds2 = make_ds(ensemble=make_ensemble(seed=1))
+    io.write_dataset(ds2, path, overwrite=True)
+    np.testing.assert_array_equal(io.read_analysis(path)["tas"].values, ds2["tas"].values)
+    try:
+        import zarr  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="zarr"):
+            io.write_dataset(ds, tmp_path / "a.zarr", format="zarr")
+    else:
+        zp = io.write_dataset(ds, tmp_path / "a.zarr", format="zarr")
+        io.write_dataset(ds2, zp, format="zarr", overwrite=True)
+        np.testing.assert_array_equal(io.read_analysis(zp)["tas"].values, ds2["tas"].values)
+    with pytest.raises(FileNotFoundError):
+        io.write_dataset(ds, tmp_path / "nope" / "a.nc")
+    with pytest.raises(ValueError):
+        io.write_dataset(ds, tmp_path / "b.nc", format="grib")
+    if Path("/sys").is_dir():
+        with pytest.raises(PermissionError, match="not writable|cannot create"):
+            io.write_dataset(ds, "/sys/jaxguide_test.nc")
+    with pytest.raises(FileNotFoundError):
+        io.read_analysis(tmp_path / "missing.nc")
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    ds = make_ds()
+    real = xr.Dataset.to_netcdf
+
+    def half_then_fail(self, target, *a, **k):
+        real(self, target, *a, **k)
+        with open(target, "r+b") as fh:  # truncate: a half-written file
+            fh.truncate(os.path.getsize(target) // 2)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", half_then_fail)
+    with pytest.raises(OSError, match="simulated"):
+        io.write_dataset(ds, tmp_path / "a.nc")
+    assert os.listdir(tmp_path) == []
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    from tests.test_io import make_ds
+    from jaxguide import io
+    real = os.replace
+    def slow_replace(src, dst):
+        open(sys.argv[2], "w").close()  # signal: the temporary is written, replace pending
+        time.sleep(60)
+        real(src, dst)
+    os.replace = slow_replace
+    io.write_dataset(make_ds(), sys.argv[1])
+    """
+)
+
+
+def test_killed_writer_leaves_no_destination(tmp_path):
+    dest = tmp_path / "out" / "a.nc"
+    dest.parent.mkdir()
+    flag = tmp_path / "flag"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(dest), str(flag)], cwd=REPO, env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not flag.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        leftovers = list(dest.parent.iterdir())
+        assert leftovers and all(p.name.startswith(".a.nc.") for p in leftovers)  # the hidden temporary exists
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not dest.exists()
+    assert not any(p.name == "a.nc" for p in dest.parent.rglob("*") if p.parent == dest.parent)
+
+
+def test_regrid_nearest_and_bilinear():
+    nside = 8
+    lon_p, lat_p = healpix.lonlat(nside, "nest")
+    # nearest: brute force over all pixels
+    grid = io.LatLonGrid(9, 18, "nearest")
+    glat, glon = grid.coords()
+    lon2, lat2 = np.meshgrid(glon, glat)
+    idx = io.nearest_pixels(nside, lon2, lat2)
+    vp = io._unit_vectors(lon_p, lat_p)
+    vt = io._unit_vectors(lon2, lat2).reshape(-1, 3)
+    brute = np.argmax(vt @ vp.T, axis=1).reshape(lon2.shape)
+    vt2 = io._unit_vectors(lon2, lat2)
+    # same angular distance as the brute-force nearest (ties allowed), and mostly the same pixel
+    np.testing.assert_allclose(np.sum(vp[idx] * vt2, -1), np.sum(vp[brute] * vt2, -1), rtol=0, atol=1e-12)
+    assert np.mean(idx == brute) > 0.9
+    out = io.regrid_to_latlon(np.arange(lon_p.size, dtype=np.float64), grid)
+    assert out.shape == (9, 18)
+    # bilinear: exact for a field linear in latitude (between the outermost rings)
+    grid_b = io.LatLonGrid(20, 40, "bilinear")
+    b = io.regrid_to_latlon(lat_p[None, :], grid_b)[0]
+    glat_b, glon_b = grid_b.coords()
+    inside = np.abs(glat_b) < lat_p.max()
+    np.testing.assert_allclose(b[inside], np.broadcast_to(glat_b[:, None], b.shape)[inside], atol=1e-9)
+    # smooth field: bilinear beats nearest
+    f = np.cos(np.radians(lat_p)) * np.sin(np.radians(2 * lon_p))
+    g_lon, g_lat = np.meshgrid(glon_b, glat_b)
+    truth = np.cos(np.radians(g_lat)) * np.sin(np.radians(2 * g_lon))
+    err_b = np.abs(io.regrid_to_latlon(f, grid_b) - truth).max()
+    err_n = np.abs(io.regrid_to_latlon(f, io.LatLonGrid(20, 40, "nearest")) - truth).max()
+    assert err_b < 0.05 and err_b < 0.5 * err_n
+    _, w = io.bilinear_weights(nside, g_lon, g_lat)
+    np.testing.assert_allclose(w.sum(-1), 1.0)
+
+
+def test_regridded_dataset(tmp_path):
+    ds = make_ds(regrid_latlon=io.LatLonGrid(6, 12, "bilinear"), prior=make_ensemble(2, seed=9))
+    assert ds["tas"].dims == ("member", "time", "lat", "lon") and "crs" not in ds
+    assert ds["tas_prior_mean"].dims == ("time", "lat", "lon")
+    back = io.read_analysis(io.write_dataset(ds, tmp_path / "r.nc"))
+    assert io.check_cf(back) == []
