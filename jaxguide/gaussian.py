@@ -41,7 +41,8 @@ class GaussianPrior:
     Fields:
       mu: (C, 1, npix) mean.
       chan_vecs, chan_vals: (C, C), (C,) eigendecomposition of S R S.
-      space_vecs, space_vals: (npix, npix), (npix,) eigendecomposition of K.
+      space_vecs, space_vals: (npix, r), (r,) leading eigenpairs of K (r = npix: all).
+      space_floor: () variance of K on the complement of the r modes (0 when r = npix).
     """
 
     mu: jnp.ndarray
@@ -49,6 +50,7 @@ class GaussianPrior:
     chan_vals: jnp.ndarray
     space_vecs: jnp.ndarray
     space_vals: jnp.ndarray
+    space_floor: jnp.ndarray
 
     # ---- spectral helpers -------------------------------------------------------------
     @property
@@ -57,15 +59,22 @@ class GaussianPrior:
 
     def _parts(self, dtype):
         c = lambda a: jnp.asarray(a).astype(dtype)  # noqa: E731
-        lam = c(self.chan_vals)[:, None] * c(self.space_vals)[None, :]
-        return c(self.chan_vecs), c(self.space_vecs), jnp.maximum(lam, 0.0)
+        lc = c(self.chan_vals)
+        lam = jnp.maximum(lc[:, None] * c(self.space_vals)[None, :], 0.0)
+        lam_floor = jnp.maximum(lc * c(self.space_floor), 0.0)
+        return c(self.chan_vecs), c(self.space_vecs), lam, lam_floor
 
     def _spectral(self, z, f, dtype):
-        """Apply ``Q diag(f(lam)) Q^T`` to z of shape (..., C, npix)."""
-        qc, qk, lam = self._parts(dtype)
-        zt = jnp.einsum("ca,...cp,pb->...ab", qc, z, qk)
-        zt = zt * f(lam)
-        return jnp.einsum("ca,...ab,pb->...cp", qc, zt, qk)
+        """Apply ``f(Sigma)`` to z of shape (..., C, npix): two (npix, r) matmuls.
+
+        ``f(Sigma) = Qc [Qk (f(lam) - f(lam_floor)) Qk^T + f(lam_floor) I] Qc^T``.
+        """
+        qc, qk, lam, lam_floor = self._parts(dtype)
+        f_floor = f(lam_floor)[:, None]
+        zc = jnp.einsum("ca,...cp->...ap", qc, z)
+        coef = zc @ qk
+        out = (coef * (f(lam) - f_floor)) @ qk.T + f_floor * zc
+        return jnp.einsum("ca,...ap->...cp", qc, out)
 
     def apply_cov(self, z: jnp.ndarray) -> jnp.ndarray:
         """Sigma z for z of shape (..., C, 1, npix)."""
@@ -88,25 +97,29 @@ class GaussianPrior:
     def sample(self, key: jax.Array, n: int, dtype=None) -> jnp.ndarray:
         """n independent prior draws, (n, C, 1, npix)."""
         dt = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
-        qc, qk, lam = self._parts(dt)
-        eps = jax.random.normal(key, (n,) + lam.shape, dt) * jnp.sqrt(lam)
-        z = jnp.einsum("ca,nab,pb->ncp", qc, eps, qk)
+        C, _, npix = self.shape
+        eps = jax.random.normal(key, (n, C, npix), dt)
+        z = self._spectral(eps, jnp.sqrt, dt)
         return jnp.asarray(self.mu).astype(dt) + z[:, :, None, :]
+
+    def _space_dense(self) -> np.ndarray:
+        qk = np.asarray(self.space_vecs, np.float64)
+        fl = float(self.space_floor)
+        sk = (qk * np.maximum(np.asarray(self.space_vals, np.float64), 0.0)) @ qk.T
+        return sk + fl * (np.eye(qk.shape[0]) - qk @ qk.T)
 
     def std(self) -> np.ndarray:
         """Prior pointwise std, (C, 1, npix), float64 NumPy."""
-        qc, qk = np.asarray(self.chan_vecs, np.float64), np.asarray(self.space_vecs, np.float64)
+        qc = np.asarray(self.chan_vecs, np.float64)
         vc = (qc**2) @ np.asarray(self.chan_vals, np.float64)
-        vk = (qk**2) @ np.maximum(np.asarray(self.space_vals, np.float64), 0.0)
+        vk = np.diag(self._space_dense())
         return np.sqrt(np.outer(vc, vk))[:, None, :]
 
     def dense_cov(self) -> np.ndarray:
         """Sigma as a dense (C*npix, C*npix) float64 NumPy matrix (flattened (C, npix))."""
         qc = np.asarray(self.chan_vecs, np.float64)
-        qk = np.asarray(self.space_vecs, np.float64)
         sc = (qc * np.asarray(self.chan_vals, np.float64)) @ qc.T
-        sk = (qk * np.maximum(np.asarray(self.space_vals, np.float64), 0.0)) @ qk.T
-        return np.kron(sc, sk)
+        return np.kron(sc, self._space_dense())
 
     # ---- exact posteriors -------------------------------------------------------------
     def posterior(self, H, y, sigma_y) -> tuple[np.ndarray, np.ndarray]:
@@ -179,6 +192,7 @@ def make_prior(
     *,
     kernel: str = "se",
     nugget: float = 1e-6,
+    max_modes: int | None = None,
     order: str = "net",
 ) -> GaussianPrior:
     """Build a :class:`GaussianPrior` (C channels, constant mean per channel).
@@ -186,7 +200,11 @@ def make_prior(
     channel_means, channel_stds: (C,) in the state's units; channel_corr: (C, C)
     correlation matrix; length_scale_km: kernel correlation length (km, Earth radius
     6371 km); nugget: added to the kernel's diagonal (relative, keeps it positive
-    definite). Leaves are float64 NumPy (converted to the input dtype at use).
+    definite). max_modes: keep only the r leading spatial eigenpairs and give the
+    orthogonal complement the constant variance ``space_floor`` = mean of the dropped
+    eigenvalues (a valid covariance with the same trace; the denoiser then costs two
+    (npix, r) matmuls instead of (npix, npix)). Leaves are float64 NumPy (converted to
+    the input dtype at use).
     """
     means = np.asarray(channel_means, np.float64)
     stds = np.asarray(channel_stds, np.float64)
@@ -203,8 +221,16 @@ def make_prior(
     K[np.diag_indices_from(K)] += nugget
     lk, qk = np.linalg.eigh(K)
     npix = K.shape[0]
+    lk, qk = np.maximum(lk[::-1], 0.0), qk[:, ::-1]  # decreasing
+    floor = 0.0
+    if max_modes is not None and max_modes < npix:
+        if max_modes < 1:
+            raise ValueError(f"max_modes must be >= 1, got {max_modes}")
+        floor = float(lk[max_modes:].mean())
+        lk, qk = lk[:max_modes], qk[:, :max_modes]
     mu = np.broadcast_to(means[:, None, None], (C, 1, npix)).copy()
-    return GaussianPrior(mu=mu, chan_vecs=qc, chan_vals=lc, space_vecs=qk, space_vals=np.maximum(lk, 0.0))
+    return GaussianPrior(mu=mu, chan_vecs=qc, chan_vals=lc, space_vecs=np.ascontiguousarray(qk),
+                         space_vals=lk.copy(), space_floor=np.asarray(floor))
 
 
 def point_observations(shape, channels, pixels) -> tuple[Callable, np.ndarray]:
