@@ -45,7 +45,7 @@ def make_denoiser(
 
     With the ERA5 label, channels ERA5 lacks (rlut, rsut, rsds) come from a second pass
     with the ICON label: ``D = where(mask, net(where(mask, x, 0), ERA5), net(x, ICON))``
-    (two network evaluations); otherwise one pass.
+    (two network evaluations, run as one batch of two); otherwise one pass.
 
     Args:
       condition: (1, 1, 1, npix) encoded SST (or None for models without it).
@@ -62,6 +62,7 @@ def make_denoiser(
         labels_fill = label_one_hot("icon", model.config.label_dim)[None]
         mask = channel_mask(model.channels, label)
     two_pass = not mask.all()
+    labels_both = None if labels_main is None else np.concatenate([labels_main, labels_fill])
     mask_b = jnp.asarray(mask)[None, :, None, None]
     sod = jnp.asarray(second_of_day, jnp.float32).reshape(1, 1)
     doy = jnp.asarray(day_of_year, jnp.float32).reshape(1, 1)
@@ -69,15 +70,15 @@ def make_denoiser(
 
     def denoise(x: jax.Array, sigma) -> jax.Array:
         p = model.params if params is None else params
-        xb = x[None]
         kw = dict(condition=cond, second_of_day=sod, day_of_year=doy, compute_dtype=compute_dtype)
         if two_pass:
-            main = model.apply(p, jnp.where(mask_b, xb, 0), sigma, class_labels=labels_main, **kw)
-            fill = model.apply(p, xb, sigma, class_labels=labels_fill, **kw)
-            d = jnp.where(mask_b, main, fill)
+            # both passes as one batch of two: one copy of the network in the compiled graph
+            xb = jnp.stack([jnp.where(mask_b[0], x, 0), x])
+            d = model.apply(p, xb, sigma, class_labels=labels_both, **kw)
+            out = jnp.where(mask_b[0], d[0], d[1])
         else:
-            d = model.apply(p, xb, sigma, class_labels=labels_main, **kw)
-        return d[0].astype(x.dtype)
+            out = model.apply(p, x[None], sigma, class_labels=labels_main, **kw)[0]
+        return out.astype(x.dtype)
 
     return denoise
 
