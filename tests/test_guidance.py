@@ -225,3 +225,20 @@ def test_named_errors(prob):
         with pytest.raises(GuidanceInputError, match="shape"):  # also at trace time under jit
             jax.jit(den)(x, 1.0)
     assert issubclass(GuidanceInputError, ValueError)
+
+
+def test_guided_sampler_compiles_once_for_new_observations(prob):
+    """y is a jit argument: value checks are skipped on tracers, shapes still checked."""
+    prior, A, H, y, sigma_y, *_ = prob
+    traces = []
+
+    @jax.jit
+    def run(key, y):
+        traces.append(1)
+        den = guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=2)
+        return sampler.sample(den, key, prior.shape, num_steps=4, sigma_min=0.01, sigma_max=20.0)
+
+    a = run(jax.random.PRNGKey(0), jnp.asarray(y, jnp.float32))
+    b = run(jax.random.PRNGKey(1), jnp.asarray(-y, jnp.float32))
+    assert len(traces) == 1 and run._cache_size() == 1
+    assert not np.allclose(a, b)
