@@ -1,0 +1,227 @@
+"""Guidance transforms: jit/vmap/grad, hand formulas, finite-difference gradients, errors.
+
+Small problem: nside 4, 2 channels, Gaussian prior (its exact denoiser plays the
+network), 10 point observations.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxguide import gaussian, guidance, sampler
+from jaxguide.guidance import GuidanceInputError
+
+NSIDE = 4
+OPTIONS = {
+    "regression": {"scale": 0.01},
+    "dps": {},
+    "sda": {"gamma": 1e-2},
+    "pigdm": {},
+    "mmps": {"cg_iters": 3},
+    "replacement": {},
+}
+
+
+@pytest.fixture(scope="module")
+def prob():
+    prior = gaussian.make_prior(NSIDE, [0.0, 0.5], [1.0, 0.6], [[1.0, 0.5], [0.5, 1.0]], 2500.0)
+    rng = np.random.default_rng(1)
+    px = rng.choice(12 * NSIDE**2, 10, replace=False)
+    ch = rng.integers(0, 2, 10)
+    A, H = gaussian.point_observations(prior.shape, ch, px)
+    y = rng.standard_normal(10) * 0.8
+    sigma_y = 0.1 + 0.1 * rng.random(10)
+    return prior, A, H, y, sigma_y, ch, px
+
+
+def _x(prior, key, sigma, dtype=jnp.float32):
+    x0 = prior.sample(jax.random.PRNGKey(key), 1, dtype)[0]
+    return x0 + sigma * jax.random.normal(jax.random.PRNGKey(key + 100), x0.shape, dtype)
+
+
+@pytest.mark.parametrize("method", guidance.METHODS)
+def test_jit_vmap_grad_shapes(prob, method):
+    prior, A, H, y, sigma_y, *_ = prob
+    den = guidance.apply(method, prior.denoiser, A, y, sigma_y, **OPTIONS[method])
+    xs = jnp.stack([_x(prior, k, 2.0) for k in range(3)])
+    out = jax.jit(den)(xs[0], 2.0)
+    assert out.shape == xs[0].shape and out.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out)))
+    batched = jax.jit(jax.vmap(den, (0, None)))(xs, 2.0)
+    loop = jnp.stack([den(x, 2.0) for x in xs])
+    np.testing.assert_allclose(batched, loop, rtol=1e-4, atol=1e-5)  # float32 round-off
+    g = jax.grad(lambda x: jnp.sum(den(x, 2.0) ** 2))(xs[0])
+    assert g.shape == xs[0].shape and bool(jnp.all(jnp.isfinite(g)))
+    # guidance changes the estimate
+    assert float(jnp.max(jnp.abs(out - prior.denoiser(xs[0], 2.0)))) > 1e-3
+
+
+def test_regression_hand_formula(prob):
+    prior, A, H, y, sigma_y, *_ = prob
+    with jax.enable_x64(True):
+        x = _x(prior, 0, 1.5, jnp.float64)
+        D = np.asarray(prior.denoiser(x, 1.5)).reshape(-1)
+        w = (H @ D - y) / sigma_y**2
+        # J = I (gradient w.r.t. D only): D - scale H^T (H D - y) / sigma_y^2
+        a = guidance.regression(prior.denoiser, A, y, sigma_y, scale=0.03, no_network_grad=True)(x, 1.5)
+        np.testing.assert_allclose(np.asarray(a).reshape(-1), D - 0.03 * H.T @ w, rtol=1e-12, atol=1e-12)
+        # through the network: J = Sigma (Sigma + sigma^2 I)^-1 (symmetric)
+        S = prior.dense_cov()
+        J = S @ np.linalg.inv(S + 1.5**2 * np.eye(S.shape[0]))
+        b = guidance.regression(prior.denoiser, A, y, sigma_y, scale=0.03)(x, 1.5)
+        np.testing.assert_allclose(np.asarray(b).reshape(-1), D - 0.03 * J.T @ H.T @ w, rtol=1e-10, atol=1e-10)
+        # norm matching: the step has norm scale * sigma * ||(x - D) / sigma||
+        c = guidance.regression(prior.denoiser, A, y, sigma_y, scale=0.5, norm_matching=True)(x, 1.5)
+        step = np.linalg.norm(np.asarray(c).reshape(-1) - D)
+        want = 0.5 * 1.5 * np.linalg.norm((np.asarray(x).reshape(-1) - D) / 1.5)
+        assert abs(step - want) < 1e-10 * want
+        # DPS = regression with scale sigma^2 = SDA with gamma 0
+        d1 = guidance.dps(prior.denoiser, A, y, sigma_y, scale=0.7)(x, 1.5)
+        d2 = guidance.regression(prior.denoiser, A, y, sigma_y, scale=0.7 * 1.5**2)(x, 1.5)
+        d3 = guidance.sda(prior.denoiser, A, y, sigma_y, gamma=0.0, scale=0.7)(x, 1.5)
+        np.testing.assert_allclose(d1, d2, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(d1, d3, rtol=1e-12, atol=1e-12)
+        # SDA / PiGDM hand formula (selection: A A^T = I)
+        for den, v in [
+            (guidance.sda(prior.denoiser, A, y, sigma_y, gamma=0.02), 0.02 * 1.5**2),
+            (guidance.pigdm(prior.denoiser, A, y, sigma_y, data_std=0.8), 1.5**2 * 0.64 / (1.5**2 + 0.64)),
+        ]:
+            want = D + 1.5**2 * J.T @ H.T @ ((y - H @ D) / (sigma_y**2 + v))
+            np.testing.assert_allclose(np.asarray(den(x, 1.5)).reshape(-1), want, rtol=1e-10, atol=1e-10)
+
+
+def test_low_rank_obs_covariance(prob):
+    prior, A, H, y, sigma_y, *_ = prob
+    with jax.enable_x64(True):
+        U = np.random.default_rng(3).standard_normal((10, 2)) * 0.1
+        x = _x(prior, 1, 0.7, jnp.float64)
+        D = np.asarray(prior.denoiser(x, 0.7)).reshape(-1)
+        R = np.diag(sigma_y**2) + U @ U.T
+        S = prior.dense_cov()
+        P = S @ np.linalg.inv(S + 0.49 * np.eye(S.shape[0])) * 0.49  # sigma^2 J
+        want = D + P @ H.T @ np.linalg.solve(R + H @ P @ H.T, y - H @ D)
+        got = guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=10, obs_cov_factor=U)(x, 0.7)
+        np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=1e-9, atol=1e-9)
+        got2 = guidance.regression(prior.denoiser, A, y, sigma_y, obs_cov_factor=U, scale=0.02,
+                                   no_network_grad=True)(x, 0.7)
+        np.testing.assert_allclose(np.asarray(got2).reshape(-1),
+                                   D - 0.02 * H.T @ np.linalg.solve(R, H @ D - y), rtol=1e-10, atol=1e-10)
+
+
+def test_gmres_equals_cg_when_converged(prob):
+    prior, A, H, y, sigma_y, *_ = prob
+    with jax.enable_x64(True):
+        x = _x(prior, 2, 3.0, jnp.float64)
+        a = guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=10)(x, 3.0)
+        b = guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=10, solver="gmres")(x, 3.0)
+        ex = prior.posterior_denoiser(H, y, sigma_y)(x, 3.0)
+        np.testing.assert_allclose(a, ex, rtol=1e-8, atol=1e-8)
+        np.testing.assert_allclose(b, ex, rtol=1e-6, atol=1e-6)
+
+
+def test_replacement_puts_y_at_observed_pixels(prob):
+    prior, A, H, y, sigma_y, ch, px = prob
+    x = _x(prior, 3, 1.0)
+    out = guidance.replacement(prior.denoiser, A, y, sigma_y)(x, 1.0)
+    np.testing.assert_allclose(np.asarray(out)[ch, 0, px], y, rtol=1e-6, atol=1e-6)
+    D = np.asarray(prior.denoiser(x, 1.0))
+    mask = np.ones(D.shape, bool)
+    mask[ch, 0, px] = False
+    np.testing.assert_array_equal(np.asarray(out)[mask], D[mask])  # elsewhere untouched
+
+
+def _fd(f, v, h):
+    return (f(v + h) - f(v - h)) / (2 * h)
+
+
+def test_grad_of_sample_matches_finite_differences(prob):
+    """d(sample)/d(sigma_y, gamma, scale) through 4 Heun steps with churn (x64).
+
+    Central differences with h = 1e-5: truncation ~h^2, tolerance 1e-6 relative."""
+    prior, A, H, y, sigma_y, *_ = prob
+    nonlin = lambda x: jnp.tanh(A(x))  # noqa: E731  (nonlinear operator)
+    with jax.enable_x64(True):
+        lat = jax.random.normal(jax.random.PRNGKey(9), prior.shape, jnp.float64)
+        w = jax.random.normal(jax.random.PRNGKey(10), prior.shape, jnp.float64)
+        kw = dict(num_steps=4, sigma_min=0.05, sigma_max=10.0, S_churn=2.0, latents=lat)
+
+        def loss(method, **opts):
+            def f(sy_scale, gamma, scale):
+                o = dict(OPTIONS[method])
+                if method == "sda":
+                    o["gamma"] = gamma
+                if method != "replacement":
+                    o["scale"] = scale
+                den = guidance.apply(method, prior.denoiser, nonlin, jnp.tanh(y), sigma_y * sy_scale, **o)
+                return jnp.sum(w * sampler.sample(den, jax.random.PRNGKey(0), None, **kw))
+            return f
+
+        for method in ("regression", "dps", "sda", "pigdm", "mmps"):
+            f = jax.jit(loss(method))  # one compile per method; the FD calls reuse it
+            p = (1.0, 0.02, 0.01 if method == "regression" else 1.0)
+            grads = jax.jit(jax.grad(loss(method), argnums=(0, 1, 2)))(*p)
+            for i in range(3):
+                if i == 1 and method != "sda":
+                    continue
+                h = 1e-5 * p[i]
+                fd = _fd(lambda v: f(*[v if j == i else p[j] for j in range(3)]), p[i], h)
+                assert abs(grads[i] - fd) <= 1e-6 * max(abs(fd), 1e-3), (method, i, grads[i], fd)
+
+
+def test_gaussian_evidence_exact_and_gradients(prob):
+    prior, A, H, y, sigma_y, *_ = prob
+    with jax.enable_x64(True):
+        x = _x(prior, 4, 1.2, jnp.float64)
+        s = 1.2
+        ev = guidance.gaussian_evidence(prior.denoiser, A, y, sigma_y, x, s)
+        # exact: y | x_t ~ N(H D, R + H P H^T), P = sigma^2 J
+        S = prior.dense_cov()
+        P = S @ np.linalg.inv(S + s**2 * np.eye(S.shape[0])) * s**2
+        D = np.asarray(prior.denoiser(x, s)).reshape(-1)
+        C = np.diag(sigma_y**2) + H @ P @ H.T
+        r = y - H @ D
+        want = -0.5 * (r @ np.linalg.solve(C, r) + np.linalg.slogdet(C)[1] + len(y) * np.log(2 * np.pi))
+        assert abs(float(ev) - want) < 1e-9 * abs(want)
+
+        def f(sy_scale, gamma, scale):
+            return guidance.gaussian_evidence(prior.denoiser, lambda z: jnp.tanh(A(z)), jnp.tanh(y),
+                                              sigma_y * sy_scale, x, s, gamma=gamma, scale=scale)
+
+        p = (1.3, 0.05, 0.8)
+        grads = jax.grad(f, argnums=(0, 1, 2))(*p)
+        for i in range(3):
+            h = 1e-5 * p[i]
+            fd = _fd(lambda v: f(*[v if j == i else p[j] for j in range(3)]), p[i], h)
+            assert abs(grads[i] - fd) <= 1e-7 * max(abs(fd), 1.0), (i, grads[i], fd)
+
+
+def test_named_errors(prob):
+    prior, A, H, y, sigma_y, *_ = prob
+    bad = y.copy()
+    bad[3] = np.nan
+    for method in guidance.METHODS:
+        with pytest.raises(GuidanceInputError, match="NaN"):
+            guidance.apply(method, prior.denoiser, A, bad, sigma_y)
+    with pytest.raises(GuidanceInputError, match="sigma_y"):
+        guidance.mmps(prior.denoiser, A, y, 0.0)
+    with pytest.raises(GuidanceInputError, match="sigma_y"):
+        guidance.sda(prior.denoiser, A, y, -sigma_y)
+    with pytest.raises(GuidanceInputError, match="sigma_y"):
+        guidance.dps(prior.denoiser, A, y, np.inf)
+    with pytest.raises(GuidanceInputError, match="unknown guidance method 'kalman'.*mmps"):
+        guidance.apply("kalman", prior.denoiser, A, y, sigma_y)
+    with pytest.raises(GuidanceInputError, match="cg_iters"):
+        guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=0)
+    with pytest.raises(GuidanceInputError, match="solver"):
+        guidance.mmps(prior.denoiser, A, y, sigma_y, solver="lu")
+    x = _x(prior, 0, 1.0)
+    for method in guidance.METHODS:
+        den = guidance.apply(method, prior.denoiser, A, y[:7], sigma_y[:7])
+        with pytest.raises(GuidanceInputError, match="shape"):
+            den(x, 1.0)
+        with pytest.raises(GuidanceInputError, match="shape"):  # also at trace time under jit
+            jax.jit(den)(x, 1.0)
+    assert issubclass(GuidanceInputError, ValueError)
