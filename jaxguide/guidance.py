@@ -251,23 +251,31 @@ def pigdm(denoiser: Denoiser, A: Operator, y, sigma_y, *, data_std=1.0, scale=1.
 
 def _cg(matvec, b, iters):
     """``iters`` conjugate-gradient iterations from 0 (fixed count: one program, and
-    reverse-differentiable). Guards keep it finite after exact convergence."""
+    reverse-differentiable).
+
+    Once the residual is at round-off (``|r|^2 <= eps^2 |b|^2``) the iterate is frozen:
+    continuing would divide by ``p^T A p ~ |r|^2`` -> 0, which the forward pass survives
+    but whose derivative (``rs / pap^2``) overflows to inf/NaN in the reverse pass (seen
+    when sigma_y^2 dominates the system, e.g. at small sigma, where CG converges in 1-2
+    iterations)."""
+    rs0 = jnp.vdot(b, b)
+    tol = jnp.finfo(b.dtype).eps ** 2 * rs0
 
     def body(_, st):
         x, r, p, rs = st
+        active = rs > tol
         ap = matvec(p)
         pap = jnp.vdot(p, ap)
-        ok = pap > 0
+        ok = active & (pap > 0)
         alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1.0), 0.0)
         x = x + alpha * p
         r = r - alpha * ap
-        rs_new = jnp.vdot(r, r)
-        ok2 = rs > 0
-        beta = jnp.where(ok2, rs_new / jnp.where(ok2, rs, 1.0), 0.0)
+        rs_new = jnp.where(ok, jnp.vdot(r, r), rs)
+        beta = jnp.where(ok, rs_new / jnp.where(ok, rs, 1.0), 0.0)
         return x, r, r + beta * p, rs_new
 
     x0 = jnp.zeros_like(b)
-    return jax.lax.fori_loop(0, iters, body, (x0, b, b, jnp.vdot(b, b)))[0]
+    return jax.lax.fori_loop(0, iters, body, (x0, b, b, rs0))[0]
 
 
 def _gmres(matvec, b, iters):
