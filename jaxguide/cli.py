@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -226,25 +225,6 @@ def _check_writable_dir(directory: Path) -> None:
     os.unlink(tmp)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output directory {str(parent)!r} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from e
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=float)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _print_table(results: dict[str, dict[str, dict]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -275,7 +255,7 @@ def evaluate(
 ) -> None:
     """RMSE / CRPS / spread / spread-skill of an analysis at assimilated and held-out observations."""
     from jaxguide import metrics
-    from jaxguide.io import PRIOR_SUFFIX, read_analysis
+    from jaxguide.io import PRIOR_SUFFIX, read_analysis, write_json_atomic
 
     # check the outputs before the work
     if json_path is not None:
@@ -312,7 +292,7 @@ def evaluate(
 
     _print_table(results)
     if json_path is not None:
-        _write_json_atomic(json_path, {"analysis": str(analysis), "metrics": results})
+        write_json_atomic(json_path, {"analysis": str(analysis), "metrics": results})
         typer.echo(f"wrote {json_path}")
     if plots_dir is not None:
         from jaxguide import plots
