@@ -1,8 +1,8 @@
 """Command line: ``jaxguide convert | assimilate | evaluate | demo``.
 
-``evaluate`` is complete. ``convert``, ``assimilate`` and ``demo`` are skeletons: each
-calls a library function that does not exist yet (see the ``TODO`` markers) and exits
-with a one-line error until it does.
+``evaluate`` and ``demo`` are complete. ``convert`` and ``assimilate`` are skeletons:
+each calls a library function that does not exist yet (see the ``TODO`` markers) and
+exits with a one-line error until it does.
 
 Expected failures (missing or malformed files, unwritable outputs) end with one line
 ``error: ...`` on stderr and exit status 2, never a traceback.
@@ -116,14 +116,69 @@ def assimilate(
 @app.command()
 @handle_errors
 def demo(
-    out: Path = typer.Option(Path("demo"), "--out", help="output directory"),
-    seed: int = typer.Option(0, help="random seed"),
+    out: Path = typer.Option(Path("demo_out"), "--out", help="output directory (created; its demo files are replaced)"),
+    seed: int = typer.Option(0, help="random seed (truth, observations, ensembles)"),
+    members: int = typer.Option(None, help="ensemble size [default: 64]"),
+    steps: int = typer.Option(None, help="sampler (Heun) steps [default: 24]"),
 ) -> None:
-    """End-to-end demo on synthetic observations with the small test model."""
-    # TODO(demo): implement jaxguide.pipeline.demo(out, seed): synthetic truth + observations,
-    #   assimilate, evaluate, plots.
-    fn = _pending("jaxguide.pipeline", "demo", "demo")
-    fn(out=out, seed=seed)
+    """End-to-end demo on an exact Gaussian prior (no download): truth, observations,
+    MMPS and regression-guidance ensembles, verification, NetCDF files and plots."""
+    import dataclasses
+    import sys
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jaxguide.demo import DemoConfig, run_demo
+
+    given = {k: v for k, v in (("members", members), ("steps", steps)) if v is not None}
+    config = dataclasses.replace(DemoConfig(seed=seed), **given)
+    err = Console(stderr=True)
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err) as bar:
+        task = bar.add_task("demo", total=None)
+
+        def progress(i: int, n: int, name: str) -> None:
+            bar.update(task, total=n, completed=i, description=f"demo: {name}")
+
+        summary = run_demo(out, config, progress=progress, command=" ".join(["jaxguide", *sys.argv[1:]]))
+        bar.update(task, completed=bar.tasks[0].total or 0, description="demo: done")
+    _print_demo_summary(summary, time.perf_counter() - t0)
+
+
+def _print_demo_summary(summary: dict[str, Any], seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from jaxguide.demo import summary_rows
+
+    cfg, ex = summary["config"], summary["exact_posterior"]
+    table = Table(title=(f"jaxguide demo: {summary['n_obs']['assimilated']} assimilated / "
+                         f"{summary['n_obs']['held_out']} held-out observations, {cfg['members']} members, "
+                         f"{cfg['steps']} steps"))
+    table.add_column("method", no_wrap=True)
+    table.add_column("set", no_wrap=True)
+    for col in ("RMSE\nheld-out\n[K]", "RMSE\nassim.\n[K]", "CRPS\nheld-out\n[K]", "spread-\nskill\nheld-out",
+                "mean err\nvs exact\n[prior std]", "spread\nratio vs\nexact"):
+        table.add_column(col, justify="right")
+    for r in summary_rows(summary):
+        table.add_row(r["method"], r["set"], *(f"{r[k]:.3f}" for k in (
+            "rmse_held_out", "rmse_assimilated", "crps_held_out", "spread_skill_held_out", "mean_error_vs_exact",
+            "spread_ratio_vs_exact")))
+    con = Console()
+    con.print(table)
+    mc = summary["methods"]["mmps"]["exact_posterior"]["all"]["mc_floor_prior_std"]
+    con.print(f"exact posterior mean: RMSE held-out {ex['held_out_rmse_of_mean']:.3f} K, assimilated "
+              f"{ex['assimilated_rmse_of_mean']:.3f} K; Monte-Carlo floor of the mean error {mc:.3f} prior std")
+    con.print(f"spread-skill includes the observation error; MMPS cg_iters={cfg['cg_iters']}; regression scale "
+              f"{summary['methods']['regression']['options']['scale']:.4g} "
+              f"({summary['methods']['regression']['options']['scale_rule']})")
+    files = summary["files"]
+    out_dir = Path(files["summary"]).parent
+    con.print(f"wrote {', '.join(Path(v).name for k, v in files.items() if k != 'plots')} "
+              f"and {len(files['plots'])} plots to {out_dir} in {seconds:.1f} s")
 
 
 # --------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_evaluate_bad_inputs(case, tmp_path):
 
 def test_skeleton_commands_fail_cleanly(tmp_path):
     runner = CliRunner()
-    line = _one_line_error(runner.invoke(app, ["demo", "--out", str(tmp_path)]))
+    line = _one_line_error(runner.invoke(app, ["convert", str(tmp_path / "x.checkpoint"), "--out", str(tmp_path / "o")]))
     assert "not implemented" in line
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
