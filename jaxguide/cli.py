@@ -130,14 +130,14 @@ def demo(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from jaxguide.demo import DemoConfig, run_demo
+    from jaxguide.demo import DemoConfig, prepare_out_dir, run_demo
 
     given = {k: v for k, v in (("members", members), ("steps", steps)) if v is not None}
     config = dataclasses.replace(DemoConfig(seed=seed), **given)
-    err = Console(stderr=True)
+    prepare_out_dir(out)  # fail on a bad output path before the progress display starts
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err) as bar:
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("demo", total=None)
 
         def progress(i: int, n: int, name: str) -> None:
