@@ -118,8 +118,8 @@ def assimilate(
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="output directory (created; its demo files are replaced)"),
     seed: int = typer.Option(0, help="random seed (truth, observations, ensembles)"),
-    members: int = typer.Option(None, help="ensemble size [default: 64]"),
-    steps: int = typer.Option(None, help="sampler (Heun) steps [default: 24]"),
+    members: int = typer.Option(None, help="ensemble size (default 64)"),
+    steps: int = typer.Option(None, help="sampler (Heun) steps (default 24)"),
 ) -> None:
     """End-to-end demo on an exact Gaussian prior (no download): truth, observations,
     MMPS and regression-guidance ensembles, verification, NetCDF files and plots."""

@@ -139,6 +139,9 @@ def test_cli_demo_and_evaluate(small_run, tmp_path, monkeypatch):
 
 def test_cli_demo_bad_inputs(tmp_path):
     runner = CliRunner()
+    res = runner.invoke(app, ["demo", "--help"])
+    defaults = demo.DemoConfig()
+    assert f"(default {defaults.members})" in res.stdout and f"(default {defaults.steps})" in res.stdout
     afile = tmp_path / "afile"
     afile.write_text("x")
     line = _one_line_error(runner.invoke(app, ["demo", "--out", str(afile)]))
