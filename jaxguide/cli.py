@@ -160,8 +160,8 @@ def _print_demo_summary(summary: dict[str, Any], seconds: float) -> None:
                          f"{cfg['steps']} steps"))
     table.add_column("method", no_wrap=True)
     table.add_column("set", no_wrap=True)
-    for col in ("RMSE\nheld-out\n[K]", "RMSE\nassim.\n[K]", "CRPS\nheld-out\n[K]", "spread-\nskill\nheld-out",
-                "mean err\nvs exact\n[prior std]", "spread\nratio vs\nexact"):
+    for col in ("RMSE held out (K)", "RMSE assim. (K)", "CRPS held out (K)", "spread / skill held out",
+                "mean err. vs exact (prior std)", "spread ratio vs exact"):
         table.add_column(col, justify="right")
     for r in summary_rows(summary):
         table.add_row(r["method"], r["set"], *(f"{r[k]:.3f}" for k in (
