@@ -84,8 +84,10 @@ class DemoConfig:
     squared-exponential kernel of length ``length_scale_km`` kept to its spherical
     harmonics of degree <= ``lmax`` (plus a constant floor, same total variance).
     Ensembles: ``members`` members, ``steps`` Heun steps of the EDM schedule.
-    Observations: ``obs_count`` locations (each observes every channel), error
-    ``sigma_obs_k`` (K), ``holdout_fraction`` of the locations held out.
+    Observations: ``obs_count`` locations (each observes every channel) drawn by
+    ``strategy`` ("random" or "uniform"), error ``sigma_obs_k`` (K),
+    ``holdout_fraction`` of the locations held out. Guidance: ``cg_iters`` CG
+    iterations for MMPS; ``regression_scale`` None means :func:`regression_scale`'s rule.
     """
 
     nside: int = 16
@@ -287,8 +289,13 @@ def regression_scale(config: DemoConfig, sigma_n) -> float:
     return float(np.min(np.asarray(sigma_n, np.float64))) ** 2
 
 
-def sample_method(method: str, config: DemoConfig, prior, key, A=None, y=None, sigma_y=None, scale=None) -> np.ndarray:
-    """(M, C, 1, npix) ensemble, normalised net order, float32, for one method."""
+def sample_method(method: str, config: DemoConfig, prior: gaussian.GaussianPrior, key: jax.Array,
+                  A: observations.PointObservationOperator | None = None, y=None, sigma_y=None,
+                  scale: float | None = None) -> np.ndarray:
+    """(M, C, 1, npix) ensemble, normalised net order, float32, for one method.
+
+    y, sigma_y: (n_obs,) normalised; A, y, sigma_y are unused for "prior", scale is
+    the regression scale."""
     kwargs = dict(num_steps=config.steps, sigma_min=config.sigma_min, sigma_max=config.sigma_max)
     if method == "prior":
         fn, operands = _prior_denoiser, (prior,)
