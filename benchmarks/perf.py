@@ -26,7 +26,6 @@ import collections
 import contextlib
 import dataclasses
 import json
-import math
 import platform
 import sys
 import time

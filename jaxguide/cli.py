@@ -11,8 +11,6 @@ Expected failures (missing or malformed files, unwritable outputs) end with one 
 from __future__ import annotations
 
 import functools
-import importlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -52,14 +50,6 @@ def handle_errors(fn):
             _fail(_message(e))
 
     return wrapper
-
-
-def _pending(module: str, name: str, command: str):
-    """The library function a skeleton command calls, or a clean error if not written yet."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        _fail(f"'jaxguide {command}' is not implemented yet (needs {module}.{name})")
 
 
 # --------------------------------------------------------------------------------------
@@ -196,6 +186,7 @@ def assimilate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from jaxguide import pipeline
+    from jaxguide.io import write_json_atomic
 
     settings = pipeline.AssimilationSettings(
         method=method,
@@ -242,21 +233,76 @@ def assimilate(
     _print_assimilation_summary(summary)
     typer.echo(f"wrote {out}")
     if json_path is not None:
-        _write_json_atomic(json_path, summary)
+        write_json_atomic(json_path, summary)
         typer.echo(f"wrote {json_path}")
 
 
 @app.command()
 @handle_errors
 def demo(
-    out: Path = typer.Option(Path("demo"), "--out", help="output directory"),
-    seed: int = typer.Option(0, help="random seed"),
+    out: Path = typer.Option(Path("demo_out"), "--out", help="output directory (created; its demo files are replaced)"),
+    seed: int = typer.Option(0, help="random seed (truth, observations, ensembles)"),
+    members: int = typer.Option(None, help="ensemble size (default 64)"),
+    steps: int = typer.Option(None, help="sampler (Heun) steps (default 24)"),
 ) -> None:
-    """End-to-end demo on synthetic observations with the small test model."""
-    # TODO(demo): implement jaxguide.pipeline.demo(out, seed): synthetic truth + observations,
-    #   assimilate, evaluate, plots.
-    fn = _pending("jaxguide.pipeline", "demo", "demo")
-    fn(out=out, seed=seed)
+    """End-to-end demo on an exact Gaussian prior (no download): truth, observations,
+    MMPS and regression-guidance ensembles, verification, NetCDF files and plots."""
+    import dataclasses
+    import sys
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jaxguide.demo import DemoConfig, prepare_out_dir, run_demo
+
+    given = {k: v for k, v in (("members", members), ("steps", steps)) if v is not None}
+    config = dataclasses.replace(DemoConfig(seed=seed), **given)
+    prepare_out_dir(out)  # fail on a bad output path before the progress display starts
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("demo", total=None)
+
+        def progress(i: int, n: int, name: str) -> None:
+            bar.update(task, total=n, completed=i, description=f"demo: {name}")
+
+        summary = run_demo(out, config, progress=progress, command=" ".join(["jaxguide", *sys.argv[1:]]))
+        bar.update(task, completed=bar.tasks[0].total or 0, description="demo: done")
+    _print_demo_summary(summary, time.perf_counter() - t0)
+
+
+def _print_demo_summary(summary: dict[str, Any], seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from jaxguide.demo import summary_rows
+
+    cfg, ex = summary["config"], summary["exact_posterior"]
+    table = Table(title=(f"jaxguide demo: {summary['n_obs']['assimilated']} assimilated / "
+                         f"{summary['n_obs']['held_out']} held-out observations, {cfg['members']} members, "
+                         f"{cfg['steps']} steps"))
+    table.add_column("method", no_wrap=True)
+    table.add_column("set", no_wrap=True)
+    for col in ("RMSE held out (K)", "RMSE assim. (K)", "CRPS held out (K)", "spread / skill held out",
+                "mean err. vs exact (prior std)", "spread ratio vs exact"):
+        table.add_column(col, justify="right")
+    for r in summary_rows(summary):
+        table.add_row(r["method"], r["set"], *(f"{r[k]:.3f}" for k in (
+            "rmse_held_out", "rmse_assimilated", "crps_held_out", "spread_skill_held_out", "mean_error_vs_exact",
+            "spread_ratio_vs_exact")))
+    con = Console()
+    con.print(table)
+    mc = summary["methods"]["mmps"]["exact_posterior"]["all"]["mc_floor_prior_std"]
+    con.print(f"exact posterior mean: RMSE held-out {ex['held_out_rmse_of_mean']:.3f} K, assimilated "
+              f"{ex['assimilated_rmse_of_mean']:.3f} K; Monte-Carlo floor of the mean error {mc:.3f} prior std")
+    con.print(f"spread-skill includes the observation error; MMPS cg_iters={cfg['cg_iters']}; regression scale "
+              f"{summary['methods']['regression']['options']['scale']:.4g} "
+              f"({summary['methods']['regression']['options']['scale_rule']})")
+    files = summary["files"]
+    out_dir = Path(files["summary"]).parent
+    con.print(f"wrote {', '.join(Path(v).name for k, v in files.items() if k != 'plots')} "
+              f"and {len(files['plots'])} plots to {out_dir} in {seconds:.1f} s")
 
 
 # --------------------------------------------------------------------------------------
@@ -358,25 +404,6 @@ def _check_writable_dir(directory: Path) -> None:
     os.unlink(tmp)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output directory {str(parent)!r} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from e
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=float)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _print_table(results: dict[str, dict[str, dict]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -407,7 +434,7 @@ def evaluate(
 ) -> None:
     """RMSE / CRPS / spread / spread-skill of an analysis at assimilated and held-out observations."""
     from jaxguide import metrics
-    from jaxguide.io import PRIOR_SUFFIX, read_analysis
+    from jaxguide.io import PRIOR_SUFFIX, read_analysis, write_json_atomic
 
     # check the outputs before the work
     if json_path is not None:
@@ -444,7 +471,7 @@ def evaluate(
 
     _print_table(results)
     if json_path is not None:
-        _write_json_atomic(json_path, {"analysis": str(analysis), "metrics": results})
+        write_json_atomic(json_path, {"analysis": str(analysis), "metrics": results})
         typer.echo(f"wrote {json_path}")
     if plots_dir is not None:
         from jaxguide import plots
