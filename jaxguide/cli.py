@@ -215,7 +215,7 @@ def assimilate(
 
         def progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task(f"{stage} (denoiser calls)", total=total)
+                tasks[stage] = bar.add_task(f"{stage} (sampler steps)", total=total)
             bar.update(tasks[stage], completed=done)
 
         summary = pipeline.assimilate(

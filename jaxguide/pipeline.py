@@ -51,8 +51,6 @@ logger = logging.getLogger(__name__)
 # cBottle's sampler defaults (CBottle3d): 18 Heun steps from sigma 200 down to 0.02.
 CBOTTLE_SAMPLER = {"num_steps": 18, "sigma_min": 0.02, "sigma_max": 200.0, "rho": 7.0}
 
-Progress = Callable[[int, int], None]  # (denoiser calls done, total) -> None
-
 
 @dataclasses.dataclass(frozen=True)
 class AssimilationSettings:
@@ -347,8 +345,8 @@ def assimilate(
       out: ``.nc`` (NetCDF4) or ``.zarr``; written atomically.
       time: analysis time (UTC).
       sst: AMIP SST file, required when the model is SST-conditioned.
-      progress: ``progress(stage, done, total)``; stage "prior" or "analysis", counted
-        in denoiser calls.
+      progress: ``progress(stage, done, total)``; stage "analysis" or "prior", counted
+        in sampler steps (times devices and chunks when the members are split).
     Returns a JSON-friendly summary: observation counts, RMSE at the observations of
     the prior and analysis ensemble means (per variable, physical units), timings.
     """
@@ -385,16 +383,17 @@ def assimilate(
     operands = (model.params, cond.condition, cond.second_of_day, cond.day_of_year, oi.A, oi.y, oi.sigma_y)
 
     def run(method, n_members, key, stage):
-        # host callbacks per trajectory evaluation: once per device, once per chunk
+        # host callbacks: once per denoiser evaluation, on every device and for every chunk
         per_device = -(-n_members // len(devs))
-        chunks = 1 if settings.chunk_size is None else -(-per_device // settings.chunk_size)
-        total = denoiser_calls(settings) * len(devs) * chunks
-        done = [0]
+        runs = len(devs) * (1 if settings.chunk_size is None else -(-per_device // settings.chunk_size))
+        per_run = denoiser_calls(settings)
+        calls = [0]
 
         def on_call(_sigma):
-            done[0] = min(done[0] + 1, total)
+            calls[0] = min(calls[0] + 1, per_run * runs)
             if progress is not None:
-                progress(stage, done[0], total)
+                full, rem = divmod(calls[0], per_run)
+                progress(stage, full * settings.steps + (rem + 1) // 2, runs * settings.steps)
 
         fn = guided_denoiser_fn(
             model,

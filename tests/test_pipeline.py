@@ -89,6 +89,7 @@ def test_replacement_end_to_end(case):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "analysis RMSE" in res.stdout
+    assert "analysis (sampler steps)" in res.stdout and "2/2" in res.stdout  # progress bars ran to the end
 
     ds = io.read_analysis(out)
     assert io.check_cf(ds) == []
