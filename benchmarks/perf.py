@@ -26,7 +26,6 @@ import collections
 import contextlib
 import dataclasses
 import json
-import math
 import platform
 import sys
 import time
@@ -52,8 +51,9 @@ CONFIGS = {
 }
 SECTIONS = ("forward", "bf16", "guided", "memory", "ensemble", "sampler", "torch")
 GUIDED = ("regression", "dps", "sda", "mmps1", "mmps2", "mmps5")
-# diagnosis only (not in "all"): MMPS with the CG iterations unrolled in Python instead of fori_loop
-EXTRA_GUIDED = ("mmps1_unrolled", "mmps2_unrolled", "mmps5_unrolled")
+# diagnosis only (not in "all"): MMPS with the CG iterations as a fori_loop (guidance.mmps's
+# cg_unroll=False) instead of unrolled (the default since the diagnosis below)
+EXTRA_GUIDED = ("mmps1_loop", "mmps2_loop", "mmps5_loop")
 SIGMA = 2.0  # noise level of the timed denoiser calls
 SIGMA_Y = 0.1
 
@@ -230,16 +230,15 @@ class Problem:
 def guided_fn(method: str, model, problem: Problem, remat: str | None = None):
     """step(params, x, y) -> guided D at sigma = SIGMA (one member)."""
     cg = {"mmps1": 1, "mmps2": 2, "mmps5": 5}
-    unrolled = method.endswith("_unrolled")
-    method = method.removesuffix("_unrolled")
+    looped = method.endswith("_loop")
+    method = method.removesuffix("_loop")
 
     def step(params, x, y):
         den = make_den(model, params, problem.cond)
         if remat == "net":
             den = jax.checkpoint(den)
         if method in cg:
-            with unrolled_cg() if unrolled else contextlib.nullcontext():
-                g = guidance.mmps(den, problem.A, y, SIGMA_Y, cg_iters=cg[method])
+            g = guidance.mmps(den, problem.A, y, SIGMA_Y, cg_iters=cg[method], cg_unroll=not looped)
         elif method == "regression":
             g = guidance.regression(den, problem.A, y, SIGMA_Y, scale=SIGMA_Y**2)
         else:
@@ -247,34 +246,6 @@ def guided_fn(method: str, model, problem: Problem, remat: str | None = None):
         return g(x, jnp.float32(SIGMA))
 
     return step
-
-
-def _cg_unrolled(matvec, b, iters):
-    """guidance._cg with the iterations unrolled in Python (same arithmetic)."""
-    x, r, p, rs = jnp.zeros_like(b), b, b, jnp.vdot(b, b)
-    for _ in range(iters):
-        ap = matvec(p)
-        pap = jnp.vdot(p, ap)
-        ok = pap > 0
-        alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1.0), 0.0)
-        x = x + alpha * p
-        r = r - alpha * ap
-        rs_new = jnp.vdot(r, r)
-        ok2 = rs > 0
-        beta = jnp.where(ok2, rs_new / jnp.where(ok2, rs, 1.0), 0.0)
-        p, rs = r + beta * p, rs_new
-    return x
-
-
-@contextlib.contextmanager
-def unrolled_cg():
-    """Build MMPS with :func:`_cg_unrolled` (``mmps`` picks ``guidance._cg`` when called)."""
-    orig = guidance._cg
-    guidance._cg = _cg_unrolled
-    try:
-        yield
-    finally:
-        guidance._cg = orig
 
 
 @contextlib.contextmanager

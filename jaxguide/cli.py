@@ -1,8 +1,8 @@
 """Command line: ``jaxguide convert | assimilate | evaluate | demo``.
 
-``evaluate`` is complete. ``convert``, ``assimilate`` and ``demo`` are skeletons: each
-calls a library function that does not exist yet (see the ``TODO`` markers) and exits
-with a one-line error until it does.
+Each command is a thin layer over the library (``convert.convert_checkpoints``,
+``jaxguide.pipeline.assimilate``, ``jaxguide.metrics``, ``jaxguide.demo``): parse
+options, show progress, print a table.
 
 Expected failures (missing or malformed files, unwritable outputs) end with one line
 ``error: ...`` on stderr and exit status 2, never a traceback.
@@ -11,8 +11,6 @@ Expected failures (missing or malformed files, unwritable outputs) end with one 
 from __future__ import annotations
 
 import functools
-import importlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -23,7 +21,7 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Score-based data assimilation with cBottle in JAX.")
 
-EXPECTED_ERRORS = (FileNotFoundError, ValueError, KeyError, OSError)
+EXPECTED_ERRORS = (FileNotFoundError, ValueError, KeyError, OSError, FloatingPointError)
 OBS_COLUMNS = ("time", "lat", "lon", "variable", "value", "sigma")
 
 
@@ -54,77 +52,257 @@ def handle_errors(fn):
     return wrapper
 
 
-def _pending(module: str, name: str, command: str):
-    """The library function a skeleton command calls, or a clean error if not written yet."""
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        _fail(f"'jaxguide {command}' is not implemented yet (needs {module}.{name})")
-
-
 # --------------------------------------------------------------------------------------
-# skeleton commands
+# convert
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 @app.command()
 @handle_errors
 def convert(
-    checkpoint: Path = typer.Argument(..., help="cBottle checkpoint (.checkpoint zip)"),
+    checkpoints: list[Path] = typer.Argument(..., help="cBottle checkpoint(s) (.checkpoint zip); several = experts of a mixture, highest sigma first"),
     out: Path = typer.Option(..., "--out", help="output directory for the JAX parameters"),
-    overwrite: bool = typer.Option(False, help="replace an existing output"),
+    sigma_thresholds: str = typer.Option(None, "--sigma-thresholds", help="mixture: sigma boundaries between consecutive experts, comma separated (e.g. 100,10)"),
+    overwrite: bool = typer.Option(False, help="replace an existing output directory"),
 ) -> None:
-    """Convert a cBottle PyTorch checkpoint to jaxguide parameters."""
-    # TODO(convert): implement jaxguide.convert_checkpoint.convert(checkpoint, out, overwrite=...)
-    #   (torch state_dict -> flax params, batch_info.json, model sha256 for provenance).
-    fn = _pending("jaxguide.convert_checkpoint", "convert", "convert")
-    fn(checkpoint, out, overwrite=overwrite)
+    """Convert a cBottle PyTorch checkpoint (or the experts of a mixture) to jaxguide parameters."""
+    try:
+        from convert import convert_checkpoints
+    except ImportError as e:
+        raise ValueError(f"the converter needs PyTorch: pip install 'jaxguide[convert]' ({e})") from None
+    for ck in checkpoints:
+        if not ck.is_file():
+            raise FileNotFoundError(f"no such checkpoint: {str(ck)!r}")
+    thresholds = _floats(sigma_thresholds, "--sigma-thresholds")
+    with _status(f"converting {len(checkpoints)} checkpoint(s)"):
+        path = convert_checkpoints(checkpoints, out, sigma_thresholds=thresholds, overwrite=overwrite)
+    typer.echo(f"wrote {path}")
 
 
-@app.command()
-@handle_errors
-def assimilate(
-    model: Path = typer.Option(..., "--model", help="converted model directory"),
-    obs: Path = typer.Option(..., "--obs", help="observation table (CSV: time, lat, lon, variable, value, sigma)"),
-    out: Path = typer.Option(..., "--out", help="analysis file (.nc or .zarr)"),
-    method: str = typer.Option("mmps", help="mmps | regression | dps | sda | pigdm | replacement"),
-    members: int = typer.Option(8, help="ensemble size"),
-    steps: int = typer.Option(18, help="sampler steps"),
-    sigma_y: float = typer.Option(None, help="observation error override (physical units); default: the table's sigma"),
-    guidance_scale: float = typer.Option(1.0, help="guidance scale (regression/dps)"),
-    seed: int = typer.Option(0, help="random seed"),
-    overwrite: bool = typer.Option(False, help="replace an existing output"),
-) -> None:
-    """Sample a posterior ensemble given observations and write an analysis file."""
-    # TODO(assimilate): implement jaxguide.pipeline.assimilate(...): load model, build the
-    #   observation operator (jaxguide.observations.build_operator), guided denoiser
-    #   (jaxguide.guidance.apply), ensemble (jaxguide.ensemble.sample_ensemble), then
-    #   jaxguide.io.analysis_to_dataset + write_dataset with full provenance.
-    fn = _pending("jaxguide.pipeline", "assimilate", "assimilate")
-    fn(
-        model=model,
-        obs=obs,
-        out=out,
-        method=method,
-        members=members,
-        steps=steps,
-        sigma_y=sigma_y,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        overwrite=overwrite,
+# --------------------------------------------------------------------------------------
+# assimilate
+
+
+def _status(text: str):
+    from rich.console import Console
+
+    return Console(stderr=True).status(text)
+
+
+def _sigma_y(text: str | None):
+    """``1.0`` (every observation) or ``T850=1.0,T500=0.8`` (per variable); None keeps the table's."""
+    if text is None:
+        return None
+    if "=" not in text:
+        values = _floats(text, "--sigma-y")
+        if len(values) != 1:
+            raise ValueError(f"--sigma-y takes one value or VAR=VALUE pairs, got {text!r}")
+        return values[0]
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--sigma-y: cannot read {part!r} (expected VAR=VALUE)") from None
+    return out
+
+
+def _latlon_grid(text: str | None):
+    from jaxguide.io import LatLonGrid
+
+    if text is None:
+        return None
+    try:
+        nlat, nlon = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--regrid must look like 181x360 (NLATxNLON), got {text!r}") from None
+    if nlat < 2 or nlon < 2:
+        raise ValueError(f"--regrid needs at least 2x2 points, got {text!r}")
+    return LatLonGrid(nlat, nlon)
+
+
+def _print_assimilation_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"observation fit ({summary['n_obs']} obs, method {summary['method']})")
+    for col in ("variable", "n", "prior RMSE", "analysis RMSE", "analysis spread"):
+        table.add_column(col, justify="left" if col == "variable" else "right")
+    prior = summary.get("prior") or {}
+    for var, a in summary["analysis"].items():
+        p = prior.get(var, {})
+        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+        table.add_row(var, str(a["n_obs"]), fmt(p.get("rmse")), fmt(a["rmse"]), fmt(a.get("spread")))
+    console = Console()
+    console.print(table)
+    if summary["dropped"]:
+        console.print(f"dropped observation rows: {summary['dropped']}")
+    console.print(
+        f"sampling: analysis {summary['seconds_analysis']:.1f} s, prior {summary['seconds_prior']:.1f} s "
+        f"(incl. compilation); total {summary['seconds_total']:.1f} s"
     )
 
 
 @app.command()
 @handle_errors
-def demo(
-    out: Path = typer.Option(Path("demo"), "--out", help="output directory"),
+def assimilate(
+    model: Path = typer.Option(..., "--model", help="converted model directory (jaxguide convert)"),
+    obs: Path = typer.Option(..., "--obs", help="observation table: CSV/Parquet/NetCDF with time, lat, lon, variable, value, sigma (physical units)"),
+    time: str = typer.Option(..., "--time", help="analysis time, ISO 8601, UTC (e.g. 2020-01-20T00:00)"),
+    out: Path = typer.Option(..., "--out", help="analysis file (.nc NetCDF4, or .zarr)"),
+    sst: Path = typer.Option(None, "--sst", help="AMIP SST file (input4MIPs tosbcs NetCDF); required by SST-conditioned models"),
+    method: str = typer.Option("mmps", help="mmps | sda | dps | pigdm | regression | replacement"),
+    members: int = typer.Option(8, help="ensemble size"),
+    steps: int = typer.Option(18, help="sampler steps (cBottle: 18, sigma 200 -> 0.02, Heun)"),
     seed: int = typer.Option(0, help="random seed"),
+    sigma_y: str = typer.Option(None, "--sigma-y", help="observation error override, physical units: 1.0 or T850=1.0,T500=0.8 (default: the table's sigma)"),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="multiplies the guidance step (regression usually needs << 1)"),
+    cg_iters: int = typer.Option(3, "--cg-iters", help="MMPS conjugate-gradient iterations"),
+    prior_members: int = typer.Option(None, "--prior-members", help="unguided members for the prior fit and increment (default: --members; 0: skip)"),
+    window_hours: float = typer.Option(3.0, "--window-hours", help="assimilate observations within +- this many hours of --time"),
+    drop_bad: bool = typer.Option(False, "--drop-bad", help="drop bad rows (outside the window, NaN, unknown variable, ...) instead of failing; counts are reported"),
+    label: str = typer.Option("era5", help="dataset label of the conditional model (era5 | icon)"),
+    interpolation: str = typer.Option("bilinear", help="observation operator: bilinear | nearest (pixel)"),
+    bf16: bool = typer.Option(False, "--bf16", help="evaluate the network in bfloat16 (guidance stays float32)"),
+    remat: bool = typer.Option(False, "--remat", help="recompute the network in the guidance VJPs (less memory)"),
+    chunk_size: int = typer.Option(None, "--chunk-size", help="run members this many at a time (less memory)"),
+    regrid: str = typer.Option(None, "--regrid", help="write on a regular NLATxNLON lat/lon grid instead of HEALPix"),
+    json_path: Path = typer.Option(None, "--json", help="also write the summary as JSON here"),
+    overwrite: bool = typer.Option(False, help="replace an existing output"),
 ) -> None:
-    """End-to-end demo on synthetic observations with the small test model."""
-    # TODO(demo): implement jaxguide.pipeline.demo(out, seed): synthetic truth + observations,
-    #   assimilate, evaluate, plots.
-    fn = _pending("jaxguide.pipeline", "demo", "demo")
-    fn(out=out, seed=seed)
+    """Sample a posterior ensemble given observations and write an analysis file."""
+    import shlex
+    import sys
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jaxguide import pipeline
+    from jaxguide.io import write_json_atomic
+
+    settings = pipeline.AssimilationSettings(
+        method=method,
+        members=members,
+        steps=steps,
+        seed=seed,
+        sigma_y=_sigma_y(sigma_y),
+        guidance_scale=guidance_scale,
+        cg_iters=cg_iters,
+        label=label,
+        interpolation=interpolation,
+        window_hours=window_hours,
+        drop_bad=drop_bad,
+        prior_members=prior_members,
+        bf16=bf16,
+        remat=remat,
+        chunk_size=chunk_size,
+    )
+    settings.check()
+    grid = _latlon_grid(regrid)
+    if json_path is not None:
+        _check_writable_dir(Path(json_path).parent if str(Path(json_path).parent) else Path("."))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"{stage} (sampler steps)", total=total)
+            bar.update(tasks[stage], completed=done)
+
+        summary = pipeline.assimilate(
+            model,
+            obs,
+            out,
+            time=time,
+            settings=settings,
+            sst=sst,
+            regrid=grid,
+            overwrite=overwrite,
+            command=" ".join(shlex.quote(a) for a in ["jaxguide", *sys.argv[1:]]),
+            progress=progress,
+        )
+    _print_assimilation_summary(summary)
+    typer.echo(f"wrote {out}")
+    if json_path is not None:
+        write_json_atomic(json_path, summary)
+        typer.echo(f"wrote {json_path}")
+
+
+@app.command()
+@handle_errors
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="output directory (created; its demo files are replaced)"),
+    seed: int = typer.Option(0, help="random seed (truth, observations, ensembles)"),
+    members: int = typer.Option(None, help="ensemble size (default 64)"),
+    steps: int = typer.Option(None, help="sampler (Heun) steps (default 24)"),
+) -> None:
+    """End-to-end demo on an exact Gaussian prior (no download): truth, observations,
+    MMPS and regression-guidance ensembles, verification, NetCDF files and plots."""
+    import dataclasses
+    import sys
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jaxguide.demo import DemoConfig, prepare_out_dir, run_demo
+
+    given = {k: v for k, v in (("members", members), ("steps", steps)) if v is not None}
+    config = dataclasses.replace(DemoConfig(seed=seed), **given)
+    prepare_out_dir(out)  # fail on a bad output path before the progress display starts
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("demo", total=None)
+
+        def progress(i: int, n: int, name: str) -> None:
+            bar.update(task, total=n, completed=i, description=f"demo: {name}")
+
+        summary = run_demo(out, config, progress=progress, command=" ".join(["jaxguide", *sys.argv[1:]]))
+        bar.update(task, completed=bar.tasks[0].total or 0, description="demo: done")
+    _print_demo_summary(summary, time.perf_counter() - t0)
+
+
+def _print_demo_summary(summary: dict[str, Any], seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from jaxguide.demo import summary_rows
+
+    cfg, ex = summary["config"], summary["exact_posterior"]
+    table = Table(title=(f"jaxguide demo: {summary['n_obs']['assimilated']} assimilated / "
+                         f"{summary['n_obs']['held_out']} held-out observations, {cfg['members']} members, "
+                         f"{cfg['steps']} steps"))
+    table.add_column("method", no_wrap=True)
+    table.add_column("set", no_wrap=True)
+    for col in ("RMSE held out (K)", "RMSE assim. (K)", "CRPS held out (K)", "spread / skill held out",
+                "mean err. vs exact (prior std)", "spread ratio vs exact"):
+        table.add_column(col, justify="right")
+    for r in summary_rows(summary):
+        table.add_row(r["method"], r["set"], *(f"{r[k]:.3f}" for k in (
+            "rmse_held_out", "rmse_assimilated", "crps_held_out", "spread_skill_held_out", "mean_error_vs_exact",
+            "spread_ratio_vs_exact")))
+    con = Console()
+    con.print(table)
+    mc = summary["methods"]["mmps"]["exact_posterior"]["all"]["mc_floor_prior_std"]
+    con.print(f"exact posterior mean: RMSE held-out {ex['held_out_rmse_of_mean']:.3f} K, assimilated "
+              f"{ex['assimilated_rmse_of_mean']:.3f} K; Monte-Carlo floor of the mean error {mc:.3f} prior std")
+    con.print(f"spread-skill includes the observation error; MMPS cg_iters={cfg['cg_iters']}; regression scale "
+              f"{summary['methods']['regression']['options']['scale']:.4g} "
+              f"({summary['methods']['regression']['options']['scale_rule']})")
+    files = summary["files"]
+    out_dir = Path(files["summary"]).parent
+    con.print(f"wrote {', '.join(Path(v).name for k, v in files.items() if k != 'plots')} "
+              f"and {len(files['plots'])} plots to {out_dir} in {seconds:.1f} s")
 
 
 # --------------------------------------------------------------------------------------
@@ -226,25 +404,6 @@ def _check_writable_dir(directory: Path) -> None:
     os.unlink(tmp)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output directory {str(parent)!r} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from e
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=float)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _print_table(results: dict[str, dict[str, dict]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -275,7 +434,7 @@ def evaluate(
 ) -> None:
     """RMSE / CRPS / spread / spread-skill of an analysis at assimilated and held-out observations."""
     from jaxguide import metrics
-    from jaxguide.io import PRIOR_SUFFIX, read_analysis
+    from jaxguide.io import PRIOR_SUFFIX, read_analysis, write_json_atomic
 
     # check the outputs before the work
     if json_path is not None:
@@ -312,7 +471,7 @@ def evaluate(
 
     _print_table(results)
     if json_path is not None:
-        _write_json_atomic(json_path, {"analysis": str(analysis), "metrics": results})
+        write_json_atomic(json_path, {"analysis": str(analysis), "metrics": results})
         typer.echo(f"wrote {json_path}")
     if plots_dir is not None:
         from jaxguide import plots

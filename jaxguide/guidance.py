@@ -28,6 +28,7 @@ guided denoiser is built outside ``jit``; shape checks also run at trace time in
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -249,9 +250,12 @@ def pigdm(denoiser: Denoiser, A: Operator, y, sigma_y, *, data_std=1.0, scale=1.
                       obs_cov_factor)
 
 
-def _cg(matvec, b, iters):
+def _cg(matvec, b, iters, unroll=True):
     """``iters`` conjugate-gradient iterations from 0 (fixed count: one program, and
     reverse-differentiable).
+
+    ``unroll=True`` traces the iterations one after another instead of as a loop: on
+    XLA:CPU the loop made the VJPs inside it ~3x slower (benchmarks/README.md).
 
     Once the residual is at round-off (``|r|^2 <= eps^2 |b|^2``) the iterate is frozen:
     continuing would divide by ``p^T A p ~ |r|^2`` -> 0, which the forward pass survives
@@ -275,7 +279,7 @@ def _cg(matvec, b, iters):
         return x, r, r + beta * p, rs_new
 
     x0 = jnp.zeros_like(b)
-    return jax.lax.fori_loop(0, iters, body, (x0, b, b, rs0))[0]
+    return jax.lax.fori_loop(0, iters, body, (x0, b, b, rs0), unroll=bool(unroll))[0]
 
 
 def _gmres(matvec, b, iters):
@@ -300,7 +304,7 @@ def _gmres(matvec, b, iters):
 
 
 def mmps(denoiser: Denoiser, A: Operator, y, sigma_y, *, cg_iters: int = 5, solver: str = "cg",
-         scale=1.0, obs_cov_factor=None) -> Denoiser:
+         scale=1.0, obs_cov_factor=None, cg_unroll: bool = True) -> Denoiser:
     """MMPS (Rozet et al. 2024): exact Tweedie covariance V_t = sigma^2 J.
 
     Solves ``(Sigma_y + sigma^2 A' J A'^T) v = y - A(D)`` matrix-free with ``cg_iters``
@@ -308,6 +312,8 @@ def mmps(denoiser: Denoiser, A: Operator, y, sigma_y, *, cg_iters: int = 5, solv
     ``D_y = D + scale sigma^2 J^T A'^T v``. J v is taken as J^T v (J symmetric for an
     exact denoiser), so every matvec is one VJP through the network. Exact (for a
     converged solve) when the prior is Gaussian and A linear: D_y = E[x | x_t, y].
+    ``cg_unroll=False`` keeps the CG iterations as a loop (smaller program, slower VJPs
+    on CPU).
 
     Cost: 1 forward + (cg_iters + 1) VJPs.
     """
@@ -316,7 +322,7 @@ def mmps(denoiser: Denoiser, A: Operator, y, sigma_y, *, cg_iters: int = 5, solv
         raise GuidanceInputError(f"cg_iters must be an integer >= 1, got {cg_iters!r}")
     if solver not in SOLVERS:
         raise GuidanceInputError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-    solve = _cg if solver == "cg" else _gmres
+    solve = functools.partial(_cg, unroll=cg_unroll) if solver == "cg" else _gmres
 
     def guided(x, sigma):
         D, den_vjp, ad, a_jvp, a_t = _linearise(denoiser, A, y, x, sigma)

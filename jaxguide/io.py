@@ -23,6 +23,7 @@ With ``regrid_latlon`` the data are instead on a regular grid, dims
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import re
@@ -517,3 +518,28 @@ def read_analysis(path: str | os.PathLike) -> xr.Dataset:
     if not channel_variables(loaded):
         raise ValueError(f"{str(path)!r} has no data variable with a member dimension; not an analysis")
     return loaded
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (temporary in the same directory, then
+    ``os.replace``); non-JSON numbers (NumPy scalars) are written as floats.
+
+    Raises FileNotFoundError (no such directory), PermissionError (not writable).
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output directory {str(parent)!r} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from e
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, default=float)
+            fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -107,10 +107,8 @@ def test_evaluate_bad_inputs(case, tmp_path):
     _one_line_error(runner.invoke(app, ["evaluate", str(not_analysis), "--obs", obs]))
 
 
-def test_skeleton_commands_fail_cleanly(tmp_path):
+def test_help_lists_commands():
     runner = CliRunner()
-    line = _one_line_error(runner.invoke(app, ["demo", "--out", str(tmp_path)]))
-    assert "not implemented" in line
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
     for cmd in ("convert", "assimilate", "evaluate", "demo"):

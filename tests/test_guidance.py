@@ -122,6 +122,17 @@ def test_gmres_equals_cg_when_converged(prob):
         np.testing.assert_allclose(b, ex, rtol=1e-6, atol=1e-6)
 
 
+def test_cg_loop_equals_unrolled(prob):
+    """cg_unroll only changes how the iterations are traced, not the arithmetic."""
+    prior, A, H, y, sigma_y, *_ = prob
+    with jax.enable_x64(True):
+        x = _x(prior, 4, 1.5, jnp.float64)
+        a = guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=3)(x, 1.5)
+        b = jax.jit(guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=3, cg_unroll=False))(x, 1.5)
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        assert not np.allclose(a, prior.denoiser(x, 1.5))  # the guidance did something
+
+
 def test_replacement_puts_y_at_observed_pixels(prob):
     prior, A, H, y, sigma_y, ch, px = prob
     x = _x(prior, 3, 1.0)

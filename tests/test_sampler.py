@@ -153,3 +153,23 @@ def test_float32_default_tracks_float64_fixture(fixtures_dir):
                          noise=jnp.asarray(d["heun_churn__draws"], jnp.float32), **cfg)
     assert out.dtype == jnp.float32
     assert _rel(out, d["heun_churn__out"]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "solver, reverse, expected",
+    [("heun", False, 2 * 5 - 1), ("euler", False, 5), ("heun", True, 2 * (5 - 1))],
+)
+def test_denoiser_call_count(solver, reverse, expected):
+    """No wasted evaluation: Heun 2N-1 (no correction at t_next = 0), Euler N, reverse 2(N-1)."""
+    sigmas = []
+
+    def counting(x, s):
+        jax.debug.callback(lambda v: sigmas.append(float(v)), s)
+        return toy_denoiser(x, s)
+
+    kw = dict(num_steps=5, sigma_min=0.02, sigma_max=80.0, solver=solver, reverse=reverse)
+    x = jnp.ones((3, 1, 4))
+    jax.jit(lambda k: sampler.sample(counting, k, None, latents=x, **kw))(jax.random.key(0))
+    jax.effects_barrier()
+    assert len(sigmas) == expected
+    assert min(sigmas) > 0  # never evaluated at sigma = 0
