@@ -300,12 +300,9 @@ def observation_rmse(ensemble: jax.Array, obs: ObservationInputs, scale: Sequenc
 
 def _check_output(out: Path, overwrite: bool) -> None:
     """Fail before the expensive work if the output cannot be written."""
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output directory {str(parent)!r} does not exist")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {str(out)!r} exists (pass --overwrite to replace it)")
-    check_writable_dir(parent)
+    check_writable_dir(out.parent)
 
 
 def output_format(path: Path) -> str:
