@@ -11,8 +11,6 @@ Expected failures (missing or malformed files, unwritable outputs) end with one 
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +184,7 @@ def assimilate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from jaxguide import pipeline
-    from jaxguide.io import write_json_atomic
+    from jaxguide.io import check_writable_dir, write_json_atomic
 
     settings = pipeline.AssimilationSettings(
         method=method,
@@ -208,7 +206,7 @@ def assimilate(
     settings.check()
     grid = _latlon_grid(regrid)
     if json_path is not None:
-        _check_writable_dir(Path(json_path).parent if str(Path(json_path).parent) else Path("."))
+        check_writable_dir(Path(json_path).parent)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=False) as bar:
         tasks: dict[str, Any] = {}
@@ -392,18 +390,6 @@ def _truth_metrics(ds, truth_path: Path) -> dict[str, dict]:
     return out
 
 
-def _check_writable_dir(directory: Path) -> None:
-    """Raise FileNotFoundError / PermissionError unless a file can be created in ``directory``."""
-    if not directory.is_dir():
-        raise FileNotFoundError(f"output directory {str(directory)!r} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".jaxguide-probe.", dir=directory)
-    except OSError as e:
-        raise PermissionError(f"cannot create files in output directory {str(directory)!r}: {e.strerror}") from e
-    os.close(fd)
-    os.unlink(tmp)
-
-
 def _print_table(results: dict[str, dict[str, dict]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -434,18 +420,18 @@ def evaluate(
 ) -> None:
     """RMSE / CRPS / spread / spread-skill of an analysis at assimilated and held-out observations."""
     from jaxguide import metrics
-    from jaxguide.io import PRIOR_SUFFIX, read_analysis, write_json_atomic
+    from jaxguide.io import PRIOR_SUFFIX, check_writable_dir, read_analysis, write_json_atomic
 
     # check the outputs before the work
     if json_path is not None:
-        _check_writable_dir(Path(json_path).parent if str(Path(json_path).parent) else Path("."))
+        check_writable_dir(Path(json_path).parent)
     if plots_dir is not None:
         if not plots_dir.is_dir():
             if not plots_dir.parent.is_dir():
                 raise FileNotFoundError(f"output directory {str(plots_dir.parent)!r} does not exist")
-            _check_writable_dir(plots_dir.parent)
+            check_writable_dir(plots_dir.parent)
             plots_dir.mkdir()
-        _check_writable_dir(plots_dir)
+        check_writable_dir(plots_dir)
 
     ds = read_analysis(analysis)
     sets = {"assimilated": read_observations(obs)}

@@ -41,7 +41,6 @@ import functools
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -399,13 +398,7 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {str(out)!r} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".jaxguide-probe.", dir=out)
-    except OSError as e:
-        raise PermissionError(f"cannot create files in output directory {str(out)!r}: {e.strerror}") from e
-    os.close(fd)
-    os.unlink(tmp)
-    return out
+    return io.check_writable_dir(out)
 
 
 def _provenance(config: DemoConfig, method: str, *, sigma_y, scale, n_obs: int, sha: str, command: str) -> dict:

@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -520,9 +520,24 @@ def read_analysis(path: str | os.PathLike) -> xr.Dataset:
     return loaded
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (temporary in the same directory, then
-    ``os.replace``); non-JSON numbers (NumPy scalars) are written as floats.
+def check_writable_dir(directory: str | os.PathLike) -> Path:
+    """``directory`` if a file can be created in it; else FileNotFoundError /
+    PermissionError naming it (checked before long work, so it fails early)."""
+    directory = Path(directory) if str(directory) else Path(".")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"output directory {str(directory)!r} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jaxguide-probe.", dir=directory)
+    except OSError as e:
+        raise PermissionError(f"cannot create files in output directory {str(directory)!r}: {e.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return directory
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a hidden temporary file beside ``path``, then rename it to
+    ``path``: the destination is either absent, the old file, or complete.
 
     Raises FileNotFoundError (no such directory), PermissionError (not writable).
     """
@@ -533,13 +548,24 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     except OSError as e:
-        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from e
+        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from None
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=float)
-            fh.write("\n")
+        write(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (see :func:`atomic_write`); non-JSON
+    numbers (NumPy scalars) are written as floats."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, default=float)
+            fh.write("\n")
+
+    return atomic_write(path, write)

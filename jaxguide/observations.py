@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from jaxguide import healpix
+from jaxguide.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -126,18 +126,6 @@ def _coerce(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix == ".csv":
@@ -171,8 +159,8 @@ def write_observations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
             ds.attrs["title"] = "jaxguide point observations"
             ds.to_netcdf(tmp, engine="netcdf4")
 
-    _atomic_write(path, write)
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, write)
 
 
 def read_observations(path: str | os.PathLike) -> pd.DataFrame:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import time as _time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from jaxguide import guidance
 from jaxguide.conditioning import calendar_inputs, read_amip_sst, sst_at
 from jaxguide.denoiser import make_denoiser
 from jaxguide.ensemble import resolve_devices, sample_ensemble
-from jaxguide.io import LatLonGrid, analysis_to_dataset, write_dataset
+from jaxguide.io import LatLonGrid, analysis_to_dataset, check_writable_dir, write_dataset
 from jaxguide.model import CBottleModel, load_model
 from jaxguide.network import NPIX, NSIDE
 from jaxguide.observations import (
@@ -301,17 +300,9 @@ def observation_rmse(ensemble: jax.Array, obs: ObservationInputs, scale: Sequenc
 
 def _check_output(out: Path, overwrite: bool) -> None:
     """Fail before the expensive work if the output cannot be written."""
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output directory {str(parent)!r} does not exist")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {str(out)!r} exists (pass --overwrite to replace it)")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".jaxguide-probe.", dir=parent)
-    except OSError as e:
-        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from None
-    os.close(fd)
-    os.unlink(probe)
+    check_writable_dir(out.parent)
 
 
 def output_format(path: Path) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxguide import healpix
-from jaxguide.io import nearest_pixels
+from jaxguide.io import atomic_write, nearest_pixels
 
 
 @functools.lru_cache(maxsize=8)
@@ -44,22 +43,7 @@ def healpix_to_image(field, *, order: healpix.Order = "nest", height: int = 180,
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike, dpi: float) -> Path:
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output directory {str(parent)!r} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from e
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
 def _map_panel(fig: Figure, pos: int, n: int, image: np.ndarray, title: str, cmap: str, symmetric: bool, obs_lonlat, units: str):

@@ -57,3 +57,12 @@ def rel_errors(got, ref):
     ref = np.asarray(ref, np.float64)
     rms = np.sqrt(np.mean(ref**2))
     return float(np.max(np.abs(got - ref)) / rms), float(np.sqrt(np.mean((got - ref) ** 2)) / rms)
+
+
+def one_line_error(res) -> str:
+    """The CLI's answer to bad input: exit status 2, one ``error: ...`` line, no traceback."""
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.output
+    return lines[0]

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from conftest import one_line_error
+
 from jaxguide import healpix, io, metrics
 from jaxguide.cli import app
 
@@ -74,37 +76,29 @@ def test_evaluate_end_to_end(case):
     assert "tas_maps.png" in pngs and "pres_msl_held_out_rank.png" in pngs and "tas_truth_rank.png" in pngs
 
 
-def _one_line_error(res):
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert "Traceback" not in res.output
-    return lines[0]
-
-
 def test_evaluate_bad_inputs(case, tmp_path):
     runner = CliRunner()
     path, obs = str(case["path"]), str(case["obs"])
-    line = _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "nope.nc"), "--obs", obs]))
+    line = one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "nope.nc"), "--obs", obs]))
     assert "nope.nc" in line
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    assert "empty" in _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", str(empty)]))
+    assert "empty" in one_line_error(runner.invoke(app, ["evaluate", path, "--obs", str(empty)]))
     header_only = tmp_path / "header.csv"
     header_only.write_text("time,lat,lon,variable,value,sigma\n")
-    assert "no observations" in _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", str(header_only)]))
+    assert "no observations" in one_line_error(runner.invoke(app, ["evaluate", path, "--obs", str(header_only)]))
     bad_cols = tmp_path / "cols.csv"
     bad_cols.write_text("a,b\n1,2\n")
-    assert "lacks columns" in _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", str(bad_cols)]))
-    _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--json", str(tmp_path / "missing_dir" / "m.json")]))
+    assert "lacks columns" in one_line_error(runner.invoke(app, ["evaluate", path, "--obs", str(bad_cols)]))
+    one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--json", str(tmp_path / "missing_dir" / "m.json")]))
     if os.path.isdir("/sys"):
-        line = _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--json", "/sys/m.json"]))
+        line = one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--json", "/sys/m.json"]))
         assert "/sys" in line
-        line = _one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--plots", "/sys/plots"]))
+        line = one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--plots", "/sys/plots"]))
         assert "/sys" in line
     not_analysis = tmp_path / "not.nc"
     not_analysis.write_text("garbage")
-    _one_line_error(runner.invoke(app, ["evaluate", str(not_analysis), "--obs", obs]))
+    one_line_error(runner.invoke(app, ["evaluate", str(not_analysis), "--obs", obs]))
 
 
 def test_help_lists_commands():

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import one_line_error
+
 from jaxguide import demo, gaussian, io
 from jaxguide.cli import app
 
@@ -108,14 +110,6 @@ def test_harmonic_basis_approximates_dense_kernel():
     assert np.trace(approx) == pytest.approx(K.shape[0])
 
 
-def _one_line_error(res):
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert "Traceback" not in res.output
-    return lines[0]
-
-
 def test_cli_demo_and_evaluate(small_run, tmp_path, monkeypatch):
     # the small configuration behind the CLI (same programs as the module's run: cached)
     monkeypatch.setattr(demo, "DemoConfig", functools.partial(demo.DemoConfig, **SMALL))
@@ -144,16 +138,16 @@ def test_cli_demo_bad_inputs(tmp_path):
     assert f"(default {defaults.members})" in res.stdout and f"(default {defaults.steps})" in res.stdout
     afile = tmp_path / "afile"
     afile.write_text("x")
-    line = _one_line_error(runner.invoke(app, ["demo", "--out", str(afile)]))
+    line = one_line_error(runner.invoke(app, ["demo", "--out", str(afile)]))
     assert "not a directory" in line and str(afile) in line
-    assert "members" in _one_line_error(runner.invoke(app, ["demo", "--out", str(tmp_path / "o"), "--members", "1"]))
+    assert "members" in one_line_error(runner.invoke(app, ["demo", "--out", str(tmp_path / "o"), "--members", "1"]))
     if os.path.isdir("/sys"):
-        assert "/sys" in _one_line_error(runner.invoke(app, ["demo", "--out", "/sys/jaxguide_demo"]))
+        assert "/sys" in one_line_error(runner.invoke(app, ["demo", "--out", "/sys/jaxguide_demo"]))
     if os.geteuid() != 0:  # root ignores permissions
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o500)
         try:
-            _one_line_error(runner.invoke(app, ["demo", "--out", str(ro)]))
+            one_line_error(runner.invoke(app, ["demo", "--out", str(ro)]))
         finally:
             ro.chmod(0o700)

@@ -21,19 +21,13 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
+from conftest import one_line_error
+
 from jaxguide import healpix, io
 from jaxguide.cli import app
 
 TIME = "2020-01-20T00:00"
 N_OBS = 12
-
-
-def _one_line_error(res) -> str:
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert "Traceback" not in res.output
-    return lines[0]
 
 
 def write_sst(path, months=((2020, 1), (2020, 2))):
@@ -122,7 +116,7 @@ def test_assimilate_bad_inputs(case, tmp_path):
     out = tmp_path / "a.nc"
 
     def error(*extra, **replace) -> str:
-        return _one_line_error(runner.invoke(app, _assimilate_args(case, out, *extra, **replace)))
+        return one_line_error(runner.invoke(app, _assimilate_args(case, out, *extra, **replace)))
 
     assert "nomodel" in error(model=tmp_path / "nomodel")
     assert "kalman" in error("--method", "kalman")
@@ -151,10 +145,10 @@ def test_convert_bad_inputs(case, fixtures_dir, tmp_path):
     runner = CliRunner()
     not_zip = tmp_path / "bad.checkpoint"
     not_zip.write_text("not a zip")
-    assert "zip" in _one_line_error(runner.invoke(app, ["convert", str(not_zip), "--out", str(tmp_path / "m")]))
-    line = _one_line_error(runner.invoke(app, ["convert", str(fixtures_dir / "tiny.checkpoint"), "--out", str(case["model"])]))
+    assert "zip" in one_line_error(runner.invoke(app, ["convert", str(not_zip), "--out", str(tmp_path / "m")]))
+    line = one_line_error(runner.invoke(app, ["convert", str(fixtures_dir / "tiny.checkpoint"), "--out", str(case["model"])]))
     assert "exists" in line
-    assert "missing.checkpoint" in _one_line_error(runner.invoke(app, ["convert", str(tmp_path / "missing.checkpoint"), "--out", str(tmp_path / "m")]))
-    line = _one_line_error(runner.invoke(app, ["convert", str(fixtures_dir / "tiny.checkpoint"), "--out", str(tmp_path / "m"),
+    assert "missing.checkpoint" in one_line_error(runner.invoke(app, ["convert", str(tmp_path / "missing.checkpoint"), "--out", str(tmp_path / "m")]))
+    line = one_line_error(runner.invoke(app, ["convert", str(fixtures_dir / "tiny.checkpoint"), "--out", str(tmp_path / "m"),
                                                "--sigma-thresholds", "ten"]))
     assert "sigma-thresholds" in line
