@@ -172,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
+    """The experiment (called under float64)."""
     prob = make_problem(args.nside, tuple(args.n_obs), args.true_sigma, args.seed)
     theta = {"log_sigma_y": jnp.asarray(np.log(args.init_factor * args.true_sigma)),
              "log_scale": jnp.asarray(np.log(args.init_scale))}
