@@ -20,7 +20,6 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Score-based data assimilation with cBottle in JAX.")
 
 EXPECTED_ERRORS = (FileNotFoundError, ValueError, KeyError, OSError, FloatingPointError)
-OBS_COLUMNS = ("time", "lat", "lon", "variable", "value", "sigma")
 
 
 def _fail(message: str) -> None:
@@ -308,27 +307,25 @@ def _print_demo_summary(summary: dict[str, Any], seconds: float) -> None:
 
 
 def read_observations(path: Path):
-    """Observation table (CSV or Parquet) with columns :data:`OBS_COLUMNS`, physical units."""
-    import pandas as pd
+    """Observation table (CSV, Parquet or NetCDF; columns ``jaxguide.observations.COLUMNS``, physical
+    units) for verification: every row must be usable; variables the analysis lacks are
+    left out later, with a note."""
+    from jaxguide.observations import read_observations as read
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such observation file: {str(path)!r}")
-    try:
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"observation file {str(path)!r} is empty") from None
-    missing = [c for c in OBS_COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(f"observation file {str(path)!r} lacks columns {missing}")
+    table = read(path)
     if len(table) == 0:
         raise ValueError(f"observation file {str(path)!r} has no observations")
-    for col in ("lat", "lon", "value", "sigma"):
-        table[col] = pd.to_numeric(table[col], errors="raise")
-    if not np.all(np.abs(table["lat"]) <= 90):
-        raise ValueError(f"observation file {str(path)!r} has latitudes outside [-90, 90]")
-    table["time"] = pd.to_datetime(table["time"], utc=True, format="ISO8601").dt.tz_localize(None)  # naive UTC
-    return table.reset_index(drop=True)
+    bad = {
+        "time": int(table["time"].isna().sum()),
+        "lat": int((~(np.abs(table["lat"]) <= 90)).sum()),
+        "lon": int((~np.isfinite(table["lon"])).sum()),
+        "value": int((~np.isfinite(table["value"])).sum()),
+        "sigma": int((~(table["sigma"] > 0)).sum()),
+    }
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        raise ValueError(f"observation file {str(path)!r} has unusable rows (column: count) {bad}")
+    return table
 
 
 def _time_index(ds_times: np.ndarray, obs_times) -> np.ndarray:

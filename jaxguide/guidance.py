@@ -278,8 +278,14 @@ def _cg(matvec, b, iters, unroll=True):
         beta = jnp.where(ok, rs_new / jnp.where(ok, rs, 1.0), 0.0)
         return x, r, r + beta * p, rs_new
 
-    x0 = jnp.zeros_like(b)
-    return jax.lax.fori_loop(0, iters, body, (x0, b, b, rs0), unroll=bool(unroll))[0]
+    state = (jnp.zeros_like(b), b, b, rs0)
+    if not unroll:
+        return jax.lax.fori_loop(0, iters, body, state)[0]
+    # a Python loop, not fori_loop(unroll=True): that one keeps a while loop when
+    # iters == 1 (measured 4.1x instead of 2.8x an unguided call at k = 1)
+    for i in range(iters):
+        state = body(i, state)
+    return state[0]
 
 
 def _gmres(matvec, b, iters):

@@ -164,11 +164,20 @@ def write_observations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def read_observations(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a table written by :func:`write_observations` (or by hand, same columns)."""
+    """Read a table written by :func:`write_observations` (or by hand, same columns).
+
+    Raises FileNotFoundError, :class:`EmptyTableError` (an empty file) and
+    :class:`MissingColumnsError`; the rows are checked by :func:`validate_observations`.
+    """
     path = Path(path)
     fmt = _format(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such observation file: {str(path)!r}")
     if fmt == "csv":
-        table = pd.read_csv(path, dtype={"variable": str})
+        try:
+            table = pd.read_csv(path, dtype={"variable": str})
+        except pd.errors.EmptyDataError:
+            raise EmptyTableError(f"observation file {str(path)!r} is empty") from None
     elif fmt == "parquet":
         table = pd.read_parquet(path)
     else:

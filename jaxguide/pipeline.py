@@ -37,7 +37,6 @@ from jaxguide.io import LatLonGrid, analysis_to_dataset, check_writable_dir, wri
 from jaxguide.model import CBottleModel, load_model
 from jaxguide.network import NPIX, NSIDE
 from jaxguide.observations import (
-    ObservationError,
     PointObservationOperator,
     build_operator,
     normalise,
@@ -349,16 +348,7 @@ def assimilate(
 
     if not isinstance(model, CBottleModel):
         model = load_model(model)
-    if isinstance(obs, pd.DataFrame):
-        table = obs
-    else:
-        obs_path = Path(obs)
-        if not obs_path.is_file():
-            raise FileNotFoundError(f"no such observation file: {str(obs_path)!r}")
-        try:
-            table = read_observations(obs_path)
-        except pd.errors.EmptyDataError:
-            raise ObservationError(f"observation file {str(obs_path)!r} is empty") from None
+    table = obs if isinstance(obs, pd.DataFrame) else read_observations(obs)
     oi = observation_inputs(
         table,
         model,
