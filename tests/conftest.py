@@ -19,13 +19,31 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("JAXGUIDE_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(msg: str) -> None:
+    """Skip locally; under CI (CI=true) fail instead, so a missing piece never passes silently."""
+    if in_ci():
+        pytest.fail(msg + " (CI=true: required)")
+    pytest.skip(msg)
+
+
 def require_fixtures() -> Path:
     if FIXTURES.is_dir() and (FIXTURES / "README.md").exists():
         return FIXTURES
-    msg = f"cBottle fixtures not found at {FIXTURES}"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(msg + " (CI=true: fixtures are required)")
-    pytest.skip(msg)
+    skip_or_fail(f"cBottle fixtures not found at {FIXTURES}")
+
+
+def require_module(name: str):
+    """Import an optional test dependency (healpy, zarr, ...): skip locally, fail under CI."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        skip_or_fail(f"{name} not installed")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ xarray's ``interp(method="linear")`` (what cBottle calls) to 1e-6 K.
 from __future__ import annotations
 
 import datetime
-import os
 
 import cftime
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 import xarray as xr
 from scipy.interpolate import RegularGridInterpolator
 
+from conftest import require_module
 from jaxguide import conditioning as C
 from jaxguide import healpix as H
 
@@ -188,13 +188,7 @@ def test_missing_variable(tmp_path):
 
 
 def _globe():
-    try:
-        from global_land_mask import globe
-    except ImportError:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("global-land-mask is required under CI")
-        pytest.skip("global-land-mask not installed")
-    return globe
+    return require_module("global_land_mask.globe")
 
 
 @pytest.fixture(scope="module")

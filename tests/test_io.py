@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from conftest import require_module
 from jaxguide import healpix, io
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_dataset_layout_units_and_nest_order():
     np.testing.assert_allclose(ds["pres_msl"].values[:, 0], expected, rtol=1e-6)
     np.testing.assert_allclose(ds["pres_msl_prior_mean"].values[0], expected[:2].mean(axis=0), rtol=1e-6)
     # pixel centres against healpy (independent implementation)
-    hp = pytest.importorskip("healpy")
+    hp = require_module("healpy")
     lon, lat = hp.pix2ang(NSIDE, np.arange(NPIX), nest=True, lonlat=True)
     np.testing.assert_allclose(ds["lat"].values, lat, atol=1e-9)
     np.testing.assert_allclose(ds["lon"].values, lon, atol=1e-9)
@@ -76,7 +77,7 @@ def test_missing_provenance_and_bad_shapes():
 @pytest.mark.parametrize("fmt,name", [("netcdf", "a.nc"), ("zarr", "a.zarr")])
 def test_roundtrip_and_cf_check(tmp_path, fmt, name):
     if fmt == "zarr":
-        pytest.importorskip("zarr")
+        require_module("zarr")
     ds = make_ds()
     assert io.check_cf(ds) == []
     path = io.write_dataset(ds, tmp_path / name, format=fmt)
@@ -187,7 +188,7 @@ def test_killed_writer_leaves_no_destination(tmp_path):
     dest = tmp_path / "out" / "a.nc"
     dest.parent.mkdir()
     flag = tmp_path / "flag"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(dest), str(flag)], cwd=REPO, env=env, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60
