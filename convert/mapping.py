@@ -24,33 +24,29 @@ Path = tuple[str, ...]
 RESAMPLE_FILTER = np.full((1, 1, 2, 2), 0.25, np.float32)  # the [1, 1] filter, normalised
 
 
+# rule -> (torch layout -> flax layout, its inverse)
+_RULES = {
+    "copy": (lambda a: a, lambda a: a),
+    "linear": (lambda a: a.T, lambda a: a.T),  # (out, in) <-> (in, out)
+    "conv3": (lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),  # OIHW <-> HWIO
+    "conv1": (lambda a: a[:, :, 0, 0].T, lambda a: a.T[:, :, None, None]),  # OI11 <-> IO
+    "pos": (lambda a: a[:, 0, :].T, lambda a: a.T[:, None, :]),  # (C, 1, N) <-> (N, C)
+}
+
+
+def _rule(rule: str):
+    if rule not in _RULES:
+        raise ValueError(f"unknown mapping rule {rule!r}")
+    return _RULES[rule]
+
+
 def to_flax(rule: str, a: np.ndarray) -> np.ndarray:
-    if rule == "copy":
-        return a
-    if rule == "linear":
-        return np.ascontiguousarray(a.T)
-    if rule == "conv3":
-        return np.ascontiguousarray(a.transpose(2, 3, 1, 0))
-    if rule == "conv1":
-        return np.ascontiguousarray(a[:, :, 0, 0].T)
-    if rule == "pos":
-        return np.ascontiguousarray(a[:, 0, :].T)
-    raise ValueError(rule)
+    return np.ascontiguousarray(_rule(rule)[0](a))
 
 
 def to_torch(rule: str, a: np.ndarray) -> np.ndarray:
     """Inverse of :func:`to_flax` (used to write cBottle-format checkpoints)."""
-    if rule == "copy":
-        return a
-    if rule == "linear":
-        return np.ascontiguousarray(a.T)
-    if rule == "conv3":
-        return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
-    if rule == "conv1":
-        return np.ascontiguousarray(a.T[:, :, None, None])
-    if rule == "pos":
-        return np.ascontiguousarray(a.T[:, None, :])
-    raise ValueError(rule)
+    return np.ascontiguousarray(_rule(rule)[1](a))
 
 
 def _conv(prefix: str, path: Path, kernel: int, out: dict) -> None:

@@ -88,6 +88,12 @@ def _thaw(value):
     return value
 
 
+def _strong(a) -> jax.Array:
+    """``a`` as an array without JAX's weak type (same dtype)."""
+    a = jnp.asarray(a)
+    return a.astype(a.dtype)
+
+
 def resolve_devices(devices: Sequence[Any] | None) -> tuple[Any, ...]:
     """The devices to shard over: the given ones, else all of ``jax.devices()``."""
     devs = tuple(jax.devices() if devices is None else devices)
@@ -187,5 +193,5 @@ def sample_ensemble(
         None if chunk_size is None else int(chunk_size),
     )
     # strip weak types so that e.g. jnp.full(shape, 5.0) and a concrete array share a program
-    operands = jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(jnp.asarray(a).dtype), tuple(operands))
+    operands = jax.tree_util.tree_map(_strong, tuple(operands))
     return program(key, operands)
