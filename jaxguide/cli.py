@@ -170,7 +170,7 @@ def assimilate(
     label: str = typer.Option("era5", help="dataset label of the conditional model (era5 | icon)"),
     interpolation: str = typer.Option("bilinear", help="observation operator: bilinear | nearest (pixel)"),
     bf16: bool = typer.Option(False, "--bf16", help="evaluate the network in bfloat16 (guidance stays float32)"),
-    remat: bool = typer.Option(False, "--remat", help="recompute the network in the guidance VJPs (less memory)"),
+    remat: bool = typer.Option(False, "--remat", help="recompute each U-Net block in the guidance VJPs instead of storing its activations (less memory, ~1 more network pass per VJP)"),
     chunk_size: int = typer.Option(None, "--chunk-size", help="run members this many at a time (less memory)"),
     regrid: str = typer.Option(None, "--regrid", help="write on a regular NLATxNLON lat/lon grid instead of HEALPix"),
     json_path: Path = typer.Option(None, "--json", help="also write the summary as JSON here"),

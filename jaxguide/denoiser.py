@@ -40,6 +40,7 @@ def make_denoiser(
     label: str = "era5",
     params=None,
     compute_dtype=jnp.float32,
+    remat: bool = False,
 ) -> Denoiser:
     """A denoiser for one member, as cBottle's ``CBottle3d`` samples.
 
@@ -52,6 +53,8 @@ def make_denoiser(
       second_of_day, day_of_year: scalars or (1, 1) float32.
       params: the expert parameters (default: ``model.params``); pass them explicitly to
         differentiate with respect to them.
+      compute_dtype: precision of the network's convolutions and matmuls (bfloat16 for speed).
+      remat: recompute each U-Net block in reverse mode (less memory for guidance VJPs).
     Returns ``denoiser(x (C, 1, npix), sigma scalar) -> (C, 1, npix)`` in x's dtype.
     """
     if model.config.label_dim == 0:
@@ -70,7 +73,7 @@ def make_denoiser(
 
     def denoise(x: jax.Array, sigma) -> jax.Array:
         p = model.params if params is None else params
-        kw = dict(condition=cond, second_of_day=sod, day_of_year=doy, compute_dtype=compute_dtype)
+        kw = dict(condition=cond, second_of_day=sod, day_of_year=doy, compute_dtype=compute_dtype, remat=remat)
         if two_pass:
             # both passes as one batch of two: one copy of the network in the compiled graph
             xb = jnp.stack([jnp.where(mask_b[0], x, 0), x])

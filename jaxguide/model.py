@@ -57,7 +57,9 @@ def count_params(config: ModelConfig) -> int:
     return int(sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)))
 
 
-def _expert_apply(graphdef, params, x, sigma, class_labels, condition, second_of_day, day_of_year, compute_dtype):
+def _expert_apply(
+    graphdef, params, x, sigma, class_labels, condition, second_of_day, day_of_year, compute_dtype, remat=False
+):
     model = nnx.merge(graphdef, nnx.State(params))
     return precond_forward(
         model,
@@ -68,6 +70,7 @@ def _expert_apply(graphdef, params, x, sigma, class_labels, condition, second_of
         second_of_day=second_of_day,
         day_of_year=day_of_year,
         compute_dtype=compute_dtype,
+        remat=remat,
     )
 
 
@@ -87,7 +90,8 @@ def make_apply(config: ModelConfig, sigma_thresholds: tuple[float, ...]) -> Call
     network pixel order, normalised units): x (B, C, 1, 49152), sigma scalar or (B,),
     class_labels (B, label_dim), condition (B, 1, 1, 49152), second_of_day and
     day_of_year (B, 1). Returns D (B, C, 1, 49152), float32 unless ``compute_dtype`` is
-    float64. jit/vmap/grad friendly.
+    float64. ``remat=True`` recomputes each U-Net block in the backward pass: a VJP
+    through D (guidance) then needs far less memory (same values). jit/vmap/grad friendly.
     """
     graphdef, _ = graphdef_and_shapes(config)
     thresholds = tuple(float(t) for t in sigma_thresholds)
@@ -102,8 +106,9 @@ def make_apply(config: ModelConfig, sigma_thresholds: tuple[float, ...]) -> Call
         second_of_day,
         day_of_year,
         compute_dtype=jnp.float32,
+        remat: bool = False,
     ):
-        run = functools.partial(_expert_apply, graphdef, compute_dtype=compute_dtype)
+        run = functools.partial(_expert_apply, graphdef, compute_dtype=compute_dtype, remat=remat)
         args = (x, sigma, class_labels, condition, second_of_day, day_of_year)
         if len(params) == 1:
             return run(params[0], *args)

@@ -208,6 +208,48 @@ class UNetBlock(nnx.Module):
         return h
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _remat_block(graphdef, state, x: jax.Array, emb: jax.Array) -> jax.Array:
+    """``UNetBlock(x, emb)`` that keeps only its inputs for the backward pass."""
+    return nnx.merge(graphdef, state)(x, emb)
+
+
+def _remat_block_fwd(graphdef, state, x, emb):
+    return _remat_block(graphdef, state, x, emb), (state, x, emb)
+
+
+def _remat_block_bwd(graphdef, residuals, g):
+    state, x, emb = residuals
+    # Make the recomputation depend on the cotangent g through an exact zero (0 * a finite
+    # element of g; XLA does not fold float x * 0). Without a data dependency XLA may run
+    # every block's recomputation during the forward pass, when all the inputs exist, and
+    # hold all activations at once again: with jax.checkpoint per block (or an
+    # optimization_barrier, which XLA:CPU drops) the compiled guided step needed as much
+    # memory as without rematerialisation.
+    g0 = jnp.ravel(g)[0]
+    x = x + (jnp.where(jnp.isfinite(g0), g0, 0) * 0).astype(x.dtype)
+    _, vjp = jax.vjp(lambda s, a, e: nnx.merge(graphdef, s)(a, e), state, x, emb)
+    return vjp(g)
+
+
+_remat_block.defvjp(_remat_block_fwd, _remat_block_bwd)
+
+
+def call_block(block: UNetBlock, x: jax.Array, emb: jax.Array, *, remat: bool) -> jax.Array:
+    """``block(x, emb)``; with ``remat`` its activations are recomputed in reverse mode.
+
+    Rematerialisation keeps only the block's inputs (x, emb, parameters) for the
+    backward pass, which recomputes the block's forward once the cotangent arrives, so
+    a VJP through the U-Net holds about one block's activations at a time instead of
+    all of them (one extra forward of compute). Same values and gradients; reverse
+    mode only (``jax.jvp`` through a rematerialised block raises).
+    """
+    if not remat:
+        return block(x, emb)
+    graphdef, state = nnx.split(block)
+    return _remat_block(graphdef, state, x, emb)
+
+
 # --------------------------------------------------------------------------------------
 # Embeddings
 
@@ -359,9 +401,11 @@ class CBottleUNet(nnx.Module):
         *,
         compute_dtype: jnp.dtype = jnp.float32,
         return_intermediates: bool = False,
+        remat: bool = False,
     ):
         """x: (B, X, C_in) preconditioned input (c_in x, condition), channels last.
 
+        ``remat``: recompute each UNetBlock in the backward pass (see :func:`call_block`).
         Returns F (B, X, out_channels) in ``accum_dtype(compute_dtype)`` (and a dict of activations if asked;
         the classifier logits (B, 768, 1) are among them when the config has a classifier).
         """
@@ -380,7 +424,7 @@ class CBottleUNet(nnx.Module):
                 acts["enc." + name] = h
                 h = h + self.pos_embed[...].astype(h.dtype)
             else:
-                h = block(h, emb)
+                h = call_block(block, h, emb, remat=remat)
                 acts["enc." + name] = h
             skips.append(h)
         if self.classifier_conv0 is not None:
@@ -391,7 +435,7 @@ class CBottleUNet(nnx.Module):
             block = self.dec[name]
             if not (name.endswith("_in0") or name.endswith("_in1") or name.endswith("_up")):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = block(h, emb)
+            h = call_block(block, h, emb, remat=remat)
             acts["dec." + name] = h
         h = self.aux_norm(h)
         acts["dec.aux_norm"] = h
@@ -426,6 +470,7 @@ def precond_forward(
     day_of_year: jax.Array,
     compute_dtype: jnp.dtype = jnp.float32,
     return_intermediates: bool = False,
+    remat: bool = False,
 ):
     """cBottle's EDMPrecond: D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, ...).
 
@@ -437,6 +482,8 @@ def precond_forward(
       compute_dtype: precision of convolutions and matmuls (float32 default; bfloat16 for
         speed; float64 for gradient checks). Norms, softmax and the EDM algebra run in
         ``accum_dtype(compute_dtype)``: float32, as cBottle, unless float64 is asked for.
+      remat: rematerialise each U-Net block in reverse mode: a VJP through D (guidance)
+        keeps ~one block's activations instead of all, for one extra forward of compute.
     Returns D: (B, C, 1, X) in ``accum_dtype(compute_dtype)``.
     """
     cfg = model.config
@@ -472,6 +519,7 @@ def precond_forward(
         doy,
         compute_dtype=compute_dtype,
         return_intermediates=return_intermediates,
+        remat=remat,
     )
     f, acts = out if return_intermediates else (out, None)
     f = jnp.transpose(f, (0, 2, 1))[:, :, None, :]

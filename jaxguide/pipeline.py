@@ -65,7 +65,9 @@ class AssimilationSettings:
     prior_members: size of the unguided ensemble used for the prior observation RMSE
       and the stored prior mean; 0 skips it.
     bf16: evaluate the network in bfloat16 (guidance algebra stays float32).
-    remat: rematerialise the network in the guidance VJPs (less memory, more compute).
+    remat: recompute each U-Net block in the guidance VJPs instead of keeping its
+      activations (``network.call_block``): peak memory of a guided step ~1/3 (see
+      benchmarks/remat_memory.py) for ~1 extra network forward per VJP.
     """
 
     method: str = "mmps"
@@ -234,13 +236,15 @@ def guided_denoiser_fn(
     label: str = "era5",
     options: Mapping[str, Any] | None = None,
     compute_dtype=jnp.float32,
+    remat: bool = False,
     on_call: Callable[[jax.Array], None] | None = None,
 ) -> Callable:
     """``fn(x, sigma, params, condition, second_of_day, day_of_year, A, y, sigma_y)``.
 
     Everything that changes between runs (parameters, conditioning, observations) is an
     argument, so one compiled ensemble program serves new times and observations.
-    ``method=None`` is the unguided prior (A, y, sigma_y ignored). ``on_call(sigma)``
+    ``method=None`` is the unguided prior (A, y, sigma_y ignored). ``remat``: the network
+    recomputes each U-Net block in the guidance VJPs (less memory). ``on_call(sigma)``
     runs on the host at each evaluation (progress reporting).
     """
     options = dict(options or {})
@@ -256,6 +260,7 @@ def guided_denoiser_fn(
             label=label,
             params=params,
             compute_dtype=compute_dtype,
+            remat=remat,
         )
         if method is not None:
             den = guidance.apply(method, den, A, y, sigma_y, **options)
@@ -382,6 +387,7 @@ def assimilate(
             label=settings.label,
             options=settings.guidance_options(),
             compute_dtype=jnp.bfloat16 if settings.bf16 else jnp.float32,
+            remat=settings.remat,
             on_call=on_call,
         )
         t0 = _time.perf_counter()
@@ -392,7 +398,6 @@ def assimilate(
             n_members,
             sampler_kwargs=settings.sampler_kwargs(),
             devices=devs,
-            remat=settings.remat,
             chunk_size=settings.chunk_size,
             operands=operands,
         )
