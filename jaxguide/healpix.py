@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -335,6 +336,62 @@ def pad(x: jnp.ndarray, padding: int) -> jnp.ndarray:
         out = out.at[..., avg_pos, :].set(mean)
     m = n + 2 * padding
     return out.reshape(*x.shape[:-2], 12, m, m, x.shape[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def pad_transpose_table(nside: int, padding: int) -> tuple[np.ndarray, np.ndarray]:
+    """The transpose of :func:`pad` as a gather: ``(index, weight)``, both (12 n^2, K).
+
+    Pixel p receives ``sum_k weight[p, k] * padded[index[p, k]]`` (flattened padded
+    positions; index = 12 (n+2p)^2, out of range, where weight is 0). K = the most
+    padded positions that read one pixel.
+    """
+    primary, avg_pos, avg_src = pad_gather(nside, padding)
+    q = np.arange(primary.size)
+    single = np.ones(primary.size, bool)
+    single[avg_pos] = False
+    rows = np.concatenate([q[single], avg_pos, avg_pos])
+    cols = np.concatenate([primary[single], avg_src[0], avg_src[1]])
+    wts = np.concatenate([np.ones(single.sum()), np.full(2 * avg_pos.size, 0.5)])
+    order = np.argsort(cols, kind="stable")
+    rows, cols, wts = rows[order], cols[order], wts[order]
+    npix = 12 * nside * nside
+    counts = np.bincount(cols, minlength=npix)
+    slot = np.arange(cols.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    index = np.full((npix, counts.max()), primary.size, np.int32)
+    weight = np.zeros((npix, counts.max()), np.float32)
+    index[cols, slot] = rows
+    weight[cols, slot] = wts
+    index.setflags(write=False)
+    weight.setflags(write=False)
+    return index, weight
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def pad_gather_transposed(x: jnp.ndarray, padding: int) -> jnp.ndarray:
+    """:func:`pad` whose VJP is a gather (no scatter into a zero buffer). Reverse mode only.
+
+    A scatter-add's zero-initialised buffer depends on no data, so XLA may allocate it
+    early and keep it for the whole program; inside rematerialised network blocks these
+    buffers would hold as much memory as the activations remat avoids storing.
+    """
+    return pad(x, padding)
+
+
+def _pad_gt_fwd(x, padding):
+    return pad(x, padding), None
+
+
+def _pad_gt_bwd(padding, _, ct):
+    *lead, faces, m, _m, c = ct.shape
+    n = m - 2 * padding
+    index, weight = pad_transpose_table(n, padding)
+    flat = ct.reshape(*lead, faces * m * m, c)
+    parts = jnp.take(flat, jnp.asarray(index), axis=-2, mode="fill", fill_value=0)  # (..., npix, K, C)
+    return (jnp.einsum("...pkc,pk->...pc", parts, jnp.asarray(weight, ct.dtype)),)
+
+
+pad_gather_transposed.defvjp(_pad_gt_fwd, _pad_gt_bwd)
 
 
 # --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ channels-last ``(batch, pixel, channel)``.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 
@@ -35,6 +36,8 @@ from jaxguide.config import (
 )
 
 SKIP_SCALE = float(np.sqrt(0.5))
+# True while a rematerialised block's backward pass is traced (see call_block).
+_IN_REMAT_BACKWARD = contextvars.ContextVar("in_remat_backward", default=False)
 NSIDE = 2**HPX64_LEVEL
 NPIX = 12 * NSIDE * NSIDE
 
@@ -145,7 +148,8 @@ class HealpixConv(nnx.Module):
             return x @ w + self.bias[...].astype(x.dtype)
         b, npix, cin = x.shape
         n = healpix.nside_of_npix(npix)
-        padded = healpix.pad(x, 1).reshape(b * 12, n + 2, n + 2, cin)
+        pad = healpix.pad_gather_transposed if _IN_REMAT_BACKWARD.get() else healpix.pad
+        padded = pad(x, 1).reshape(b * 12, n + 2, n + 2, cin)
         y = jax.lax.conv_general_dilated(
             padded, w, window_strides=(1, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
@@ -228,8 +232,14 @@ def _remat_block_bwd(graphdef, residuals, g):
     # memory as without rematerialisation.
     g0 = jnp.ravel(g)[0]
     x = x + (jnp.where(jnp.isfinite(g0), g0, 0) * 0).astype(x.dtype)
-    _, vjp = jax.vjp(lambda s, a, e: nnx.merge(graphdef, s)(a, e), state, x, emb)
-    return vjp(g)
+    # The padding's transpose as a gather: a scatter-add's zero buffer has no inputs, and
+    # XLA:CPU allocated those of every block at the start of the program.
+    token = _IN_REMAT_BACKWARD.set(True)
+    try:
+        _, vjp = jax.vjp(lambda s, a, e: nnx.merge(graphdef, s)(a, e), state, x, emb)
+        return vjp(g)
+    finally:
+        _IN_REMAT_BACKWARD.reset(token)
 
 
 _remat_block.defvjp(_remat_block_fwd, _remat_block_bwd)
@@ -241,8 +251,8 @@ def call_block(block: UNetBlock, x: jax.Array, emb: jax.Array, *, remat: bool) -
     Rematerialisation keeps only the block's inputs (x, emb, parameters) for the
     backward pass, which recomputes the block's forward once the cotangent arrives, so
     a VJP through the U-Net holds about one block's activations at a time instead of
-    all of them (one extra forward of compute). Same values and gradients; reverse
-    mode only (``jax.jvp`` through a rematerialised block raises).
+    all of them (one extra forward of compute). Same values and gradients. It acts in
+    reverse mode (VJP, grad), the mode guidance uses; forward mode is not supported.
     """
     if not remat:
         return block(x, emb)

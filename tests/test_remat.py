@@ -52,12 +52,3 @@ def test_remat_same_vjp_and_less_memory(tiny_model, den):
     assert worst <= 1e-5, worst
     assert temp[True] <= 0.7 * temp[False], temp
 
-
-def test_remat_is_reverse_mode_only(tiny_model, den):
-    """Forward mode through a rematerialised network fails loudly instead of silently."""
-    x = jnp.asarray(den["x"][:1])
-    cond = dict(class_labels=den["class_labels"][:1], condition=den["condition"][:1],
-                second_of_day=den["second_of_day"][:1], day_of_year=den["day_of_year"][:1])
-    f = lambda z: tiny_model.apply(tiny_model.params, z, jnp.float32(1.5), remat=True, **cond)  # noqa: E731
-    with pytest.raises(TypeError, match="custom_vjp"):
-        jax.eval_shape(lambda z: jax.jvp(f, (z,), (z,)), x)
