@@ -306,27 +306,38 @@ def _print_demo_summary(summary: dict[str, Any], seconds: float) -> None:
 
 
 def _print_table(result) -> None:
+    """Two tables (they fit 80 columns): ensemble mean and spread, then the proper scores."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
-
-    table = Table(title=f"analysis verification (observation operator: {result.operator})")
-    cols = ("set", "variable", "n", "RMSE", "bias", "CRPS", "energy score", "variogram score", "spread", "spread/skill")
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("set", "variable") else "right")
 
     def fmt(v):
         return "-" if v is None else f"{v:.4g}"
 
-    for set_name, per_var in result.metrics.items():
-        for var, s in per_var.items():
-            ratio = s.get("spread_skill_obs", s.get("spread_skill"))
-            table.add_row(set_name, var, str(s["n_obs"]), fmt(s["rmse"]), fmt(s["bias"]), fmt(s["crps"]),
-                          fmt(s["energy_score"]), fmt(s.get("variogram_score")), fmt(s.get("spread")), fmt(ratio))
+    def table(title: str, cols: tuple[str, ...], row) -> Table:
+        t = Table(title=title, box=box.SIMPLE_HEAD)
+        for col in ("set", "variable", *cols):
+            t.add_column(col, justify="left" if col in ("set", "variable") else "right", no_wrap=True)
+        for set_name, per_var in result.metrics.items():
+            for var, s in per_var.items():
+                t.add_row(set_name, var, *(fmt(v) if not isinstance(v, str) else v for v in row(s)))
+        return t
+
     console = Console()
-    console.print(table)
+    console.print(table(
+        f"analysis verification (observation operator: {result.operator})",
+        ("n", "RMSE", "bias", "spread", "spread/skill"),
+        lambda s: (str(s["n_obs"]), s["rmse"], s["bias"], s.get("spread"), s.get("spread_skill_obs", s.get("spread_skill"))),
+    ))
+    console.print(table(
+        "proper scores (lower is better)",
+        ("CRPS", "energy score", "variogram score"),
+        lambda s: (s["crps"], s["energy_score"], s.get("variogram_score")),
+    ))
     if any(s.get("obs_noise_in_scores") for per in result.metrics.values() for s in per.values()):
-        console.print("at observations: CRPS, energy/variogram scores and rank histograms use members + N(0, sigma^2) "
-                      "noise; spread/skill includes sigma")
+        console.print("At observations, CRPS, energy and variogram scores and rank histograms score the members plus "
+                      "N(0, sigma^2) noise, and spread/skill = sqrt((M+1)/M spread^2 + sigma^2) / RMSE. The energy "
+                      "and variogram (p = 0.5) scores treat a set's observations of a variable as one vector.")
 
 
 @app.command()

@@ -194,7 +194,7 @@ def interp_weights(nside: int, lon, lat, order: Order = "net") -> tuple[np.ndarr
 def check_method(method: str) -> str:
     """``method`` if it is a known scheme; else ValueError naming the valid ones."""
     if method not in METHODS:
-        raise ValueError(f"unknown interpolation {method!r}; expected one of {', '.join(METHODS)}")
+        raise ValueError(f"unknown interpolation method {method!r}; expected one of {', '.join(METHODS)}")
     return method
 
 
