@@ -136,6 +136,7 @@ def ensemble_at_observations(ds: xr.Dataset, table: pd.DataFrame, method: str | 
     if "pixel" not in ds.dims:
         raise ValueError("evaluate needs an analysis on the HEALPix grid (dimension 'pixel'), not a regridded one")
     method = observation_operator(ds) if method is None else grid_sampling.check_method(method)
+    table = table.reset_index(drop=True)
     nside = healpix.nside_of_npix(ds.sizes["pixel"])
     channels = set(channel_variables(ds))
     lon = table["lon"].to_numpy(np.float64)
@@ -146,7 +147,7 @@ def ensemble_at_observations(ds: xr.Dataset, table: pd.DataFrame, method: str | 
     for var, rows in table.groupby("variable", sort=True):
         if var not in channels:
             continue
-        pos = table.index.get_indexer(rows.index)
+        pos = rows.index.to_numpy()  # positions: the index is 0..n-1
         field = ds[var].transpose("member", "time", "pixel").values.astype(np.float64)  # (M, T, npix)
         vals = np.sum(field[:, tidx[pos][:, None], pix[pos]] * w[pos][None], axis=-1)  # (M, n)
         out[str(var)] = AtObservations(
