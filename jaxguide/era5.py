@@ -386,7 +386,18 @@ def era5_to_observations(
         raise ValueError(f"levels {missing} not in the data; available: {ds['level'].values.tolist()}")
     sel = ds["t"].sel(level=levels)
     if times is not None:
-        sel = sel.sel(time=pd.to_datetime(list(times)))
+        try:
+            want = pd.DatetimeIndex([pd.Timestamp(t) for t in times])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"times must be dates (ISO 8601, UTC): {e}") from None
+        if want.tz is not None:
+            want = want.tz_convert("UTC").tz_localize(None)
+        have = pd.DatetimeIndex(ds["time"].values)
+        absent = want[~want.isin(have)]
+        if len(absent):
+            raise ValueError(f"times {[t.isoformat() for t in absent]} are not in the ERA5 data "
+                             f"({len(have)} valid times, {have.min().isoformat()} .. {have.max().isoformat()})")
+        sel = sel.sel(time=want)
     vals = bilinear_latlon(sel.values, ds["lat"].values, ds["lon"].values, lat, lon, outside="clamp")
     nt, nl, m = vals.shape
     names = [f"T{lv}" for lv in levels]
