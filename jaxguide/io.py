@@ -512,9 +512,11 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _temp_beside(path: Path, *, directory: bool) -> Path:
+def temp_beside(path: str | os.PathLike, *, directory: bool) -> Path:
     """A new hidden temporary (file or directory) beside ``path``, after removing the
-    stale ones of crashed earlier writers of the same target."""
+    stale ones of crashed earlier writers of the same target. The caller renames it
+    onto ``path`` or removes it."""
+    path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     remove_stale_temporaries(path)
     prefix = f".{path.name}.{_writer_tag()}."
@@ -557,7 +559,7 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "
         raise PermissionError(f"output directory {str(parent)!r} is not writable")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{str(path)!r} exists (pass overwrite=True to replace it)")
-    tmp = _temp_beside(path, directory=True)
+    tmp = temp_beside(path, directory=True)
     target = tmp / path.name
     try:
         if format == "netcdf":
@@ -623,7 +625,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"output directory {str(parent)!r} does not exist")
-    tmp = _temp_beside(path, directory=False)
+    tmp = temp_beside(path, directory=False)
     try:
         write(tmp)
         os.replace(tmp, path)
