@@ -7,6 +7,8 @@
   per stream; only files holding ``t`` are used);
 * CDS NetCDF, legacy: dims ``time, level, latitude, longitude``, int16 packed with
   ``scale_factor``/``add_offset`` and ``_FillValue`` (decoded by xarray's CF masking);
+  with recent data an extra ``expver`` dimension (ERA5 / ERA5T, each field in one of
+  them) that is merged;
 * cfgrib-written NetCDF and GRIB itself (GRIB needs the optional extra
   ``pip install 'jaxguide[grib]'``, i.e. cfgrib + eccodes): dims
   ``[number,] time, [step,] isobaricInhPa, latitude, longitude`` with a ``valid_time``
@@ -129,6 +131,18 @@ def _valid_times(t: xr.DataArray, name: str) -> xr.DataArray:
     return out
 
 
+def _merge_expver(t: xr.DataArray, name: str) -> xr.DataArray:
+    """ERA5 with ERA5T (legacy CDS: an ``expver`` dimension, 1 = ERA5, 5 = ERA5T, each
+    field present in exactly one of them, NaN in the other): one field per time."""
+    t = t.load()
+    finite = np.isfinite(t)
+    if bool((finite.sum("expver") > 1).any()):
+        raise ERA5FormatError(f"{name}: 't' has values in more than one 'expver' (ERA5 and ERA5T) at the "
+                              f"same time; expected each field in one of them")
+    merged = t.where(finite, 0.0).sum("expver", keep_attrs=True)
+    return merged.where(finite.any("expver"))
+
+
 def _normalise_one(ds: xr.Dataset, name: str, member: int | None = None) -> xr.Dataset:
     """One file's ``t`` in the module's layout; ERA5FormatError naming ``name`` otherwise."""
     t = ds["t"]
@@ -146,6 +160,8 @@ def _normalise_one(ds: xr.Dataset, name: str, member: int | None = None) -> xr.D
     if level not in t.dims:  # a single-level request may drop the level dim
         t = t.expand_dims(level)
     t = _select_member(t, name, member)
+    if "expver" in t.dims and t.sizes["expver"] > 1:
+        t = _merge_expver(t, name)
     t = t.rename({level: "level", lat: "lat", lon: "lon"})
     t = _valid_times(t, name)
     extra = [d for d in t.dims if d not in ("time", "level", "lat", "lon")]

@@ -244,6 +244,16 @@ def test_valid_time_not_time_for_forecasts(tmp_path):
     want_times = pd.DatetimeIndex(["2020-01-01T00", "2020-01-01T06", "2020-01-01T12", "2020-01-01T18"])
     np.testing.assert_array_equal(got["time"].values, want_times.values)
     np.testing.assert_array_equal(got["t"].values[:, ::-1, ::-1], _kelvin())
+    # one initialisation time saved alone (scalar time, step dimension), and one analysis time alone
+    ds.isel(time=0).to_netcdf(tmp_path / "fc_one_init.nc", encoding=enc)
+    got = E.read_era5_temperature(tmp_path / "fc_one_init.nc")
+    np.testing.assert_array_equal(got["time"].values, want_times[:2].values)
+    np.testing.assert_array_equal(got["t"].values[:, ::-1, ::-1], _kelvin()[:2])
+    ds, enc = _cfgrib_like()
+    ds.isel(time=2).to_netcdf(tmp_path / "one_time.nc", encoding=enc)
+    got = E.read_era5_temperature(tmp_path / "one_time.nc")
+    np.testing.assert_array_equal(got["time"].values, TIMES[2:3].values)
+    np.testing.assert_array_equal(got["t"].values[:, ::-1, ::-1], _kelvin()[2:3])
     # overlapping forecasts (00 + 12 h and 06 + 6 h are both valid at 12 h): refused, named
     ds, enc = _cfgrib_like(times=pd.DatetimeIndex(["2020-01-01T00", "2020-01-01T06"]), steps=["6h", "12h"])
     ds.to_netcdf(tmp_path / "fc3.nc", encoding=enc)
@@ -353,3 +363,19 @@ def test_grib_through_cfgrib(tmp_path):
     _write_grib(tmp_path / "det", members=(0,), inits=inits, steps=(0,))
     det = E.read_era5_temperature(tmp_path / "det")
     assert det["t"].shape == (2, 2, lat.size, lon.size)
+
+
+def test_legacy_expver_merged(tmp_path):
+    """Legacy CDS files that reach into ERA5T carry expver (1, 5); each field is in one."""
+    ds, enc = _legacy()
+    both = xr.concat([ds, ds], dim=xr.DataArray([1, 5], dims="expver", name="expver")).transpose("time", "expver", ...)
+    both["t"][:2, 1] = np.nan  # ERA5 for the first two times,
+    both["t"][2:, 0] = np.nan  # ERA5T after
+    both.to_netcdf(tmp_path / "expver.nc", encoding=enc)
+    _write_legacy(tmp_path / "plain.nc")
+    xr.testing.assert_identical(E.read_era5_temperature(tmp_path / "expver.nc"), E.read_era5_temperature(tmp_path / "plain.nc"))
+    clash = both.copy(deep=True)
+    clash["t"][0, 1] = clash["t"][0, 0]
+    clash.to_netcdf(tmp_path / "clash.nc", encoding=enc)
+    with pytest.raises(E.ERA5FormatError, match=r"clash\.nc.*expver"):
+        E.read_era5_temperature(tmp_path / "clash.nc")
