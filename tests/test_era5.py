@@ -379,3 +379,12 @@ def test_legacy_expver_merged(tmp_path):
     clash.to_netcdf(tmp_path / "clash.nc", encoding=enc)
     with pytest.raises(E.ERA5FormatError, match=r"clash\.nc.*expver"):
         E.read_era5_temperature(tmp_path / "clash.nc")
+
+
+def test_grib_without_cfgrib_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "x.grib").write_bytes(b"GRIB" + bytes(100))
+    monkeypatch.setitem(sys.modules, "cfgrib", None)  # as if the 'grib' extra were not installed
+    with pytest.raises(E.ERA5FormatError, match=r"x\.grib.*GRIB.*jaxguide\[grib\]"):
+        E.read_era5_temperature(tmp_path / "x.grib")
