@@ -466,6 +466,8 @@ def _writer_tag() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: never guess
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
