@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from convert.mapping import RESAMPLE_FILTER, key_map, to_flax, to_torch
+from jaxguide.convert.mapping import RESAMPLE_FILTER, key_map, to_flax, to_torch
 from jaxguide import __version__
 from jaxguide.config import BatchInfo, ModelConfig, UnsupportedArchitectureError
 from jaxguide.model import FORMAT_VERSION, METADATA_FILE, PARAMS_DIR, graphdef_and_shapes, sha256_file
