@@ -1,6 +1,6 @@
 """Command line: ``jaxguide convert | assimilate | era5-obs | evaluate | demo``.
 
-Each command is a thin layer over the library (``convert.convert_checkpoints``,
+Each command is a thin layer over the library (``jaxguide.convert.convert_checkpoints``,
 ``jaxguide.pipeline.assimilate``, ``jaxguide.era5``, ``jaxguide.metrics``,
 ``jaxguide.demo``): parse options, show progress, print a table.
 
@@ -165,7 +165,7 @@ def convert(
 ) -> None:
     """Convert a cBottle PyTorch checkpoint (or the experts of a mixture) to jaxguide parameters."""
     try:
-        from convert import convert_checkpoints
+        from jaxguide.convert import convert_checkpoints
     except ImportError as e:
         raise ValueError(f"the converter needs PyTorch: pip install 'jaxguide[convert]' ({e})") from None
     for ck in checkpoints:

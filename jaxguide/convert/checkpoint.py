@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from convert.mapping import RESAMPLE_FILTER, key_map, to_flax, to_torch
+from jaxguide.convert.mapping import RESAMPLE_FILTER, key_map, to_flax, to_torch
 from jaxguide import __version__
 from jaxguide.io import temp_beside
 from jaxguide.config import BatchInfo, ModelConfig, UnsupportedArchitectureError
