@@ -25,7 +25,7 @@ import pandas as pd
 import xarray as xr
 
 from jaxguide import grid_sampling, healpix, metrics
-from jaxguide.io import PRIOR_SUFFIX, channel_variables, check_writable_dir, read_analysis
+from jaxguide.io import PRIOR_SUFFIX, channel_variables, read_analysis
 from jaxguide.observations import read_observations
 
 logger = logging.getLogger(__name__)
@@ -231,23 +231,14 @@ def evaluate(
     return Evaluation(metrics=results, operator=method, skipped=skipped, samples=samples)
 
 
-def prepare_plots_dir(plots_dir: str | os.PathLike) -> Path:
-    """Create ``plots_dir`` (its parent must exist) and check it is writable."""
-    plots_dir = Path(plots_dir)
-    if not plots_dir.is_dir():
-        if not plots_dir.parent.is_dir():
-            raise FileNotFoundError(f"output directory {str(plots_dir.parent)!r} does not exist")
-        check_writable_dir(plots_dir.parent)
-        plots_dir.mkdir()
-    return check_writable_dir(plots_dir)
-
-
 def write_plots(result: Evaluation, analysis: xr.Dataset, plots_dir: str | os.PathLike) -> list[Path]:
     """PNG maps per variable (first time: ensemble mean, increment vs the prior mean,
-    spread, assimilated observation locations) and a rank histogram per set and variable."""
+    spread, assimilated observation locations) and a rank histogram per set and variable,
+    into ``plots_dir`` (created if missing; its parent must exist)."""
     from jaxguide import plots
 
     plots_dir = Path(plots_dir)
+    plots_dir.mkdir(exist_ok=True)
     written = []
     ds = analysis
     for var in sorted({v for per in result.samples.values() for v in per}):
