@@ -17,6 +17,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import typer
 from typer._click import exceptions as click_errors  # typer==0.29 vendors click; its usage errors
 from typer.core import TyperGroup
