@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxguide import ensemble, gaussian, guidance, healpix, io, metrics, observations, plots, strategies
+from jaxguide import ensemble, gaussian, guidance, healpix, io, metrics, observations, plots, schema, strategies
 
 logger = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ def _provenance(config: DemoConfig, method: str, *, sigma_y, scale, n_obs: int, 
 
 
 def _dataset(ens: np.ndarray, config: DemoConfig, provenance: dict, title: str, prior=None):
-    ds = io.analysis_to_dataset(ens, channels=list(config.channels), center=config.center, scale=config.scale,
+    ds = schema.analysis_to_dataset(ens, channels=list(config.channels), center=config.center, scale=config.scale,
                                 times=[config.time], provenance=provenance, prior=prior)
     ds.attrs["title"] = title
     return ds
@@ -537,9 +537,9 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
     prov = functools.partial(_provenance, config, n_obs=len(assim), sha=sha, command=command)
     sig_k = config.sigma_obs_k
     writes = {
-        "truth": (truth[None], prov("truth (one draw from the prior)", sigma_y=None, scale=None),
+        "truth": (truth[None], prov("truth (one draw from the prior)", sigma_y="none (no observations used)", scale=None),
                   "jaxguide demo truth: one draw from the Gaussian random-field prior", None),
-        "prior": (ens["prior"], prov("none (unguided prior ensemble)", sigma_y=None, scale=None),
+        "prior": (ens["prior"], prov("none (unguided prior ensemble)", sigma_y="none (no observations used)", scale=None),
                   "jaxguide demo prior ensemble (Gaussian random-field prior, not cBottle)", None),
         "mmps": (ens["mmps"], prov(f"mmps (cg_iters={config.cg_iters})", sigma_y=sig_k, scale=1.0),
                  "jaxguide demo analysis, MMPS (Gaussian random-field prior, not cBottle)", ens["prior"]),

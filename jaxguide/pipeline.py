@@ -16,6 +16,7 @@ atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -33,9 +34,10 @@ from jaxguide import guidance
 from jaxguide.conditioning import calendar_inputs, read_amip_sst, sst_at
 from jaxguide.denoiser import make_denoiser
 from jaxguide.ensemble import resolve_devices, sample_ensemble
-from jaxguide.io import LatLonGrid, analysis_to_dataset, check_writable_dir, write_dataset
+from jaxguide.io import LatLonGrid, check_writable_dir, write_dataset
 from jaxguide.model import CBottleModel, load_model
 from jaxguide.network import NPIX, NSIDE
+from jaxguide.schema import analysis_to_dataset, describe_sigma_y
 from jaxguide.observations import (
     PointObservationOperator,
     build_operator,
@@ -325,6 +327,7 @@ def assimilate(
     command: str = "jaxguide.pipeline.assimilate",
     progress: Callable[[str, int, int], None] | None = None,
     devices: Sequence[Any] | None = None,
+    on_event: Callable[[str, Mapping[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Sample a posterior ensemble for ``time`` given ``obs`` and write it to ``out``.
 
@@ -336,7 +339,15 @@ def assimilate(
       time: analysis time (UTC).
       sst: AMIP SST file, required when the model is SST-conditioned.
       progress: ``progress(stage, done, total)``; stage "analysis" or "prior", counted
-        in sampler steps (times devices and chunks when the members are split).
+        in denoiser calls (times devices and chunks when the members are split). It
+        is fed by a host callback in the compiled program, and JAX does not store
+        programs with host callbacks in its persistent compilation cache: pass it
+        only when the cache is off (the CLI does so with ``--no-cache``).
+      on_event: ``on_event(name, info)`` at each stage of the run, as it happens (also
+        logged at INFO): "loading" {model}, "observations" {n_obs, dropped}, "compiling"
+        {stage, members, calls} (the first run of a configuration compiles; later ones
+        load it from JAX's cache), "sampling" {stage, compile_s}, "sampled" {stage,
+        seconds}, "writing" {path}, "written" {path}.
     Returns a JSON-friendly summary: observation counts, RMSE at the observations of
     the prior and analysis ensemble means (per variable, physical units), timings.
     """
@@ -346,7 +357,13 @@ def assimilate(
     fmt = output_format(out)
     _check_output(out, overwrite)
 
+    def event(name: str, **info) -> None:
+        logger.info("%s %s", name, info)
+        if on_event is not None:
+            on_event(name, info)
+
     if not isinstance(model, CBottleModel):
+        event("loading", model=str(model))
         model = load_model(model)
     table = obs if isinstance(obs, pd.DataFrame) else read_observations(obs)
     oi = observation_inputs(
@@ -358,6 +375,7 @@ def assimilate(
         sigma_y=settings.sigma_y,
         interpolation=settings.interpolation,
     )
+    event("observations", n_obs=int(oi.y.shape[0]), dropped=dict(oi.dropped))
     cond = conditioning_for(model, time, sst_path=sst, sst_offset=settings.sst_offset)
     member_shape = (model.config.out_channels, 1, NPIX)
     devs = resolve_devices(devices)
@@ -373,8 +391,7 @@ def assimilate(
         def on_call(_sigma):
             calls[0] = min(calls[0] + 1, per_run * runs)
             if progress is not None:
-                full, rem = divmod(calls[0], per_run)
-                progress(stage, full * settings.steps + (rem + 1) // 2, runs * settings.steps)
+                progress(stage, calls[0], per_run * runs)
 
         fn = guided_denoiser_fn(
             model,
@@ -382,34 +399,38 @@ def assimilate(
             label=settings.label,
             options=settings.guidance_options(),
             compute_dtype=jnp.bfloat16 if settings.bf16 else jnp.float32,
-            on_call=on_call,
+            on_call=on_call if progress is not None else None,
         )
+        event("compiling", stage=stage, members=n_members, calls=per_run * runs)
         t0 = _time.perf_counter()
-        ens = sample_ensemble(
-            fn,
-            key,
-            member_shape,
-            n_members,
-            sampler_kwargs=settings.sampler_kwargs(),
-            devices=devs,
-            remat=settings.remat,
-            chunk_size=settings.chunk_size,
-            operands=operands,
-        )
-        ens = jax.block_until_ready(ens)
-        jax.effects_barrier()
+        with _compile_clock(lambda s: event("sampling", stage=stage, compile_s=round(s, 2))) as compile_s:
+            ens = sample_ensemble(
+                fn,
+                key,
+                member_shape,
+                n_members,
+                sampler_kwargs=settings.sampler_kwargs(),
+                devices=devs,
+                remat=settings.remat,
+                chunk_size=settings.chunk_size,
+                operands=operands,
+            )
+            ens = jax.block_until_ready(ens)
+            jax.effects_barrier()
         if not bool(jnp.all(jnp.isfinite(ens))):
             raise FloatingPointError(
                 f"the {stage} ensemble has non-finite values (method {method!r}, guidance scale "
                 f"{settings.guidance_scale}); lower --guidance-scale or use --method mmps/sda"
             )
-        return ens, _time.perf_counter() - t0
+        seconds = _time.perf_counter() - t0
+        event("sampled", stage=stage, seconds=round(seconds, 2))
+        return ens, seconds, compile_s[0]
 
     key_analysis, key_prior = jax.random.split(jax.random.key(settings.seed))
-    analysis, t_analysis = run(settings.method, settings.members, key_analysis, "analysis")
-    prior, t_prior = None, 0.0
+    analysis, t_analysis, c_analysis = run(settings.method, settings.members, key_analysis, "analysis")
+    prior, t_prior, c_prior = None, 0.0, 0.0
     if settings.n_prior > 0:
-        prior, t_prior = run(None, settings.n_prior, key_prior, "prior")
+        prior, t_prior, c_prior = run(None, settings.n_prior, key_prior, "prior")
 
     scale = model.batch_info.scales
     summary: dict[str, Any] = {
@@ -425,10 +446,11 @@ def assimilate(
         "prior": observation_rmse(prior, oi, scale) if prior is not None else None,
         "seconds_analysis": t_analysis,
         "seconds_prior": t_prior,
+        "seconds_compile": c_analysis + c_prior,
     }
     provenance = {
         "method": settings.method,
-        "sigma_y": "observation table" if settings.sigma_y is None else _describe_sigma(settings.sigma_y),
+        "sigma_y": describe_sigma_y(settings.sigma_y),
         "guidance_scale": settings.guidance_scale,
         "steps": settings.steps,
         "seed": settings.seed,
@@ -455,15 +477,40 @@ def assimilate(
         prior=None if prior is None else np.asarray(prior),
         regrid_latlon=regrid,
     )
+    event("writing", path=str(out))
     write_dataset(ds, out, format=fmt, overwrite=overwrite)
+    event("written", path=str(out))
     summary["seconds_total"] = _time.perf_counter() - t_start
     return summary
 
 
-def _describe_sigma(sigma_y) -> str:
-    if isinstance(sigma_y, Mapping):
-        return ", ".join(f"{k}={float(v):g}" for k, v in sigma_y.items())
-    return f"{float(sigma_y):g}"
+# the name of the jitted ensemble program (jaxguide.ensemble): its compilation ends the
+# "compiling" stage
+_PROGRAM_NAME = "program"
+
+
+@contextlib.contextmanager
+def _compile_clock(on_program_compiled: Callable[[float], None] | None = None):
+    """Yields ``[seconds]``: JAX tracing + lowering + XLA compilation (or persistent-cache
+    loading) time spent inside the block, from ``jax.monitoring`` events (no host
+    callback, so the program stays cacheable). ``on_program_compiled(seconds)`` runs
+    when the ensemble program is compiled, before it executes."""
+    from jax._src import dispatch
+
+    events = {dispatch.JAXPR_TRACE_EVENT, dispatch.JAXPR_TO_MLIR_MODULE_EVENT, dispatch.BACKEND_COMPILE_EVENT}
+    total = [0.0]
+
+    def listener(name: str, duration: float, **kw) -> None:
+        if name in events:
+            total[0] += duration
+            if name == dispatch.BACKEND_COMPILE_EVENT and kw.get("fun_name") == _PROGRAM_NAME and on_program_compiled:
+                on_program_compiled(total[0])
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield total
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _model_sha256(model: CBottleModel) -> str:

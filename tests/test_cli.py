@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import one_line_error
 
-from jaxguide import healpix, io, metrics
+from jaxguide import healpix, io, metrics, schema
 from jaxguide.cli import app
 
 NSIDE = 8
@@ -28,7 +28,7 @@ def case(tmp_path):
     m = 6
     truth_norm = rng.normal(size=(1, 2, 1, NPIX)).astype(np.float32)
     ens = (truth_norm * 0 + rng.normal(size=(m, 2, 1, NPIX))).astype(np.float32)
-    ds = io.analysis_to_dataset(ens, channels=CHANNELS, center=CENTER, scale=SCALE, times=["2022-03-01T00"], provenance=PROV, prior=ens + 0.1)
+    ds = schema.analysis_to_dataset(ens, channels=CHANNELS, center=CENTER, scale=SCALE, times=["2022-03-01T00"], provenance=PROV, prior=ens + 0.1)
     path = io.write_dataset(ds, tmp_path / "analysis.nc")
     truth_phys = healpix.reorder(truth_norm[0, :, 0] * SCALE[:, None] + CENTER[:, None], "net", "nest")
     lon, lat = healpix.lonlat(NSIDE, "nest")

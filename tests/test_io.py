@@ -13,7 +13,7 @@ import pytest
 import xarray as xr
 
 from conftest import require_module
-from jaxguide import healpix, io
+from jaxguide import healpix, io, schema
 
 REPO = Path(__file__).resolve().parents[1]
 NSIDE = 4
@@ -42,12 +42,12 @@ def make_ensemble(m=3, seed=0):
 def make_ds(**kw):
     args = dict(channels=CHANNELS, center=CENTER, scale=SCALE, times=["2021-06-01T12:00"], provenance=PROV)
     args.update(kw)
-    return io.analysis_to_dataset(kw.pop("ensemble", make_ensemble()), **{k: v for k, v in args.items() if k != "ensemble"})
+    return schema.analysis_to_dataset(kw.pop("ensemble", make_ensemble()), **{k: v for k, v in args.items() if k != "ensemble"})
 
 
 def test_dataset_layout_units_and_nest_order():
     x = make_ensemble()
-    ds = io.analysis_to_dataset(x, channels=CHANNELS, center=CENTER, scale=SCALE, times=["2021-06-01T12:00"], provenance=PROV, prior=x[:2])
+    ds = schema.analysis_to_dataset(x, channels=CHANNELS, center=CENTER, scale=SCALE, times=["2021-06-01T12:00"], provenance=PROV, prior=x[:2])
     assert ds["T850"].dims == ("member", "time", "pixel") and ds["T850"].dtype == np.float32
     # physical units, NEST order: value at nest pixel p is the net value at the same location
     nest_to_net = healpix.permutation(NSIDE, "net", "nest")
@@ -60,7 +60,7 @@ def test_dataset_layout_units_and_nest_order():
     lon, lat = hp.pix2ang(NSIDE, np.arange(NPIX), nest=True, lonlat=True)
     np.testing.assert_allclose(ds["lat"].values, lat, atol=1e-9)
     np.testing.assert_allclose(ds["lon"].values, lon, atol=1e-9)
-    assert ds["T850"].attrs["standard_name"] == "air_temperature" and ds["T850"].attrs["level"] == 850
+    assert ds["T850"].attrs["standard_name"] == "air_temperature" and float(ds["plev850"]) == 85000.0
     assert ds["pres_msl"].attrs["units"] == "Pa" and ds["rlut"].attrs["units"] == "W m-2" and ds["tas"].attrs["units"] == "K"
     assert ds["crs"].attrs["grid_mapping_name"] == "healpix" and ds["crs"].attrs["refinement_level"] == 2
 
@@ -79,10 +79,10 @@ def test_roundtrip_and_cf_check(tmp_path, fmt, name):
     if fmt == "zarr":
         require_module("zarr")
     ds = make_ds()
-    assert io.check_cf(ds) == []
+    assert schema.check_cf(ds) == []
     path = io.write_dataset(ds, tmp_path / name, format=fmt)
     back = io.read_analysis(path)
-    assert io.check_cf(back) == []
+    assert schema.check_cf(back) == []
     np.testing.assert_array_equal(back["tas"].values, ds["tas"].values)
     assert back.attrs["method"] == "mmps" and int(back.attrs["n_obs"]) == 12
     assert back["crs"].attrs["healpix_order"] == "nest" and back["crs"].attrs["indexing_scheme"] == "nested"
@@ -112,16 +112,16 @@ def test_cf_check_finds_problems(tmp_path):
     del bad.attrs["model_sha256"]
     cases.append((bad, "model_sha256"))
     for ds, needle in cases:
-        problems = io.check_cf(ds)
+        problems = schema.check_cf(ds)
         assert any(needle in p for p in problems), (needle, problems)
     # a broken file read back from disk too
     bad = good.copy(deep=True)
     del bad["T850"].attrs["grid_mapping"]
     back = io.read_analysis(io.write_dataset(bad, tmp_path / "bad.nc"))
-    assert any("grid_mapping" in p for p in io.check_cf(back))
+    assert any("grid_mapping" in p for p in schema.check_cf(back))
     # unknown channel: no units known
     odd = make_ds(channels=["T850", "tas", "pres_msl", "mystery"])
-    assert any("mystery: no units" in p for p in io.check_cf(odd))
+    assert any("mystery: no units" in p for p in schema.check_cf(odd))
 
 
 def test_write_refuses_overwrite_and_bad_dirs(tmp_path):
@@ -244,4 +244,4 @@ def test_regridded_dataset(tmp_path):
     assert ds["tas"].dims == ("member", "time", "lat", "lon") and "crs" not in ds
     assert ds["tas_prior_mean"].dims == ("time", "lat", "lon")
     back = io.read_analysis(io.write_dataset(ds, tmp_path / "r.nc"))
-    assert io.check_cf(back) == []
+    assert schema.check_cf(back) == []

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from conftest import one_line_error
 
-from jaxguide import healpix, io
+from jaxguide import healpix, io, schema
 from jaxguide.cli import app
 
 TIME = "2020-01-20T00:00"
@@ -86,7 +86,7 @@ def test_replacement_end_to_end(case):
     assert "analysis (sampler steps)" in res.stdout and "2/2" in res.stdout  # progress bars ran to the end
 
     ds = io.read_analysis(out)
-    assert io.check_cf(ds) == []
+    assert schema.check_cf(ds) == []
     assert ds.attrs["method"] == "replacement" and ds.attrs["n_obs"] == N_OBS and ds.attrs["steps"] == 2
     meta = json.loads((case["model"] / "jaxguide.json").read_text())
     assert ds.attrs["model_sha256"] == meta["sources"][0]["sha256"]
