@@ -134,6 +134,10 @@ def _sigma_y(text: str | None):
     """``1.0`` (every observation) or ``T850=1.0,T500=0.8`` (per variable); None keeps the table's."""
     if text is None:
         return None
+    if ":" in text and "=" not in text:
+        fixed = text.replace(":", "=")
+        raise ValueError(f"--sigma-y: cannot read {text!r}; per variable it is VAR=VALUE, e.g. {fixed!r} "
+                         "(or one number for every observation, e.g. 1.0)")
     if "=" not in text:
         values = _floats(text, "--sigma-y")
         if len(values) != 1:
@@ -145,7 +149,7 @@ def _sigma_y(text: str | None):
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"--sigma-y: cannot read {part!r} (expected VAR=VALUE)") from None
+            raise ValueError(f"--sigma-y: cannot read {part!r}; expected VAR=VALUE, e.g. 'T850=1.0,T500=0.8'") from None
     return out
 
 
@@ -193,7 +197,7 @@ def _print_assimilation_summary(summary: dict) -> None:
 def assimilate(
     model: Path = typer.Option(..., "--model", help="converted model directory (jaxguide convert)"),
     obs: Path = typer.Option(..., "--obs", help="observation table: CSV/Parquet/NetCDF with time, lat, lon, variable, value, sigma (physical units)"),
-    time: str = typer.Option(..., "--time", help="analysis time, ISO 8601, UTC (e.g. 2020-01-20T00:00)"),
+    time: str = typer.Option(..., "--time", help="analysis time, ISO 8601 only: 2020-01-20T00:00 (UTC), 2020-01-20T00:00Z or with an offset, 2020-01-20T02:00+02:00"),
     out: Path = typer.Option(..., "--out", help="analysis file (.nc NetCDF4, or .zarr)"),
     sst: Path = typer.Option(None, "--sst", help="AMIP SST file (input4MIPs tosbcs NetCDF); required by SST-conditioned models"),
     method: str = typer.Option("mmps", help="mmps | sda | dps | pigdm | regression | replacement"),
@@ -208,6 +212,9 @@ def assimilate(
     drop_bad: bool = typer.Option(False, "--drop-bad", help="drop bad rows (outside the window, NaN, unknown variable, ...) instead of failing; counts are reported"),
     label: str = typer.Option("era5", help="dataset label of the conditional model (era5 | icon)"),
     interpolation: str = typer.Option("bilinear", help="observation operator: bilinear | nearest (pixel)"),
+    allow_implausible: bool = typer.Option(False, "--allow-implausible", help="assimilate values more than 8 "
+                                           "climatological standard deviations from the model's mean (normally an "
+                                           "error: a unit mistake such as degrees Celsius for K or hPa for Pa)"),
     bf16: bool = typer.Option(False, "--bf16", help="evaluate the network in bfloat16 (guidance stays float32)"),
     remat: bool = typer.Option(False, "--remat", help="recompute the network in the guidance VJPs (less memory)"),
     chunk_size: int = typer.Option(None, "--chunk-size", help="run members this many at a time (less memory)"),
@@ -228,7 +235,11 @@ def assimilate(
     from jaxguide import pipeline
     from jaxguide.io import check_writable_dir, write_json_atomic
 
+    from jaxguide.observations import parse_time
+
+    time = parse_time(time, "--time")
     settings = pipeline.AssimilationSettings(
+        check_plausibility=not allow_implausible,
         method=method,
         members=members,
         steps=steps,
@@ -301,6 +312,26 @@ def assimilate(
     if json_path is not None:
         write_json_atomic(json_path, summary)
         typer.echo(f"wrote {json_path}")
+
+
+@app.command("synthetic-sst")
+@handle_errors
+def synthetic_sst(
+    out: Path = typer.Argument(..., help="NetCDF file to write (e.g. tosbcs_synthetic.nc)"),
+    start: str = typer.Option(..., "--start", help="first analysis time to cover, ISO 8601 (e.g. 2020-01-01)"),
+    end: str = typer.Option(..., "--end", help="last analysis time to cover, ISO 8601 (e.g. 2020-12-31)"),
+    resolution: float = typer.Option(1.0, "--resolution", help="grid spacing in degrees"),
+    overwrite: bool = typer.Option(False, help="replace an existing file"),
+) -> None:
+    """Write a SYNTHETIC monthly SST file in the AMIP tosbcs layout (a smooth zonal
+    climatology, marked synthetic in its metadata) to try SST-conditioned models
+    without downloading the input4MIPs file. Not for real analyses."""
+    from jaxguide.sst import write_synthetic_sst
+
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{str(out)!r} exists (pass --overwrite to replace it)")
+    path = write_synthetic_sst(out, start, end, resolution_deg=resolution)
+    typer.echo(f"wrote {path} (synthetic SST, tosbcs layout; pass it as --sst)")
 
 
 @app.command()
@@ -538,6 +569,7 @@ def evaluate(
             prior = ds[prior_name].isel(time=0).values if prior_name in ds else None
             lon = assim[3]["lon"].to_numpy() if assim else None
             lat = assim[3]["lat"].to_numpy() if assim else None
+            held = samples.get("held_out", {}).get(var)
             plots.plot_maps(
                 plots_dir / f"{var}_maps.png",
                 ds[var].isel(time=0).transpose("member", "pixel").values,
@@ -545,8 +577,11 @@ def evaluate(
                 prior=prior,
                 obs_lon=lon,
                 obs_lat=lat,
+                held_out_lon=held[3]["lon"].to_numpy() if held else None,
+                held_out_lat=held[3]["lat"].to_numpy() if held else None,
                 name=var,
                 units=str(ds[var].attrs.get("units", "")),
+                valid_time=ds["time"].values[0],
             )
         for set_name, per_var in results.items():
             for var, s in per_var.items():

@@ -122,16 +122,27 @@ def read_amip_sst(path: str | os.PathLike, variable: str = "tosbcs") -> xr.Datas
     any CF calendar (standard, noleap, 360_day, ...) interpolates in its own calendar.
     Coordinates are renamed to ``time, lat, lon``; lon is sorted into increasing order.
     """
-    with xr.open_dataset(path, decode_times=False) as raw:
-        ds = raw.load()
+    path = os.fspath(path)
+    what = f"SST file (--sst) {path!r}"
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} is a directory; expected an AMIP tosbcs NetCDF file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such SST file (--sst): {path!r}")
+    try:
+        with xr.open_dataset(path, decode_times=False, engine="netcdf4") as raw:
+            ds = raw.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} is not a NetCDF file ({e}); expected the input4MIPs AMIP tosbcs NetCDF "
+                         "(see jaxguide.sst, or write a synthetic one with `jaxguide synthetic-sst`)") from None
     ds = ds.rename({k: v for k, v in {"latitude": "lat", "longitude": "lon"}.items() if k in ds.variables})
     if variable not in ds:
-        raise KeyError(f"{path}: no variable {variable!r}; found {list(ds.data_vars)}")
+        raise ValueError(f"{what} has no variable {variable!r} (found {list(ds.data_vars)}); expected the "
+                         "input4MIPs AMIP tosbcs NetCDF (see jaxguide.sst)")
     missing = [d for d in ("time", "lat", "lon") if d not in ds[variable].dims]
     if missing:
-        raise ValueError(f"{path}: {variable} lacks dimensions {missing} (has {ds[variable].dims})")
+        raise ValueError(f"{what}: {variable} lacks dimensions {missing} (has {ds[variable].dims})")
     if "units" not in ds["time"].attrs:
-        raise ValueError(f"{path}: time has no CF 'units' attribute")
+        raise ValueError(f"{what}: time has no CF 'units' attribute")
     ds["time"].attrs.setdefault("calendar", "standard")
     ds = ds[[variable]].transpose("time", "lat", "lon")
     ds = ds.assign_coords(lon=np.asarray(ds["lon"].values, np.float64) % 360.0).sortby("lon")

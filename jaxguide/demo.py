@@ -424,7 +424,7 @@ def _dataset(ens: np.ndarray, config: DemoConfig, provenance: dict, title: str, 
 
 
 def _plots(out: Path, config: DemoConfig, ens_mmps, prior_mean, truth, assim: pd.DataFrame,
-           results: dict[str, dict]) -> list[Path]:
+           results: dict[str, dict], held: pd.DataFrame | None = None) -> list[Path]:
     """MMPS maps per channel (mean, increment vs the exact prior mean, spread;
     assimilated observations marked), truth maps, and held-out rank histograms per method.
 
@@ -435,11 +435,14 @@ def _plots(out: Path, config: DemoConfig, ens_mmps, prior_mean, truth, assim: pd
     paths = []
     for i, c in enumerate(config.channels):
         rows = assim["variable"] == c
+        hrows = None if held is None else held["variable"] == c
         paths.append(plots.plot_maps(out / f"maps_mmps_{c}.png", mm[:, i], order="nest", prior=pm[i],
                                      obs_lon=assim.loc[rows, "lon"].to_numpy(), obs_lat=assim.loc[rows, "lat"].to_numpy(),
-                                     name=f"{c} MMPS", units="K"))
+                                     held_out_lon=None if held is None else held.loc[hrows, "lon"].to_numpy(),
+                                     held_out_lat=None if held is None else held.loc[hrows, "lat"].to_numpy(),
+                                     name=f"{c} MMPS", units="K", valid_time=config.time))
         paths.append(plots.plot_maps(out / f"truth_{c}.png", tt[i], order="nest", name=f"{c} truth", units="K",
-                                     figsize=(5.0, 4.0)))
+                                     figsize=(5.0, 4.0), valid_time=config.time))
     for method, r in results.items():
         paths.append(plots.plot_rank_histogram(out / f"rank_held_out_{method}.png", r["held_out"]["all"]["rank_histogram"],
                                                title=f"{method}: held-out observations (all channels)"))
@@ -549,7 +552,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
     }
     for name, (e, p, title, pr) in writes.items():
         io.write_dataset(_dataset(e, config, p, title, prior=pr), files[name], overwrite=True)
-    pngs = _plots(out, config, ens["mmps"], np.asarray(prior.mu), truth, assim, results)
+    pngs = _plots(out, config, ens["mmps"], np.asarray(prior.mu), truth, assim, results, held)
 
     summary = {
         "config": dataclasses.asdict(config),

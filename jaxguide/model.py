@@ -147,6 +147,14 @@ def load_model(directory: str | os.PathLike) -> CBottleModel:
     import orbax.checkpoint as ocp
 
     d = Path(directory)
+    if d.is_file():
+        import zipfile
+
+        if zipfile.is_zipfile(d):
+            raise ModelLoadError(
+                f"{str(d)!r} is a cBottle checkpoint (a zip file), not a converted model directory: convert it "
+                f"first with `jaxguide convert {d} --out MODEL_DIR` and pass --model MODEL_DIR")
+        raise ModelLoadError(f"{str(d)!r} is a file; --model takes a model directory written by `jaxguide convert`")
     if not d.is_dir():
         raise ModelLoadError(f"model directory {d} does not exist (convert a checkpoint with `jaxguide convert`)")
     meta_path = d / METADATA_FILE

@@ -41,7 +41,9 @@ from jaxguide.schema import analysis_to_dataset, describe_sigma_y
 from jaxguide.observations import (
     PointObservationOperator,
     build_operator,
+    check_plausible,
     normalise,
+    parse_time,
     read_observations,
     validate_observations,
 )
@@ -68,6 +70,8 @@ class AssimilationSettings:
       and the stored prior mean; 0 skips it.
     bf16: evaluate the network in bfloat16 (guidance algebra stays float32).
     remat: rematerialise the network in the guidance VJPs (less memory, more compute).
+    check_plausibility: refuse observations more than 8 climatological scales from the
+      model's center (a unit mistake; see ``observations.check_plausible``).
     """
 
     method: str = "mmps"
@@ -89,6 +93,7 @@ class AssimilationSettings:
     remat: bool = False
     chunk_size: int | None = None
     sst_offset: float = 0.0
+    check_plausibility: bool = True
 
     def check(self) -> None:
         if self.method not in guidance.METHODS:
@@ -177,6 +182,7 @@ def observation_inputs(
     drop_bad: bool = False,
     sigma_y=None,
     interpolation: str = "bilinear",
+    check_plausibility: bool = True,
 ) -> ObservationInputs:
     """Validate, normalise and locate a table for one analysis time (see module doc)."""
     info = model.batch_info
@@ -186,6 +192,8 @@ def observation_inputs(
     window = (t - pd.Timedelta(hours=window_hours), t + pd.Timedelta(hours=window_hours))
     clean, dropped = validate_observations(table, model.channels, time_window=window, drop_bad=drop_bad)
     clean = _override_sigma(clean, sigma_y)
+    if check_plausibility:
+        check_plausible(clean, model.channels, info.center, info.scales)
     norm = normalise(clean, model.channels, info.center, info.scales)
     A = build_operator(norm, model.channels, nside=NSIDE, method=interpolation)
     return ObservationInputs(
@@ -220,9 +228,7 @@ def conditioning_for(model: CBottleModel, analysis_time, *, sst_path=None, sst_o
                 "this model is conditioned on sea-surface temperature: pass --sst FILE "
                 "(an input4MIPs/AMIP 'tosbcs' NetCDF covering the analysis time)"
             )
-        sst_path = Path(sst_path)
-        if not sst_path.is_file():
-            raise FileNotFoundError(f"no such SST file: {str(sst_path)!r}")
+        sst_path = Path(sst_path)  # read_amip_sst names a missing file, a directory, a non-NetCDF file
         cond = sst_at(read_amip_sst(sst_path), analysis_time, nside=NSIDE, offset=sst_offset)
     elif sst_path is not None:
         logger.warning("the model has no condition channel; ignoring the SST file %s", sst_path)
@@ -267,9 +273,9 @@ def guided_denoiser_fn(
 
 
 def utc_naive(t) -> pd.Timestamp:
-    """A timestamp in UTC without timezone (naive input is taken as UTC)."""
-    t = pd.Timestamp(t)
-    return t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t
+    """A timestamp in UTC without timezone (naive input is taken as UTC); text must be
+    ISO 8601 (``observations.parse_time``)."""
+    return parse_time(t, "analysis time")
 
 
 def denoiser_calls(settings: AssimilationSettings) -> int:
@@ -303,6 +309,10 @@ def _check_output(out: Path, overwrite: bool) -> None:
     """Fail before the expensive work if the output cannot be written."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {str(out)!r} exists (pass --overwrite to replace it)")
+    if output_format(out) == "netcdf" and out.is_dir():
+        raise IsADirectoryError(f"output {str(out)!r} is a directory; the analysis is a file (e.g. analysis.nc)")
+    if output_format(out) == "zarr" and out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output {str(out)!r} is a file; a .zarr analysis is a directory")
     check_writable_dir(out.parent)
 
 
@@ -353,6 +363,7 @@ def assimilate(
     """
     t_start = _time.perf_counter()
     settings.check()
+    time = utc_naive(time)
     out = Path(out)
     fmt = output_format(out)
     _check_output(out, overwrite)
@@ -374,6 +385,7 @@ def assimilate(
         drop_bad=settings.drop_bad,
         sigma_y=settings.sigma_y,
         interpolation=settings.interpolation,
+        check_plausibility=settings.check_plausibility,
     )
     event("observations", n_obs=int(oi.y.shape[0]), dropped=dict(oi.dropped))
     cond = conditioning_for(model, time, sst_path=sst, sst_offset=settings.sst_offset)
