@@ -234,9 +234,9 @@ def read_observations(path: str | os.PathLike) -> pd.DataFrame:
     :class:`MissingColumnsError`; the rows are checked by :func:`validate_observations`.
     """
     path = Path(path)
-    fmt = _format(path)
     if path.is_dir():
-        raise IsADirectoryError(f"observation file {str(path)!r} is a directory; expected a {fmt} file")
+        raise IsADirectoryError(f"observation file {str(path)!r} is a directory; expected a .csv, .parquet or .nc file")
+    fmt = _format(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such observation file: {str(path)!r}")
     if fmt == "csv":

@@ -515,7 +515,9 @@ def _compile_clock(on_program_compiled: Callable[[float], None] | None = None):
     def listener(name: str, duration: float, **kw) -> None:
         if name in events:
             total[0] += duration
-            if name == dispatch.BACKEND_COMPILE_EVENT and kw.get("fun_name") == _PROGRAM_NAME and on_program_compiled:
+            fun = kw.get("fun_name")
+            if name == dispatch.BACKEND_COMPILE_EVENT and fun in (_PROGRAM_NAME, f"jit({_PROGRAM_NAME})") \
+                    and on_program_compiled:
                 on_program_compiled(total[0])
 
     jax.monitoring.register_event_duration_secs_listener(listener)

@@ -78,9 +78,12 @@ def rel_errors(got, ref):
 
 
 def one_line_error(res) -> str:
-    """The CLI's answer to bad input: exit status 2, one ``error: ...`` line, no traceback."""
+    """The CLI's answer to bad input: exit status 2, one ``error: ...`` line, the last on
+    stderr (after the progress messages of the stages that ran), no traceback."""
     assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    text = res.stderr.strip()
+    assert text.count("error: ") == 1, res.stderr
+    error = text[text.index("error: "):]
+    assert "\n" not in error.strip() or all(not line.strip() for line in error.splitlines()[1:]), res.stderr
     assert "Traceback" not in res.output
-    return lines[0]
+    return " ".join(error.split())

@@ -245,3 +245,56 @@ def test_regridded_dataset(tmp_path):
     assert ds["tas_prior_mean"].dims == ("time", "lat", "lon")
     back = io.read_analysis(io.write_dataset(ds, tmp_path / "r.nc"))
     assert schema.check_cf(back) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_keep_umask_permissions(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")  # what a normal write gives
+        want = os.stat(plain).st_mode & 0o777
+        assert want == 0o666 & ~umask
+        nc = io.write_dataset(make_ds(), tmp_path / "a.nc")
+        js = io.write_json_atomic(tmp_path / "a.json", {"a": 1})
+        png = io.atomic_write(tmp_path / "a.bin", lambda p: p.write_bytes(b"1"))
+        for p in (nc, js, png):
+            assert os.stat(p).st_mode & 0o777 == want, (p, oct(os.stat(p).st_mode & 0o777))
+        try:
+            import zarr  # noqa: F401
+        except ImportError:
+            return
+        z = io.write_dataset(make_ds(), tmp_path / "a.zarr", format="zarr")
+        assert os.stat(z).st_mode & 0o777 == 0o777 & ~umask
+        inner = [p for p in z.rglob("*") if p.is_file()]
+        assert inner and all(os.stat(p).st_mode & 0o777 == want for p in inner)
+    finally:
+        os.umask(old)
+
+
+def test_netcdf_is_compressed_and_coordinates_have_no_fill_value(tmp_path):
+    import netCDF4
+
+    path = io.write_dataset(make_ds(prior=make_ensemble(2, seed=1)), tmp_path / "a.nc")
+    with netCDF4.Dataset(path) as nc:
+        for name in ("T850", "tas", "T850_prior_mean"):
+            assert nc[name].filters()["zlib"] and nc[name].filters()["shuffle"], name
+        for name in ("member", "time", "pixel", "lat", "lon", "plev850", "height2m", "crs"):
+            assert "_FillValue" not in nc[name].ncattrs(), name
+
+
+def test_file_and_directory_mixups_are_named(tmp_path):
+    ds = make_ds()
+    (tmp_path / "dir.nc").mkdir()
+    with pytest.raises(IsADirectoryError, match="dir.nc.*is a directory"):
+        io.write_dataset(ds, tmp_path / "dir.nc", overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        io.write_dataset(ds, tmp_path / "file" / "a.nc")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        io.check_writable_dir(tmp_path / "file")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        io.write_json_atomic(tmp_path / "dir.nc", {})
+    (tmp_path / "text.nc").write_text("not netcdf")
+    with pytest.raises(ValueError, match="text.nc.*not a readable NetCDF"):
+        io.read_analysis(tmp_path / "text.nc")
