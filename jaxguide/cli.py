@@ -304,7 +304,7 @@ def assimilate(
             overwrite=overwrite,
             command=" ".join(shlex.quote(a) for a in ["jaxguide", *sys.argv[1:]]),
             # per-call progress needs a host callback, which keeps the program out of the cache
-            progress=progress if no_cache else None,
+            progress=progress if cache_dir is None else None,
             on_event=on_event,
         )
     _print_assimilation_summary(summary)

@@ -14,6 +14,8 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# the CLI's persistent compilation cache stays off in tests (no writes to ~/.cache)
+os.environ.setdefault("JAXGUIDE_NO_CACHE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("JAXGUIDE_FIXTURES", REPO.parent / "shared" / "fixtures"))

@@ -107,3 +107,30 @@ def test_help_lists_commands():
     assert res.exit_code == 0
     for cmd in ("convert", "assimilate", "evaluate", "demo"):
         assert cmd in res.stdout
+
+
+def test_compile_cache_location_and_switches(tmp_path, monkeypatch):
+    import jax
+
+    from jaxguide import cli
+
+    before = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    try:
+        monkeypatch.delenv("JAXGUIDE_CACHE_DIR", raising=False)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert cli.compile_cache_dir() == tmp_path / "xdg" / "jaxguide" / "xla"
+        monkeypatch.setenv("JAXGUIDE_NO_CACHE", "1")
+        assert cli.enable_compile_cache(True) is None and jax.config.jax_compilation_cache_dir == before["jax_compilation_cache_dir"]
+        monkeypatch.setenv("JAXGUIDE_NO_CACHE", "0")
+        assert cli.enable_compile_cache(False) is None  # --no-cache
+        path = cli.enable_compile_cache(True)
+        assert path == tmp_path / "xdg" / "jaxguide" / "xla" and path.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(path)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs <= 1.0
+        monkeypatch.setenv("JAXGUIDE_CACHE_DIR", str(tmp_path / "elsewhere"))
+        assert cli.compile_cache_dir() == tmp_path / "elsewhere"
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+    res = CliRunner().invoke(app, ["assimilate", "--help"])
+    assert "--no-cache" in res.output

@@ -83,7 +83,15 @@ def test_replacement_end_to_end(case):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "analysis RMSE" in res.stdout
-    assert "analysis (sampler steps)" in res.stdout and "2/2" in res.stdout  # progress bars ran to the end
+    # what it is doing, in order, from the first second: loading, validating, compiling, sampling, writing
+    err = " ".join(res.stderr.split())
+    marks = ["reading", f"validated {N_OBS} observations", "analysis: compiling the sampler for 2 members",
+             "analysis: compiled in", "prior: compiling the sampler for 1 members", "prior: compiled in", "writing"]
+    at = [err.find(m) for m in marks]
+    assert all(i >= 0 for i in at) and at == sorted(at), (at, err)
+    assert "compilation cache off" in err  # the tests run without the cache: the bar counts denoiser calls
+    assert "analysis: done" in err and "3/3" in err  # 2 steps = 3 denoiser calls
+    assert "time: total" in res.stdout and "compile" in res.stdout
 
     ds = io.read_analysis(out)
     assert schema.check_cf(ds) == []
@@ -102,6 +110,7 @@ def test_replacement_end_to_end(case):
 
     summary = json.loads((tmp / "s.json").read_text())
     assert summary["n_obs"] == N_OBS and summary["prior_members"] == 1
+    assert 0 < summary["seconds_compile"] < summary["seconds_analysis"] + summary["seconds_prior"]
     assert all(v["rmse"] < 2e-3 for v in summary["analysis"].values())
     assert all(v["rmse"] > 1.0 for v in summary["prior"].values())
 
