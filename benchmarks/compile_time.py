@@ -139,8 +139,8 @@ def main(argv=None) -> dict:
         stats["network_copies"] = round(stats["convolutions"] / max(unit["convolutions"], 1), 2)
         result["variants"][name] = stats
         print(f"{name:16s} {stats}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        if args.json:  # after every variant: a long run that is stopped keeps what it measured
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -1,11 +1,14 @@
-"""Command line: ``jaxguide convert | assimilate | evaluate | demo``.
+"""Command line: ``jaxguide convert | assimilate | era5-obs | evaluate | demo``.
 
-Each command is a thin layer over the library (``convert.convert_checkpoints``,
-``jaxguide.pipeline.assimilate``, ``jaxguide.metrics``, ``jaxguide.demo``): parse
-options, show progress, print a table.
+Each command is a thin layer over the library (``jaxguide.convert.convert_checkpoints``,
+``jaxguide.pipeline.assimilate``, ``jaxguide.era5``, ``jaxguide.metrics``,
+``jaxguide.demo``): parse options, show progress, print a table.
 
-Expected failures (missing or malformed files, unwritable outputs) end with one line
-``error: ...`` on stderr and exit status 2, never a traceback.
+Expected failures (missing or malformed files, unwritable outputs) and command-line
+usage errors (a value that does not parse, a missing or unknown option) end with one
+line ``error: ...`` on stderr and exit status 2, never a traceback or usage panel; an
+error about a file names the option that gave it. Inputs are checked before any
+output is created.
 """
 
 from __future__ import annotations
@@ -16,8 +19,61 @@ from typing import Any
 
 import numpy as np
 import typer
+from typer._click import exceptions as click_errors  # typer==0.29 vendors click; its usage errors
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Score-based data assimilation with cBottle in JAX.")
+
+def _usage_error_line(e: click_errors.UsageError) -> str:
+    """One line for a command-line parsing error: the option, what was wrong, the expected form."""
+    param = getattr(e, "param", None)
+    if isinstance(e, click_errors.BadParameter) and param is not None:
+        if param.param_type_name == "argument":
+            opt = str(getattr(param, "display_name_raw", None) or param.name or "argument").upper()
+        else:
+            opt = "/".join(getattr(param, "opts", None) or [param.name or "?"])
+        try:
+            form = f"{opt} {param.display_type(e.ctx)}" if not getattr(param, "is_flag", False) else opt
+        except Exception:  # the form is a courtesy: never let it hide the error
+            form = opt
+        help_text = " ".join(str(getattr(param, "help", "") or "").split())
+        expected = f"{form}: {help_text}" if help_text else form
+        if isinstance(e, click_errors.MissingParameter):
+            return f"missing {param.param_type_name} {opt} (expected {expected})"
+        return f"invalid value for {opt}: {' '.join(str(e.message).split())} (expected {expected})"
+    return " ".join(e.format_message().split())
+
+
+class _OneLineErrors(TyperGroup):
+    """Typer's group with click's usage errors (a value that does not parse, a missing
+    or unknown option) as ONE ``error: ...`` line on stderr and exit status 2, like
+    every other expected failure of the CLI (typer would print a boxed usage panel)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        import sys
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as e:  # bare ``jaxguide``: the help, as before
+            typer.echo(e.format_message(), err=True)
+            sys.exit(2)
+        except click_errors.UsageError as e:
+            prefix = f"{e.ctx.command_path}: " if e.ctx is not None and e.ctx.command_path else ""
+            typer.echo(f"error: {prefix}{_usage_error_line(e)}", err=True)
+            sys.exit(2)
+        except click_errors.ClickException as e:
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors, add_completion=False, no_args_is_help=True, help="Score-based data assimilation with cBottle in JAX."
+)
 
 EXPECTED_ERRORS = (FileNotFoundError, ValueError, KeyError, OSError, FloatingPointError)
 
@@ -29,22 +85,59 @@ def _fail(message: str) -> None:
 
 def _message(e: BaseException) -> str:
     if isinstance(e, KeyError):
-        return f"missing key {e.args[0]!r}" if e.args else "missing key"
+        key = e.args[0] if e.args else None
+        if isinstance(key, str) and " " in key.strip():  # a sentence raised as KeyError: say it as it is
+            return " ".join(key.split())
+        return f"missing key {key!r}" if e.args else "missing key"
     if isinstance(e, OSError) and e.filename and e.strerror:
         return f"{e.strerror}: {e.filename}"
     text = " ".join(str(e).split())
     return text or type(e).__name__
 
 
+def _file_options(fn, kwargs: dict[str, Any]) -> dict[str, str]:
+    """``{path given: option that gave it}`` for the command's path-valued parameters."""
+    import inspect
+
+    out: dict[str, str] = {}
+    params = inspect.signature(fn).parameters
+    for name, value in kwargs.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        info = params[name].default if name in params else None
+        decls = [d for d in getattr(info, "param_decls", None) or () if d.startswith("--")]
+        if isinstance(info, typer.models.ArgumentInfo):
+            opt = name.upper()
+        else:
+            opt = decls[0] if decls else "--" + name.replace("_", "-")
+        for v in values:
+            if isinstance(v, Path) and str(v):
+                out[str(v)] = opt
+    return out
+
+
+def _name_option(text: str, e: BaseException, files: dict[str, str]) -> str:
+    """Prefix ``--opt: `` when the message is about a file given by an option it does not name."""
+    import re
+
+    named = str(getattr(e, "filename", "") or "")
+    for path in sorted(files, key=len, reverse=True):
+        if path in text or path == named:
+            opt = files[path]
+            said = text.startswith(f"{opt}:") or re.search(re.escape(opt) + r"[: ]+'?" + re.escape(path), text)
+            return text if said else f"{opt}: {text}"
+    return text
+
+
 def handle_errors(fn):
-    """Turn expected error classes into one ``error: ...`` line and exit status 2."""
+    """Turn expected error classes into one ``error: ...`` line and exit status 2; an
+    error about a file given on the command line also names the option that gave it."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except EXPECTED_ERRORS as e:
-            _fail(_message(e))
+            _fail(_name_option(_message(e), e, _file_options(fn, kwargs)))
 
     return wrapper
 
@@ -108,7 +201,7 @@ def convert(
 ) -> None:
     """Convert a cBottle PyTorch checkpoint (or the experts of a mixture) to jaxguide parameters."""
     try:
-        from convert import convert_checkpoints
+        from jaxguide.convert import convert_checkpoints
     except ImportError as e:
         raise ValueError(f"the converter needs PyTorch: pip install 'jaxguide[convert]' ({e})") from None
     for ck in checkpoints:
@@ -405,6 +498,82 @@ def _print_demo_summary(summary: dict[str, Any], seconds: float) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# era5-obs
+
+
+@app.command("era5-obs")
+@handle_errors
+def era5_obs(
+    era5: list[Path] = typer.Argument(..., help="ERA5 temperature on pressure levels: NetCDF (CDS or cfgrib), GRIB (needs the 'grib' extra) or a CDS zip; several files are combined"),
+    out: Path = typer.Option(..., "--out", help="observation table to write (.csv, .parquet or .nc)"),
+    count: int = typer.Option(None, "--count", help="number of locations drawn with --strategy (or give --points)"),
+    points: Path = typer.Option(None, "--points", help="CSV of locations with columns lat, lon (degrees), instead of --count"),
+    strategy: str = typer.Option("random", help="random | uniform (jaxguide.strategies)"),
+    levels: str = typer.Option("850,500,300", help="pressure levels in hPa, comma separated (variables T850, ...)"),
+    times: list[str] = typer.Option(None, "--time", help="valid time, ISO 8601 UTC; repeat for several (default: every time in the file)"),
+    member: int = typer.Option(None, "--member", help="ensemble member: a value of the file's 'number' dimension (required for ensemble files)"),
+    sigma: float = typer.Option(1.0, "--sigma", help="observation error std in K (the sigma column)"),
+    noise: bool = typer.Option(False, "--noise", help="add Gaussian noise of std --sigma to the values"),
+    seed: int = typer.Option(0, help="random seed (locations and noise)"),
+    overwrite: bool = typer.Option(False, help="replace an existing output"),
+) -> None:
+    """Point observations of ERA5 temperature (T850, T500, ...) as an observation table."""
+    import pandas as pd
+
+    from jaxguide.era5 import era5_to_observations, read_era5_temperature
+    from jaxguide.io import check_writable_dir
+    from jaxguide.observations import table_format, write_observations
+
+    # every input is checked before the ERA5 file is read or anything is written
+    table_format(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} exists (pass --overwrite to replace it)")
+    check_writable_dir(out.parent)
+    if (count is None) == (points is None):
+        raise ValueError("give exactly one of --count N (with --strategy) or --points CSV")
+    if count is not None and count < 1:
+        raise ValueError(f"--count must be a positive integer, got {count}")
+    if count is not None and strategy not in ("random", "uniform"):
+        raise ValueError(f"--strategy must be random or uniform, got {strategy!r}")
+    if not sigma > 0:
+        raise ValueError(f"--sigma must be > 0 (K), got {sigma}")
+    try:
+        level_list = [int(v) for v in levels.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"--levels must be comma-separated integers in hPa (e.g. 850,500,300), got {levels!r}") from None
+    if not level_list:
+        raise ValueError("--levels is empty (expected e.g. 850,500,300)")
+    for t in times or ():
+        try:
+            pd.Timestamp(t)
+        except ValueError:
+            raise ValueError(f"--time {t!r} is not an ISO 8601 time (expected e.g. 2020-01-20T00:00)") from None
+    where = {}
+    if points is not None:
+        if not points.is_file():
+            raise FileNotFoundError(f"no such points file: {str(points)!r}")
+        try:
+            pts = pd.read_csv(points)
+        except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise ValueError(f"points file {str(points)!r} is not a readable CSV ({type(e).__name__})") from None
+        if not {"lat", "lon"} <= set(pts.columns):
+            raise ValueError(f"points file {str(points)!r} needs columns lat, lon (has {list(pts.columns)})")
+        where["points"] = pts
+    else:
+        where.update(strategy=strategy, count=count)
+
+    ds = read_era5_temperature(era5, member=member)
+    try:
+        table = era5_to_observations(ds, level_list, **where, rng=np.random.default_rng(seed), sigma=sigma,
+                                     times=times or None, noise=noise)
+    except ValueError as e:  # name the option behind the library's complaint
+        opt = {"times": "--time", "levels": "--levels"}.get(str(e).split(" ", 1)[0])
+        raise ValueError(f"{opt}: {e}" if opt else str(e)) from None
+    write_observations(table, out)
+    typer.echo(f"wrote {len(table)} observations to {out}")
+
+
+# --------------------------------------------------------------------------------------
 # evaluate
 
 
@@ -523,16 +692,13 @@ def evaluate(
     from jaxguide.io import check_writable_dir, read_analysis, write_json_atomic
     from jaxguide.schema import PRIOR_SUFFIX
 
-    # check the outputs before the work
+    # check the outputs before the work, but create nothing until the inputs are read
     if json_path is not None:
         check_writable_dir(Path(json_path).parent)
     if plots_dir is not None:
-        if not plots_dir.is_dir():
-            if not plots_dir.parent.is_dir():
-                raise FileNotFoundError(f"output directory {str(plots_dir.parent)!r} does not exist")
-            check_writable_dir(plots_dir.parent)
-            plots_dir.mkdir()
-        check_writable_dir(plots_dir)
+        if plots_dir.exists() and not plots_dir.is_dir():
+            raise FileExistsError(f"--plots {str(plots_dir)!r} exists and is not a directory")
+        check_writable_dir(plots_dir if plots_dir.is_dir() else plots_dir.parent)
 
     ds = read_analysis(analysis)
     sets = {"assimilated": read_observations(obs)}
@@ -563,6 +729,7 @@ def evaluate(
     if plots_dir is not None:
         from jaxguide import plots
 
+        plots_dir.mkdir(exist_ok=True)
         for var in sorted({v for per in samples.values() for v in per}):
             assim = samples["assimilated"].get(var)
             prior_name = var + PRIOR_SUFFIX

@@ -123,11 +123,11 @@ def read_amip_sst(path: str | os.PathLike, variable: str = "tosbcs") -> xr.Datas
     Coordinates are renamed to ``time, lat, lon``; lon is sorted into increasing order.
     """
     path = os.fspath(path)
-    what = f"SST file (--sst) {path!r}"
+    what = f"SST file {path!r}"
     if os.path.isdir(path):
         raise IsADirectoryError(f"{what} is a directory; expected an AMIP tosbcs NetCDF file")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no such SST file (--sst): {path!r}")
+        raise FileNotFoundError(f"no such SST file: {path!r}")
     try:
         with xr.open_dataset(path, decode_times=False, engine="netcdf4") as raw:
             ds = raw.load()

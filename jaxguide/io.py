@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -164,6 +165,88 @@ def _remove(path: Path) -> None:
             pass
 
 
+# Hidden temporaries beside a target are named ``.{target}.{host}-{pid}.{random}.tmp``
+# (and ``.{target}.{host}-{pid}.old`` for a zarr store moved aside), so that the next
+# write of the same target can tell a crashed writer's leftovers (same host, process
+# gone) from a writer that is still running (kept). Leftovers of jaxguide versions
+# before this naming (``.{target}.{random}.tmp``) are removed once an hour old.
+_LEGACY_STALE_SECONDS = 3600.0
+
+
+def _writer_tag() -> str:
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: never guess
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists but not ours, or cannot tell: keep its files
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the hidden temporaries of ``path`` left by writers that died (killed,
+    crashed) on this host; returns what was removed. Temporaries of live processes and
+    of other hosts (a shared filesystem) are kept."""
+    import time
+
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    name = re.escape(path.name)
+    tagged = re.compile(rf"^\.{name}\.([A-Za-z0-9_]+)-(\d+)\.(?:[a-z0-9_]{{8}}\.tmp|old)$")
+    legacy = re.compile(rf"^\.{name}\.(?:[a-z0-9_]{{8}}\.tmp|old-\d+)$")
+    host = _writer_tag().rsplit("-", 1)[0]
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = tagged.match(entry.name)
+        if m:
+            stale = m.group(1) == host and not _pid_alive(int(m.group(2)))
+        elif legacy.match(entry.name):
+            try:
+                stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > _LEGACY_STALE_SECONDS
+            except OSError:
+                stale = False
+        else:
+            continue
+        if stale:
+            _remove(Path(entry.path))
+            removed.append(Path(entry.path))
+    if removed:
+        logger.warning("removed %d temporary file(s) of %s left by an interrupted earlier run: %s",
+                       len(removed), path, [p.name for p in removed])
+    return removed
+
+
+def temp_beside(path: str | os.PathLike, *, directory: bool) -> Path:
+    """A new hidden temporary (file or directory) beside ``path``, after removing the
+    stale ones of crashed earlier writers of the same target. The caller renames it
+    onto ``path`` or removes it."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    remove_stale_temporaries(path)
+    prefix = f".{path.name}.{_writer_tag()}."
+    try:
+        if directory:
+            return Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from None
+    os.close(fd)
+    return Path(tmp)
+
+
 def _require_zarr() -> None:
     try:
         import zarr  # noqa: F401
@@ -203,7 +286,8 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "
     file, or a parent that is a file), FileNotFoundError (no such directory),
     PermissionError (directory not writable), ValueError (bad format).
     Overwriting a zarr directory moves the old one aside first (a crash in that short
-    window leaves no destination rather than a partial one).
+    window leaves no destination rather than a partial one). Temporaries left by a
+    killed earlier write of the same ``path`` are removed (:func:`remove_stale_temporaries`).
     """
     if format not in ("netcdf", "zarr"):
         raise ValueError(f"unknown format {format!r}; expected 'netcdf' or 'zarr'")
@@ -219,10 +303,7 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "
         raise IsADirectoryError(f"{str(path)!r} is a directory; a NetCDF analysis is a file (e.g. analysis.nc)")
     if format == "zarr" and path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{str(path)!r} is a file; a zarr store is a directory")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from e
+    tmp = temp_beside(path, directory=True)
     target = tmp / path.name
     try:
         if format == "netcdf":
@@ -233,7 +314,7 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "
             ds.to_zarr(target, mode="w", consolidated=False)
         _chmod_tree(target)
         if format == "zarr" and path.exists():
-            old = parent / f".{path.name}.old-{os.getpid()}"
+            old = parent / f".{path.name}.{_writer_tag()}.old"
             os.replace(path, old)
             os.replace(target, path)
             _remove(old)
@@ -289,7 +370,9 @@ def check_writable_dir(directory: str | os.PathLike) -> Path:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a hidden temporary file beside ``path``, then rename it to
     ``path``: the destination is either absent, the old file, or complete. The file
-    gets the permissions of a plain write (``0o666`` minus the umask).
+    gets the permissions of a plain write (``0o666`` minus the umask). Temporaries
+    that killed earlier writes of ``path`` left behind are removed first
+    (:func:`remove_stale_temporaries`).
 
     Raises FileNotFoundError (no such directory), IsADirectoryError (``path`` is a
     directory), PermissionError (not writable).
@@ -298,13 +381,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     parent = _output_parent(path)
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; expected a file name")
+    tmp = temp_beside(path, directory=False)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from None
-    os.close(fd)
-    try:
-        write(Path(tmp))
+        write(tmp)
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     finally:

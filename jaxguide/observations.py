@@ -87,6 +87,13 @@ class BadObservationsError(ObservationError):
     """Rows with NaN, out-of-range or duplicate entries (see ``counts``)."""
 
 
+class ObservationFileError(ObservationError):
+    """A file that cannot be read as a table of its format (binary data as CSV, ...)."""
+
+
+_FORMAT_NAMES = {"csv": "CSV (UTF-8 text)", "parquet": "Parquet", "netcdf": "NetCDF"}
+
+
 class TimeFormatError(ObservationError):
     """A time that is not ISO 8601 text (``2020-01-20T00:00``, optionally ``Z`` or ``+HH:MM``)."""
 
@@ -201,6 +208,11 @@ def _format(path: Path) -> str:
     raise ValueError(f"unknown observation file type {suffix!r} ({path}); use .csv, .parquet or .nc")
 
 
+def table_format(path: str | os.PathLike) -> str:
+    """``"csv"``, ``"parquet"`` or ``"netcdf"`` by suffix; ValueError for anything else."""
+    return _format(Path(path))
+
+
 def write_observations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a table as CSV, Parquet or NetCDF (by suffix), atomically (temp + rename).
 
@@ -230,7 +242,8 @@ def write_observations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 def read_observations(path: str | os.PathLike) -> pd.DataFrame:
     """Read a table written by :func:`write_observations` (or by hand, same columns).
 
-    Raises FileNotFoundError, :class:`EmptyTableError` (an empty file) and
+    Raises FileNotFoundError, :class:`EmptyTableError` (an empty file),
+    :class:`ObservationFileError` (not readable as its format) and
     :class:`MissingColumnsError`; the rows are checked by :func:`validate_observations`.
     """
     path = Path(path)
@@ -239,18 +252,28 @@ def read_observations(path: str | os.PathLike) -> pd.DataFrame:
     fmt = _format(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such observation file: {str(path)!r}")
-    if fmt == "csv":
-        try:
-            table = pd.read_csv(path, dtype={"variable": str})
-        except pd.errors.EmptyDataError:
-            raise EmptyTableError(f"observation file {str(path)!r} is empty") from None
-    elif fmt == "parquet":
-        table = pd.read_parquet(path)
-    else:
-        import xarray as xr
+    try:
+        if fmt == "csv":
+            try:
+                table = pd.read_csv(path, dtype={"variable": str})
+            except pd.errors.EmptyDataError:
+                raise EmptyTableError(f"observation file {str(path)!r} is empty") from None
+        elif fmt == "parquet":
+            table = pd.read_parquet(path)
+        else:
+            import xarray as xr
 
-        with xr.open_dataset(path, engine="netcdf4") as ds:
-            table = ds.load().to_dataframe().reset_index(drop=True)
+            with xr.open_dataset(path, engine="netcdf4") as ds:
+                table = ds.load().to_dataframe().reset_index(drop=True)
+    except ObservationError:
+        raise
+    except (UnicodeDecodeError, pd.errors.ParserError, OSError, ValueError) as e:
+        # a binary file named .csv, a truncated Parquet, a text file named .nc, ...
+        reason = e.reason if isinstance(e, UnicodeDecodeError) else " ".join(str(e).split())
+        raise ObservationFileError(
+            f"observation file {str(path)!r} is not a readable {_FORMAT_NAMES[fmt]} table ({type(e).__name__}: "
+            f"{reason[:200]})"
+        ) from None
     return _coerce(table)
 
 

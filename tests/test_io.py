@@ -203,6 +203,13 @@ def test_killed_writer_leaves_no_destination(tmp_path):
         proc.wait()
     assert not dest.exists()
     assert not any(p.name == "a.nc" for p in dest.parent.rglob("*") if p.parent == dest.parent)
+    # the killed writer's hidden temporary is removed by the next write of the same target
+    left = [p.name for p in dest.parent.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".a.nc.") and f"-{proc.pid}." in left[0]
+    (dest.parent / "b.nc").write_text("another target, untouched")
+    io.write_dataset(make_ds(), dest)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["a.nc", "b.nc"]
+    io.read_analysis(dest)
 
 
 def test_regrid_nearest_and_bilinear():
@@ -298,3 +305,26 @@ def test_file_and_directory_mixups_are_named(tmp_path):
     (tmp_path / "text.nc").write_text("not netcdf")
     with pytest.raises(ValueError, match="text.nc.*not a readable NetCDF"):
         io.read_analysis(tmp_path / "text.nc")
+
+
+def test_stale_temporary_rules(tmp_path):
+    """Only temporaries of dead writers on this host (or legacy ones over an hour old) go."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    host = io._writer_tag().rsplit("-", 1)[0]
+    names = {
+        f".m.json.{host}-{dead_pid}.abcd1234.tmp": False,  # dead writer, this host: removed
+        f".m.json.{host}-{dead_pid}.old": False,
+        f".m.json.{host}-{os.getpid()}.abcd1234.tmp": True,  # a live writer (this process): kept
+        f".m.json.otherhost-{dead_pid}.abcd1234.tmp": True,  # another machine on a shared disk: kept
+        ".m.json.q1w2e3r4.tmp": False,  # legacy name, two hours old: removed
+        ".m.json.zzzzzzzz.tmp": True,  # legacy name, fresh: kept (maybe an old version still writing)
+        f".m.json.x.{host}-{dead_pid}.abcd1234.tmp": True,  # the temporary of target "m.json.x": kept
+        "m.json.bak": True,
+    }
+    for n in names:
+        (tmp_path / n).write_text("x")
+    old = time.time() - 7200
+    os.utime(tmp_path / ".m.json.q1w2e3r4.tmp", (old, old))
+    io.write_json_atomic(tmp_path / "m.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.json", *(n for n, keep in names.items() if keep)])
