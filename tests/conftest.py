@@ -83,9 +83,8 @@ def one_line_error(res) -> str:
     """The CLI's answer to bad input: exit status 2, one ``error: ...`` line, the last on
     stderr (after the progress messages of the stages that ran), no traceback."""
     assert res.exit_code == 2, res.output
-    text = res.stderr.strip()
-    assert text.count("error: ") == 1, res.stderr
-    error = text[text.index("error: "):]
-    assert "\n" not in error.strip() or all(not line.strip() for line in error.splitlines()[1:]), res.stderr
+    lines = res.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
     assert "Traceback" not in res.output
-    return " ".join(error.split())
+    return errors[0]
