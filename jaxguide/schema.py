@@ -7,9 +7,10 @@ version that defines the HEALPix grid mapping):
 - dims ``(member, time, pixel)``; one float32 data variable per channel in PHYSICAL
   units (``x * scale + center``) and HEALPix NEST pixel order;
 - ``member``: ``standard_name = "realization"`` (the ensemble axis);
-- ``pixel``: the HEALPix cell index (``standard_name = "healpix_index"``), carrying the
-  xdggs cell-id attributes ``grid_name = "healpix"``, ``level`` (log2 nside) and
-  ``indexing_scheme = "nested"``, so ``xdggs.decode(ds, name="pixel")`` works;
+- ``pixel``: the HEALPix cell index (``standard_name = "healpix_index"``); the same
+  index again as the auxiliary coordinate ``cell_ids(pixel)`` with exactly xdggs'
+  cell-id attributes ``grid_name = "healpix"``, ``level`` (log2 nside) and
+  ``indexing_scheme = "nested"``, so ``xdggs.decode(ds)`` works;
 - auxiliary coordinates ``lat(pixel)`` / ``lon(pixel)``: pixel centres,
   degrees_north / east (lon in [0, 360));
 - grid-mapping variable ``crs``: ``grid_mapping_name = "healpix"``,
@@ -60,6 +61,8 @@ REQUIRED_PROVENANCE: tuple[str, ...] = (
     "command",
 )
 PRIOR_SUFFIX = "_prior_mean"
+# xdggs cell-id attributes of the ``cell_ids`` coordinate (plus ``level`` = log2 nside)
+XDGGS_ATTRS: dict[str, Any] = {"grid_name": "healpix", "indexing_scheme": "nested"}
 
 
 @dataclass(frozen=True)
@@ -260,14 +263,14 @@ def analysis_to_dataset(
 
     healpix_grid = regrid_latlon is None
     if healpix_grid:
-        dims, horizontal = ("pixel",), "lat lon"
+        dims, horizontal = ("pixel",), "lat lon cell_ids"
         lon, lat = healpix.lonlat(nside, "nest")
         level = int(np.log2(nside))
         coords["pixel"] = ("pixel", np.arange(npix, dtype=np.int64), {
-            "standard_name": "healpix_index", "long_name": "HEALPix cell index (nested)", "units": "1",
-            # xdggs cell-id attributes: xdggs.decode(ds, name="pixel")
-            "grid_name": "healpix", "level": level, "indexing_scheme": "nested",
-        })
+            "standard_name": "healpix_index", "long_name": "HEALPix cell index (nested)", "units": "1"})
+        # xdggs' cell ids (its default name): exactly its grid attributes, since xdggs passes
+        # every attribute of this variable to its grid constructor; xdggs.decode(ds) works
+        coords["cell_ids"] = ("pixel", np.arange(npix, dtype=np.int64), dict(XDGGS_ATTRS, level=level))
         coords["lat"] = ("pixel", np.array(lat), {"units": "degrees_north", "standard_name": "latitude"})
         coords["lon"] = ("pixel", np.array(lon), {"units": "degrees_east", "standard_name": "longitude"})
 

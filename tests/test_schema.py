@@ -103,10 +103,14 @@ def test_cfdm_finds_no_compliance_problems(fields, tmp_path):
 def test_xdggs_cell_id_attributes_and_sigma_y_is_a_string(tmp_path):
     path, _ = _write(tmp_path)
     ds = io.read_analysis(path)
-    # what xdggs.decode(ds, name="pixel") reads (xdggs' HealpixInfo.from_dict keys)
-    a = ds["pixel"].attrs
+    # what xdggs.decode(ds) reads: its default cell-id variable, whose attributes must be
+    # exactly the grid's (xdggs passes all of them to HealpixInfo); checked by hand with
+    # xdggs 0.6.0 (decode() works, cell centres = the file's lat/lon to 2e-13 deg)
+    a = ds["cell_ids"].attrs
+    assert set(a) == {"grid_name", "level", "indexing_scheme"}
     assert (a["grid_name"], int(a["level"]), a["indexing_scheme"]) == ("healpix", 2, "nested")
-    assert a["standard_name"] == "healpix_index"
+    assert ds["cell_ids"].dims == ("pixel",) and np.array_equal(ds["cell_ids"].values, np.arange(NPIX))
+    assert ds["pixel"].attrs["standard_name"] == "healpix_index"
     assert ds.attrs["sigma_y"] == "T850=1, tas=0.5"
     assert schema.describe_sigma_y(None) == "observation table" and schema.describe_sigma_y(0.7) == "0.7"
     assert schema.check_cf(ds) == []
