@@ -377,8 +377,11 @@ def check_cf(ds: xr.Dataset) -> list[str]:
 
 def _check_healpix(ds: xr.Dataset) -> list[str]:
     problems: list[str] = []
+    conv = re.fullmatch(r"CF-(\d+)\.(\d+)", str(ds.attrs.get("Conventions", "")).strip())
+    if conv and (int(conv.group(1)), int(conv.group(2))) < (1, 13):
+        problems.append(f"Conventions {ds.attrs['Conventions']!r}: the HEALPix grid mapping needs CF-1.13 or later")
     if "crs" not in ds.variables:
-        return ["no grid mapping variable 'crs'"]
+        return problems + ["no grid mapping variable 'crs'"]
     a = ds["crs"].attrs
     npix = ds.sizes["pixel"]
     try:

@@ -103,6 +103,9 @@ def test_cf_check_finds_problems(tmp_path):
     bad.attrs.pop("Conventions")
     cases.append((bad, "Conventions"))
     bad = good.copy(deep=True)
+    bad.attrs["Conventions"] = "CF-1.11"
+    cases.append((bad, "needs CF-1.13"))
+    bad = good.copy(deep=True)
     bad = bad.assign_coords(lat=("pixel", good["lat"].values[::-1], good["lat"].attrs))
     cases.append((bad, "NEST pixel centres"))
     bad = good.copy(deep=True)
