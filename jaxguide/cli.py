@@ -1,7 +1,7 @@
 """Command line: ``jaxguide convert | assimilate | era5-obs | evaluate | demo``.
 
 Each command is a thin layer over the library (``jaxguide.convert.convert_checkpoints``,
-``jaxguide.pipeline.assimilate``, ``jaxguide.era5``, ``jaxguide.metrics``,
+``jaxguide.pipeline.assimilate``, ``jaxguide.era5``, ``jaxguide.evaluation``,
 ``jaxguide.demo``): parse options, show progress, print a table.
 
 Expected failures (missing or malformed files, unwritable outputs) and command-line
@@ -247,7 +247,7 @@ def _sigma_y(text: str | None):
 
 
 def _latlon_grid(text: str | None):
-    from jaxguide.io import LatLonGrid
+    from jaxguide.grid_sampling import LatLonGrid
 
     if text is None:
         return None
@@ -577,103 +577,39 @@ def era5_obs(
 # evaluate
 
 
-def read_observations(path: Path):
-    """Observation table (CSV, Parquet or NetCDF; columns ``jaxguide.observations.COLUMNS``, physical
-    units) for verification: every row must be usable; variables the analysis lacks are
-    left out later, with a note."""
-    from jaxguide.observations import read_observations as read
-
-    table = read(path)
-    if len(table) == 0:
-        raise ValueError(f"observation file {str(path)!r} has no observations")
-    bad = {
-        "time": int(table["time"].isna().sum()),
-        "lat": int((~(np.abs(table["lat"]) <= 90)).sum()),
-        "lon": int((~np.isfinite(table["lon"])).sum()),
-        "value": int((~np.isfinite(table["value"])).sum()),
-        "sigma": int((~(table["sigma"] > 0)).sum()),
-    }
-    bad = {k: v for k, v in bad.items() if v}
-    if bad:
-        raise ValueError(f"observation file {str(path)!r} has unusable rows (column: count) {bad}")
-    return table
-
-
-def _time_index(ds_times: np.ndarray, obs_times) -> np.ndarray:
-    if ds_times.size == 1:
-        return np.zeros(len(obs_times), dtype=np.int64)
-    t = np.asarray(obs_times, dtype="datetime64[ns]").astype(np.int64)
-    d = np.asarray(ds_times, dtype="datetime64[ns]").astype(np.int64)
-    return np.argmin(np.abs(t[:, None] - d[None, :]), axis=1)
-
-
-def ensemble_at_observations(ds, table) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]]:
-    """Per variable: (ensemble (M, n), obs (n,), sigma (n,), rows) at the nearest NEST pixel.
-
-    Observations of variables not in the analysis are left out (listed under ``""``)."""
-    from jaxguide import healpix
-    from jaxguide.io import nearest_pixels
-    from jaxguide.schema import channel_variables
-
-    if "pixel" not in ds.dims:
-        raise ValueError("evaluate needs an analysis on the HEALPix grid (dimension 'pixel')")
-    nside = healpix.nside_of_npix(ds.sizes["pixel"])
-    channels = set(channel_variables(ds))
-    pix = nearest_pixels(nside, table["lon"].to_numpy(), table["lat"].to_numpy(), "nest")
-    tidx = _time_index(ds["time"].values, table["time"])
-    out = {}
-    for var, rows in table.groupby("variable", sort=True):
-        if var not in channels:
-            continue
-        sel = rows.index.to_numpy()
-        field = ds[var].transpose("member", "time", "pixel").values
-        pos = table.index.get_indexer(sel)
-        out[var] = (field[:, tidx[pos], pix[pos]], rows["value"].to_numpy(np.float64), rows["sigma"].to_numpy(np.float64), rows)
-    return out
-
-
-def _truth_metrics(ds, truth_path: Path) -> dict[str, dict]:
-    import xarray as xr
-
-    from jaxguide import metrics
-    from jaxguide.schema import channel_variables
-
-    if not Path(truth_path).exists():
-        raise FileNotFoundError(f"no such truth file: {str(truth_path)!r}")
-    with xr.open_dataset(truth_path) as t:
-        truth = t.load()
-    out = {}
-    for var in channel_variables(ds):
-        if var not in truth:
-            continue
-        tv = truth[var]
-        if "member" in tv.dims:
-            tv = tv.isel(member=0)
-        tv = tv.transpose("time", "pixel").values
-        ev = ds[var].transpose("member", "time", "pixel").values
-        if tv.shape != ev.shape[1:]:
-            raise ValueError(f"truth {var} has shape {tv.shape}, analysis {ev.shape[1:]}")
-        out[var] = metrics.summarize(ev.reshape(ev.shape[0], -1), tv.reshape(-1))
-    if not out:
-        raise ValueError(f"truth file {str(truth_path)!r} shares no variable with the analysis")
-    return out
-
-
-def _print_table(results: dict[str, dict[str, dict]]) -> None:
+def _print_table(result) -> None:
+    """Two tables (they fit 80 columns): ensemble mean and spread, then the proper scores."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
-
-    table = Table(title="analysis verification")
-    for col in ("set", "variable", "n", "RMSE", "bias", "CRPS", "spread", "spread/skill"):
-        table.add_column(col, justify="right" if col not in ("set", "variable") else "left")
 
     def fmt(v):
         return "-" if v is None else f"{v:.4g}"
 
-    for set_name, per_var in results.items():
-        for var, s in per_var.items():
-            table.add_row(set_name, var, str(s["n_obs"]), fmt(s["rmse"]), fmt(s["bias"]), fmt(s["crps"]), fmt(s.get("spread")), fmt(s.get("spread_skill")))
-    Console().print(table)
+    def table(title: str, cols: tuple[str, ...], row) -> Table:
+        t = Table(title=title, box=box.SIMPLE_HEAD)
+        for col in ("set", "variable", *cols):
+            t.add_column(col, justify="left" if col in ("set", "variable") else "right", no_wrap=True)
+        for set_name, per_var in result.metrics.items():
+            for var, s in per_var.items():
+                t.add_row(set_name, var, *(fmt(v) if not isinstance(v, str) else v for v in row(s)))
+        return t
+
+    console = Console()
+    console.print(table(
+        f"analysis verification (observation operator: {result.operator})",
+        ("n", "RMSE", "bias", "spread", "spread/skill"),
+        lambda s: (str(s["n_obs"]), s["rmse"], s["bias"], s.get("spread"), s.get("spread_skill_obs", s.get("spread_skill"))),
+    ))
+    console.print(table(
+        "proper scores (lower is better)",
+        ("CRPS", "energy score", "variogram score"),
+        lambda s: (s["crps"], s["energy_score"], s.get("variogram_score")),
+    ))
+    if any(s.get("obs_noise_in_scores") for per in result.metrics.values() for s in per.values()):
+        console.print("At observations, CRPS, energy and variogram scores and rank histograms score the members plus "
+                      "N(0, sigma^2) noise, and spread/skill = sqrt((M+1)/M spread^2 + sigma^2) / RMSE. The energy "
+                      "and variogram (p = 0.5) scores treat a set's observations of a variable as one vector.")
 
 
 @app.command()
@@ -685,12 +621,13 @@ def evaluate(
     truth: Path = typer.Option(None, "--truth", help="truth fields (NetCDF, same variables, NEST pixels)"),
     json_path: Path = typer.Option(None, "--json", help="write the metrics as JSON here"),
     plots_dir: Path = typer.Option(None, "--plots", help="write PNG maps and rank histograms into this directory"),
-    seed: int = typer.Option(0, help="seed of the rank histograms' tie-breaking"),
+    seed: int = typer.Option(0, help="seed of the observation-noise draws and the rank histograms' tie-breaking"),
 ) -> None:
-    """RMSE / CRPS / spread / spread-skill of an analysis at assimilated and held-out observations."""
-    from jaxguide import metrics
+    """RMSE / CRPS / energy and variogram scores / spread / spread-skill of an analysis at
+    assimilated and held-out observations (read with the analysis' own observation
+    operator) and against a truth field."""
+    from jaxguide import evaluation
     from jaxguide.io import check_writable_dir, read_analysis, write_json_atomic
-    from jaxguide.schema import PRIOR_SUFFIX
 
     # check the outputs before the work, but create nothing until the inputs are read
     if json_path is not None:
@@ -701,58 +638,17 @@ def evaluate(
         check_writable_dir(plots_dir if plots_dir.is_dir() else plots_dir.parent)
 
     ds = read_analysis(analysis)
-    sets = {"assimilated": read_observations(obs)}
-    if held_out is not None:
-        sets["held_out"] = read_observations(held_out)
-
-    results: dict[str, dict[str, dict]] = {}
-    samples = {}
-    for name, table in sets.items():
-        per_var = ensemble_at_observations(ds, table)
-        if not per_var:
-            raise ValueError(f"none of the {name} observation variables {sorted(set(table['variable']))} is in the analysis")
-        samples[name] = per_var
-        skipped = sorted(set(table["variable"]) - set(per_var))
-        if skipped:
-            n_skip = int(table["variable"].isin(skipped).sum())
-            typer.echo(f"note: {name}: left out {n_skip} observations of variables not in the analysis: {skipped}", err=True)
-        results[name] = {
-            var: metrics.summarize(ens, y, obs_sigma=sig, seed=seed) for var, (ens, y, sig, _) in per_var.items()
-        }
-    if truth is not None:
-        results["truth"] = _truth_metrics(ds, truth)
-
-    _print_table(results)
+    sets = {"assimilated": obs} if held_out is None else {"assimilated": obs, "held_out": held_out}
+    result = evaluation.evaluate(ds, sets, truth=truth, seed=seed)
+    for name, info in result.skipped.items():
+        typer.echo(f"note: {name}: left out {info['n_obs']} observations of variables not in the analysis: "
+                   f"{info['variables']}", err=True)
+    _print_table(result)
     if json_path is not None:
-        write_json_atomic(json_path, {"analysis": str(analysis), "metrics": results})
+        write_json_atomic(json_path, result.to_json(analysis))
         typer.echo(f"wrote {json_path}")
     if plots_dir is not None:
-        from jaxguide import plots
-
-        plots_dir.mkdir(exist_ok=True)
-        for var in sorted({v for per in samples.values() for v in per}):
-            assim = samples["assimilated"].get(var)
-            prior_name = var + PRIOR_SUFFIX
-            prior = ds[prior_name].isel(time=0).values if prior_name in ds else None
-            lon = assim[3]["lon"].to_numpy() if assim else None
-            lat = assim[3]["lat"].to_numpy() if assim else None
-            held = samples.get("held_out", {}).get(var)
-            plots.plot_maps(
-                plots_dir / f"{var}_maps.png",
-                ds[var].isel(time=0).transpose("member", "pixel").values,
-                order="nest",
-                prior=prior,
-                obs_lon=lon,
-                obs_lat=lat,
-                held_out_lon=held[3]["lon"].to_numpy() if held else None,
-                held_out_lat=held[3]["lat"].to_numpy() if held else None,
-                name=var,
-                units=str(ds[var].attrs.get("units", "")),
-                valid_time=ds["time"].values[0],
-            )
-        for set_name, per_var in results.items():
-            for var, s in per_var.items():
-                plots.plot_rank_histogram(plots_dir / f"{var}_{set_name}_rank.png", s["rank_histogram"], title=f"{var} ({set_name})")
+        evaluation.write_plots(result, ds, plots_dir)
         typer.echo(f"wrote plots to {plots_dir}")
 
 

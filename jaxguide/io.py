@@ -1,5 +1,4 @@
-"""Files: atomic writes (NetCDF4 with zlib, zarr, JSON, anything via a callback), reads,
-and the HEALPix -> lat/lon regridding used when writing on a regular grid.
+"""Files: atomic writes (NetCDF4 with zlib, zarr, JSON, anything via a callback) and reads.
 
 What goes into an analysis file (variables, coordinates, CF attributes) is defined in
 :mod:`jaxguide.schema`; this module only puts a Dataset on disk and reads it back.
@@ -18,109 +17,12 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import xarray as xr
 
-from jaxguide import healpix
-
 logger = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------------------
-# regridding HEALPix (NEST) -> regular lat/lon
-
-
-@dataclass(frozen=True)
-class LatLonGrid:
-    """Regular grid of cell centres: ``nlat`` latitudes south to north, ``nlon``
-    longitudes from 0 eastwards; ``method`` "nearest" or "bilinear"."""
-
-    nlat: int
-    nlon: int
-    method: Literal["nearest", "bilinear"] = "bilinear"
-
-    def coords(self) -> tuple[np.ndarray, np.ndarray]:
-        """(lat (nlat,), lon (nlon,)) in degrees."""
-        dlat, dlon = 180.0 / self.nlat, 360.0 / self.nlon
-        return -90.0 + dlat * (np.arange(self.nlat) + 0.5), dlon * np.arange(self.nlon)
-
-
-def _unit_vectors(lon_deg, lat_deg) -> np.ndarray:
-    lon, lat = np.radians(lon_deg), np.radians(lat_deg)
-    return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
-
-
-def nearest_pixels(nside: int, lon_deg, lat_deg, order: healpix.Order = "nest") -> np.ndarray:
-    """Index (in ``order``) of the pixel whose centre is nearest to each point."""
-    from scipy.spatial import cKDTree
-
-    plon, plat = healpix.lonlat(nside, order)
-    tree = cKDTree(_unit_vectors(plon, plat))
-    pts = _unit_vectors(np.asarray(lon_deg, np.float64), np.asarray(lat_deg, np.float64))
-    _, idx = tree.query(pts.reshape(-1, 3))
-    return idx.reshape(np.shape(lon_deg)).astype(np.int64)
-
-
-def _ring_table(nside: int):
-    """Per ring: latitude (deg), first ring-order pixel, pixel count, first longitude."""
-    lon, lat = healpix.lonlat(nside, "ring")
-    starts = np.concatenate([[0], np.nonzero(np.diff(lat))[0] + 1])
-    counts = np.diff(np.append(starts, lat.size))
-    return lat[starts], starts, counts, lon[starts]
-
-
-def bilinear_weights(nside: int, lon_deg, lat_deg) -> tuple[np.ndarray, np.ndarray]:
-    """Four NEST pixel indices and weights (both (..., 4)) per point.
-
-    Linear in longitude along the two pixel rings that bracket the point, linear in
-    latitude between the rings. Poleward of the first/last ring the nearest ring is
-    used alone (constant extrapolation in latitude).
-    """
-    lon_deg = np.asarray(lon_deg, np.float64) % 360.0
-    lat_deg = np.asarray(lat_deg, np.float64)
-    rlat, starts, counts, phi0 = _ring_table(nside)  # rlat decreasing north -> south
-    ring_to_nest = healpix.permutation(nside, "nest", "ring")  # x_ring = x_nest[ring_to_nest]
-    # ring index north of (or at) the point
-    north = np.clip(np.searchsorted(-rlat, -lat_deg, side="right") - 1, 0, rlat.size - 1)
-    south = np.clip(north + 1, 0, rlat.size - 1)
-    above = lat_deg >= rlat[0]
-    below = lat_deg <= rlat[-1]
-    north = np.where(above, 0, np.where(below, rlat.size - 1, north))
-    south = np.where(above, 0, np.where(below, rlat.size - 1, south))
-    span = rlat[north] - rlat[south]
-    w_south = np.where(north == south, 0.0, (rlat[north] - lat_deg) / np.where(span == 0, 1.0, span))
-
-    def in_ring(r):
-        n = counts[r]
-        t = ((lon_deg - phi0[r]) % 360.0) / (360.0 / n)
-        j0 = np.floor(t).astype(np.int64) % n
-        w1 = t - np.floor(t)
-        j1 = (j0 + 1) % n
-        return ring_to_nest[starts[r] + j0], ring_to_nest[starts[r] + j1], w1
-
-    a0, a1, wa = in_ring(north)
-    b0, b1, wb = in_ring(south)
-    idx = np.stack([a0, a1, b0, b1], axis=-1).astype(np.int64)
-    w = np.stack([(1 - w_south) * (1 - wa), (1 - w_south) * wa, w_south * (1 - wb), w_south * wb], axis=-1)
-    return idx, w
-
-
-def regrid_to_latlon(field_nest, grid: LatLonGrid) -> np.ndarray:
-    """(..., npix) NEST field -> (..., nlat, nlon) on ``grid``."""
-    field_nest = np.asarray(field_nest)
-    nside = healpix.nside_of_npix(field_nest.shape[-1])
-    lat, lon = grid.coords()
-    glon, glat = np.meshgrid(lon, lat)
-    if grid.method == "nearest":
-        return np.take(field_nest, nearest_pixels(nside, glon, glat), axis=-1)
-    if grid.method == "bilinear":
-        idx, w = bilinear_weights(nside, glon, glat)
-        return np.sum(np.take(field_nest, idx, axis=-1) * w, axis=-1).astype(field_nest.dtype)
-    raise ValueError(f"unknown regridding method {grid.method!r}; expected 'nearest' or 'bilinear'")
-
 
 # --------------------------------------------------------------------------------------
 # atomic write / read

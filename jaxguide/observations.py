@@ -15,8 +15,8 @@ sigma      observation-error standard deviation, same units as ``value``, > 0
 :func:`normalise` converts value/sigma to the network's normalised units with the
 checkpoint's per-channel ``center``/``scale``; :func:`build_operator` turns the
 locations into :class:`PointObservationOperator`, a gather + weighted sum over
-network-order pixels that is linear and jit/vmap/grad friendly. Row ``i`` of the
-table is element ``i`` of ``A(x)``.
+network-order pixels (a :func:`jaxguide.grid_sampling.stencil`) that is linear and
+jit/vmap/grad friendly. Row ``i`` of the table is element ``i`` of ``A(x)``.
 
 :func:`check_plausible` refuses values far outside the checkpoint's climatology
 (|value - center| > 8 scale), which is what a unit mistake (degrees Celsius for K, hPa
@@ -32,14 +32,13 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxguide import healpix
+from jaxguide import grid_sampling
 from jaxguide.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -505,35 +504,18 @@ jax.tree_util.register_dataclass(
 )
 
 
-def stencil(
-    lon, lat, nside: int = 64, method: Literal["bilinear", "nearest"] = "bilinear"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Net-order pixels (n, 4) int32 and weights (n, 4) float32 for points (degrees)."""
-    lon = np.asarray(lon, dtype=np.float64).ravel()
-    lat = np.asarray(lat, dtype=np.float64).ravel()
-    if method == "bilinear":
-        pix, w = healpix.interp_weights(nside, lon, lat, "net")
-    elif method == "nearest":
-        pix = np.zeros((lon.size, 4), dtype=np.int64)
-        pix[:, 0] = healpix.ang2pix(nside, lon, lat, "net")
-        pix[:, 1:] = pix[:, :1]
-        w = np.zeros((lon.size, 4))
-        w[:, 0] = 1.0
-    else:
-        raise ValueError(f"unknown method {method!r}; expected 'bilinear' or 'nearest'")
-    return pix.astype(np.int32), w.astype(np.float32)
-
-
 def build_operator(
     table_or_arrays: pd.DataFrame | Mapping,
     channels: Sequence[str],
     nside: int = 64,
-    method: Literal["bilinear", "nearest"] = "bilinear",
+    method: grid_sampling.Method = "bilinear",
 ) -> PointObservationOperator:
     """Operator for the rows of a table (or a mapping with ``lat``, ``lon``, ``variable``).
 
     ``variable`` holds channel names, or integer channel indices in a mapping.
-    Row order is kept: element ``i`` of ``A(x)`` is row ``i``.
+    Row order is kept: element ``i`` of ``A(x)`` is row ``i``. ``method`` is a
+    :mod:`jaxguide.grid_sampling` scheme: "bilinear" (HEALPix interpolation) or
+    "nearest" (the containing pixel); ``jaxguide evaluate`` samples with the same one.
     """
     src = table_or_arrays
     missing = [k for k in ("lat", "lon", "variable") if k not in src]
@@ -550,8 +532,8 @@ def build_operator(
         ch = channel_index([str(v) for v in var], channels)
     if not (lat.shape == lon.shape == ch.shape and lat.ndim == 1):
         raise ValueError(f"lat, lon, variable must be 1-D of equal length, got {lat.shape}, {lon.shape}, {ch.shape}")
-    pix, w = stencil(lon, lat, nside, method)
-    return PointObservationOperator(jnp.asarray(ch), jnp.asarray(pix), jnp.asarray(w))
+    pix, w = grid_sampling.stencil(nside, lon, lat, method, "net")
+    return PointObservationOperator(jnp.asarray(ch), jnp.asarray(pix.astype(np.int32)), jnp.asarray(w.astype(np.float32)))
 
 
 def assimilation_inputs(
@@ -561,7 +543,7 @@ def assimilation_inputs(
     scale: Sequence[float],
     *,
     nside: int = 64,
-    method: Literal["bilinear", "nearest"] = "bilinear",
+    method: grid_sampling.Method = "bilinear",
 ) -> tuple[PointObservationOperator, jax.Array, jax.Array]:
     """``(A, y_n (n,) float32, sigma_n (n,) float32)`` in normalised units, validated."""
     clean, _ = validate_observations(table, channels)

@@ -34,7 +34,8 @@ from jaxguide import guidance
 from jaxguide.conditioning import calendar_inputs, read_amip_sst, sst_at
 from jaxguide.denoiser import make_denoiser
 from jaxguide.ensemble import resolve_devices, sample_ensemble
-from jaxguide.io import LatLonGrid, check_writable_dir, write_dataset
+from jaxguide.grid_sampling import LatLonGrid
+from jaxguide.io import check_writable_dir, write_dataset
 from jaxguide.model import CBottleModel, load_model
 from jaxguide.network import NPIX, NSIDE
 from jaxguide.schema import analysis_to_dataset, describe_sigma_y
@@ -474,6 +475,7 @@ def assimilate(
         "label": settings.label,
         "observation_window_hours": settings.window_hours,
         "observations_dropped": sum(oi.dropped.values()),
+        "observation_operator": settings.interpolation,  # jaxguide evaluate samples with the same scheme
     }
     if settings.method == "mmps":
         provenance["cg_iters"] = settings.cg_iters

@@ -45,7 +45,7 @@ import numpy as np
 import xarray as xr
 
 from jaxguide import __version__, healpix
-from jaxguide.io import LatLonGrid, regrid_to_latlon
+from jaxguide.grid_sampling import LatLonGrid, regrid_to_latlon
 
 logger = logging.getLogger(__name__)
 

@@ -68,7 +68,11 @@ def test_evaluate_end_to_end(case):
     ens = case["ds"]["tas"].values[:, 0][:, case["pix"][:40]]
     y = case["truth_phys"][0, case["pix"][:40]]
     assert out["assimilated"]["tas"]["rmse"] == pytest.approx(metrics.rmse(ens, y), rel=1e-6)
-    assert out["assimilated"]["tas"]["crps"] == pytest.approx(float(metrics.crps_ensemble(ens, y).mean()), rel=1e-6)
+    # CRPS at noisy observations: members + N(0, sigma^2) drawn from the seed (default 0)
+    noisy = metrics.perturb(ens, 0.5, np.random.default_rng(0))
+    assert out["assimilated"]["tas"]["crps"] == pytest.approx(float(metrics.crps_ensemble(noisy, y).mean()), rel=1e-6)
+    assert out["assimilated"]["tas"]["energy_score"] > 0 and "variogram_score" in out["assimilated"]["tas"]
+    assert "energy score" in res.stdout
     assert out["held_out"]["pres_msl"]["n_obs"] == 20
     # calibrated by construction (in normalised units): spread-skill near 1 over the full field
     assert 0.8 < out["truth"]["tas"]["spread_skill"] < 1.2

@@ -13,7 +13,7 @@ import pytest
 import xarray as xr
 
 from conftest import require_module
-from jaxguide import healpix, io, schema
+from jaxguide import grid_sampling, healpix, io, schema
 
 REPO = Path(__file__).resolve().parents[1]
 NSIDE = 4
@@ -215,42 +215,8 @@ def test_killed_writer_leaves_no_destination(tmp_path):
     io.read_analysis(dest)
 
 
-def test_regrid_nearest_and_bilinear():
-    nside = 8
-    lon_p, lat_p = healpix.lonlat(nside, "nest")
-    # nearest: brute force over all pixels
-    grid = io.LatLonGrid(9, 18, "nearest")
-    glat, glon = grid.coords()
-    lon2, lat2 = np.meshgrid(glon, glat)
-    idx = io.nearest_pixels(nside, lon2, lat2)
-    vp = io._unit_vectors(lon_p, lat_p)
-    vt = io._unit_vectors(lon2, lat2).reshape(-1, 3)
-    brute = np.argmax(vt @ vp.T, axis=1).reshape(lon2.shape)
-    vt2 = io._unit_vectors(lon2, lat2)
-    # same angular distance as the brute-force nearest (ties allowed), and mostly the same pixel
-    np.testing.assert_allclose(np.sum(vp[idx] * vt2, -1), np.sum(vp[brute] * vt2, -1), rtol=0, atol=1e-12)
-    assert np.mean(idx == brute) > 0.9
-    out = io.regrid_to_latlon(np.arange(lon_p.size, dtype=np.float64), grid)
-    assert out.shape == (9, 18)
-    # bilinear: exact for a field linear in latitude (between the outermost rings)
-    grid_b = io.LatLonGrid(20, 40, "bilinear")
-    b = io.regrid_to_latlon(lat_p[None, :], grid_b)[0]
-    glat_b, glon_b = grid_b.coords()
-    inside = np.abs(glat_b) < lat_p.max()
-    np.testing.assert_allclose(b[inside], np.broadcast_to(glat_b[:, None], b.shape)[inside], atol=1e-9)
-    # smooth field: bilinear beats nearest
-    f = np.cos(np.radians(lat_p)) * np.sin(np.radians(2 * lon_p))
-    g_lon, g_lat = np.meshgrid(glon_b, glat_b)
-    truth = np.cos(np.radians(g_lat)) * np.sin(np.radians(2 * g_lon))
-    err_b = np.abs(io.regrid_to_latlon(f, grid_b) - truth).max()
-    err_n = np.abs(io.regrid_to_latlon(f, io.LatLonGrid(20, 40, "nearest")) - truth).max()
-    assert err_b < 0.05 and err_b < 0.5 * err_n
-    _, w = io.bilinear_weights(nside, g_lon, g_lat)
-    np.testing.assert_allclose(w.sum(-1), 1.0)
-
-
 def test_regridded_dataset(tmp_path):
-    ds = make_ds(regrid_latlon=io.LatLonGrid(6, 12, "bilinear"), prior=make_ensemble(2, seed=9))
+    ds = make_ds(regrid_latlon=grid_sampling.LatLonGrid(6, 12, "bilinear"), prior=make_ensemble(2, seed=9))
     assert ds["tas"].dims == ("member", "time", "lat", "lon") and "crs" not in ds
     assert ds["tas_prior_mean"].dims == ("time", "lat", "lon")
     back = io.read_analysis(io.write_dataset(ds, tmp_path / "r.nc"))

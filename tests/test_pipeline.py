@@ -96,6 +96,7 @@ def test_replacement_end_to_end(case):
     ds = io.read_analysis(out)
     assert schema.check_cf(ds) == []
     assert ds.attrs["method"] == "replacement" and ds.attrs["n_obs"] == N_OBS and ds.attrs["steps"] == 2
+    assert ds.attrs["observation_operator"] == "nearest"  # what evaluate samples with
     meta = json.loads((case["model"] / "jaxguide.json").read_text())
     assert ds.attrs["model_sha256"] == meta["sources"][0]["sha256"]
     assert ds.sizes["member"] == 2 and "T850_prior_mean" in ds
