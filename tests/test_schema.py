@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import skip_or_fail
-from jaxguide import healpix, io, schema
+from jaxguide import grid_sampling, healpix, io, schema
 
 NSIDE = 4
 NPIX = 12 * NSIDE**2
@@ -118,7 +118,7 @@ def test_xdggs_cell_id_attributes_and_sigma_y_is_a_string(tmp_path):
 
 def test_regridded_file_has_vertical_coordinates(tmp_path):
     cfdm = require_cfdm()
-    path, _ = _write(tmp_path, regrid_latlon=io.LatLonGrid(6, 12))
+    path, _ = _write(tmp_path, regrid_latlon=grid_sampling.LatLonGrid(6, 12))
     by_name = {f.nc_get_variable(): f for f in cfdm.read(str(path))}
     f = by_name["T850"]
     assert f.dimension_coordinate("air_pressure").data.array.tolist() == [85000.0]
