@@ -84,6 +84,10 @@ class ModelConfig:
     enable_classifier: bool = False
     position_embed_channels: int = 20
     img_resolution: int = 128
+    # Not in cBottle's model.json: SongUNetHPX64Video hard-codes 64 channels per attention
+    # head (image model: one head). The converter reads it from the state dict
+    # (``positional_embedding`` has one row per head), so checkpoints built otherwise load.
+    channels_per_head: int = 64
 
     def __post_init__(self):
         if self.noise_dependent_dropout_config is not None:
@@ -101,6 +105,11 @@ class ModelConfig:
 
     def check_supported(self) -> None:
         """Raise :class:`UnsupportedArchitectureError` for configs we do not port."""
+        self.check_architecture()
+        self._check_frames_and_heads()
+
+    def check_architecture(self) -> None:
+        """The architecture name alone (before any weights are read)."""
         if self.architecture not in KNOWN_ARCHITECTURES:
             raise UnsupportedArchitectureError(
                 f"unknown architecture {self.architecture!r}; cBottle knows {KNOWN_ARCHITECTURES}, "
@@ -111,11 +120,29 @@ class ModelConfig:
                 f"architecture {self.architecture!r} (the HPX1024 patch super-resolution model) is not "
                 f"ported to JAX; jaxguide ports {SUPPORTED_ARCHITECTURES}"
             )
-        if self.time_length != 1:
-            raise UnsupportedArchitectureError(
-                f"architecture {self.architecture!r} with time_length={self.time_length} (the video model "
-                "with temporal attention) is not ported to JAX; only time_length=1 is"
-            )
+
+    def _check_frames_and_heads(self) -> None:
+        if self.time_length < 1:
+            raise UnsupportedArchitectureError(f"time_length must be >= 1, got {self.time_length}")
+        if self.time_length > 1:
+            for cout in sorted({self.model_channels * m for m in CHANNEL_MULT}):
+                if self.channels_per_head < 1 or cout // self.channels_per_head < 1 or cout % self.channels_per_head:
+                    raise UnsupportedArchitectureError(
+                        f"the video model (time_length={self.time_length}) splits its {cout}-channel attention "
+                        f"blocks into heads of channels_per_head={self.channels_per_head} channels: "
+                        f"{cout // max(self.channels_per_head, 1)} heads is not a valid split "
+                        "(cBottle's own model cannot run with 0 heads either)"
+                    )
+
+    @property
+    def is_video(self) -> bool:
+        """cBottle builds ``SongUNetHPX64Video`` (temporal attention, multi-head) for time_length > 1."""
+        return self.time_length > 1
+
+    def attention_heads(self, channels: int) -> int:
+        """Heads of an attention block with ``channels`` outputs: 1 for the image model
+        (cBottle's ``channels_per_head=-1``), ``channels // channels_per_head`` for video."""
+        return channels // self.channels_per_head if self.is_video else 1
 
 
 # The fixed architecture choices of cBottle's SongUNetHPX64 (not in model.json).
