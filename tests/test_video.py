@@ -290,3 +290,16 @@ def test_video_shape_errors(video_model, vden):
         video_model.denoise(vden["x"], 1.0, **{**_cond(vden), "condition": vden["condition"][:, :1, :, :100]})
     with pytest.raises(UnsupportedArchitectureError, match="0 heads"):
         ModelConfig(**VIDEO_CONFIG).check_supported()  # cBottle's 64 channels per head at width 8
+
+
+def test_video_mixture_converts_with_thresholds(video_dir, tmp_path):
+    """cbottle-3d-video is a mixture of 3 video experts split at sigma 316 and 10."""
+    from jaxguide.convert import convert_checkpoints
+    from jaxguide.model import expert_index, load_model
+
+    ck = video_dir / "video.checkpoint"
+    model = load_model(convert_checkpoints([ck, ck, ck], tmp_path / "moe", sigma_thresholds=[316.0, 10.0]))
+    assert model.sigma_thresholds == (316.0, 10.0) and len(model.params) == 3
+    assert model.config.time_length == 4 and model.config.channels_per_head == 4
+    routes = [int(expert_index(jnp.float32(s), model.sigma_thresholds, 3)) for s in (1000.0, 316.0, 300.0, 10.0, 3.0)]
+    assert routes == [0, 0, 1, 1, 2]
