@@ -440,6 +440,7 @@ def assimilate(
         "label": settings.label,
         "observation_window_hours": settings.window_hours,
         "observations_dropped": sum(oi.dropped.values()),
+        "observation_operator": settings.interpolation,  # jaxguide evaluate samples with the same scheme
     }
     if settings.method == "mmps":
         provenance["cg_iters"] = settings.cg_iters
