@@ -84,9 +84,10 @@ def make_apply(config: ModelConfig, sigma_thresholds: tuple[float, ...]) -> Call
     """Pure ``apply(params, x, sigma, *, class_labels, condition, second_of_day, day_of_year)``.
 
     ``params`` is a tuple with one parameter tree per expert. Shapes (cBottle layout,
-    network pixel order, normalised units): x (B, C, 1, 49152), sigma scalar or (B,),
-    class_labels (B, label_dim), condition (B, 1, 1, 49152), second_of_day and
-    day_of_year (B, 1). Returns D (B, C, 1, 49152), float32 unless ``compute_dtype`` is
+    network pixel order, normalised units; T = ``config.time_length``, 1 for the image
+    model): x (B, C, T, 49152), sigma scalar or (B,), class_labels (B, label_dim),
+    condition (B, condition_channels, T, 49152), second_of_day and day_of_year (B, T).
+    Returns D (B, C, T, 49152), float32 unless ``compute_dtype`` is
     float64. jit/vmap/grad friendly.
     """
     graphdef, _ = graphdef_and_shapes(config)
@@ -118,7 +119,8 @@ def make_apply(config: ModelConfig, sigma_thresholds: tuple[float, ...]) -> Call
 class CBottleModel:
     """A loaded model. ``apply`` is pure; ``denoise`` binds ``params``.
 
-    Arrays are in cBottle's network layout (batch, channel, time=1, pixel), pixels in
+    Arrays are in cBottle's network layout (batch, channel, time, pixel) (time =
+    ``config.time_length`` frames, 1 for the image model), pixels in
     the network's HEALPix order (``healpix`` order "net"), values normalised per channel
     with ``batch_info`` (value - center) / scale.
     """
