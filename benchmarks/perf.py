@@ -271,13 +271,13 @@ def conv_list(config: ModelConfig) -> list[tuple[str, int, int, int, int]]:
     def res_of(name):
         return int(name.split("x")[0])
 
-    for name, cin, cout, resample, attn in encoder_layout(config):
+    for name, cin, cout, resample, attn, _temporal in encoder_layout(config):
         res = res_of(name)
         if name.endswith("_conv_embed"):
             out.append(("conv3", res, cin0, mc))
         else:
             block(res * 2 if resample == "down" else res, cin, cout, resample, attn)
-    for name, cin, cout, resample, attn in decoder_layout(config):
+    for name, cin, cout, resample, attn, _temporal in decoder_layout(config):
         res = res_of(name)
         block(res // 2 if resample == "up" else res, cin, cout, resample, attn)
     out.append(("conv3", NSIDE, mc, config.out_channels))
@@ -300,7 +300,7 @@ def analytic_flops(config: ModelConfig) -> dict:
     tot["linear"] = 2 * (config.label_dim * mc + mc * emb + emb * emb)
     n_blocks = len(encoder_layout(config)) - 1 + len(decoder_layout(config))
     tot["linear"] += 2 * n_blocks * emb * 0  # affine(emb) per block: negligible, counted below
-    tot["linear"] += sum(2 * emb * co for _, _, co, _, _ in encoder_layout(config)[1:] + decoder_layout(config))
+    tot["linear"] += sum(2 * emb * co for _, _, co, _, _, _ in encoder_layout(config)[1:] + decoder_layout(config))
     d = {k: float(v) for k, v in tot.items()}
     d["total"] = float(sum(tot.values()))
     return d

@@ -143,6 +143,42 @@ def handle_errors(fn):
 
 
 # --------------------------------------------------------------------------------------
+# persistent compilation cache
+
+
+def compile_cache_dir() -> Path:
+    """``$JAXGUIDE_CACHE_DIR``, else ``$XDG_CACHE_HOME/jaxguide/xla`` (``~/.cache/jaxguide/xla``)."""
+    import os
+
+    if os.environ.get("JAXGUIDE_CACHE_DIR"):
+        return Path(os.environ["JAXGUIDE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxguide" / "xla"
+
+
+def enable_compile_cache(enabled: bool = True) -> Path | None:
+    """Turn on JAX's persistent compilation cache (every program that took > 0.5 s to
+    compile), so a second run of the same configuration skips XLA. Returns the directory,
+    or None when off (``enabled=False`` or ``JAXGUIDE_NO_CACHE=1``, as the tests set)."""
+    import os
+
+    import jax
+
+    if not enabled or os.environ.get("JAXGUIDE_NO_CACHE", "") not in ("", "0"):
+        return None
+    path = compile_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        typer.echo(f"note: compilation cache off, cannot create {path}: {e.strerror}", err=True)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+# --------------------------------------------------------------------------------------
 # convert
 
 
@@ -191,6 +227,10 @@ def _sigma_y(text: str | None):
     """``1.0`` (every observation) or ``T850=1.0,T500=0.8`` (per variable); None keeps the table's."""
     if text is None:
         return None
+    if ":" in text and "=" not in text:
+        fixed = text.replace(":", "=")
+        raise ValueError(f"--sigma-y: cannot read {text!r}; per variable it is VAR=VALUE, e.g. {fixed!r} "
+                         "(or one number for every observation, e.g. 1.0)")
     if "=" not in text:
         values = _floats(text, "--sigma-y")
         if len(values) != 1:
@@ -202,7 +242,7 @@ def _sigma_y(text: str | None):
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"--sigma-y: cannot read {part!r} (expected VAR=VALUE)") from None
+            raise ValueError(f"--sigma-y: cannot read {part!r}; expected VAR=VALUE, e.g. 'T850=1.0,T500=0.8'") from None
     return out
 
 
@@ -236,9 +276,12 @@ def _print_assimilation_summary(summary: dict) -> None:
     console.print(table)
     if summary["dropped"]:
         console.print(f"dropped observation rows: {summary['dropped']}")
+    sampling = summary["seconds_analysis"] + summary["seconds_prior"]
+    compile_s = summary.get("seconds_compile", 0.0)
     console.print(
-        f"sampling: analysis {summary['seconds_analysis']:.1f} s, prior {summary['seconds_prior']:.1f} s "
-        f"(incl. compilation); total {summary['seconds_total']:.1f} s"
+        f"time: total {summary['seconds_total']:.1f} s = compile {compile_s:.1f} s + sampling "
+        f"{sampling - compile_s:.1f} s (analysis and prior) + loading/writing "
+        f"{summary['seconds_total'] - sampling:.1f} s"
     )
 
 
@@ -247,7 +290,7 @@ def _print_assimilation_summary(summary: dict) -> None:
 def assimilate(
     model: Path = typer.Option(..., "--model", help="converted model directory (jaxguide convert)"),
     obs: Path = typer.Option(..., "--obs", help="observation table: CSV/Parquet/NetCDF with time, lat, lon, variable, value, sigma (physical units)"),
-    time: str = typer.Option(..., "--time", help="analysis time, ISO 8601, UTC (e.g. 2020-01-20T00:00)"),
+    time: str = typer.Option(..., "--time", help="analysis time, ISO 8601 only: 2020-01-20T00:00 (UTC), 2020-01-20T00:00Z or with an offset, 2020-01-20T02:00+02:00"),
     out: Path = typer.Option(..., "--out", help="analysis file (.nc NetCDF4, or .zarr)"),
     sst: Path = typer.Option(None, "--sst", help="AMIP SST file (input4MIPs tosbcs NetCDF); required by SST-conditioned models"),
     method: str = typer.Option("mmps", help="mmps | sda | dps | pigdm | regression | replacement"),
@@ -262,23 +305,34 @@ def assimilate(
     drop_bad: bool = typer.Option(False, "--drop-bad", help="drop bad rows (outside the window, NaN, unknown variable, ...) instead of failing; counts are reported"),
     label: str = typer.Option("era5", help="dataset label of the conditional model (era5 | icon)"),
     interpolation: str = typer.Option("bilinear", help="observation operator: bilinear | nearest (pixel)"),
+    allow_implausible: bool = typer.Option(False, "--allow-implausible", help="assimilate values more than 8 "
+                                           "climatological standard deviations from the model's mean (normally an "
+                                           "error: a unit mistake such as degrees Celsius for K or hPa for Pa)"),
     bf16: bool = typer.Option(False, "--bf16", help="evaluate the network in bfloat16 (guidance stays float32)"),
     remat: bool = typer.Option(False, "--remat", help="recompute each U-Net block in the guidance VJPs instead of storing its activations (less memory, ~1 more network pass per VJP)"),
     chunk_size: int = typer.Option(None, "--chunk-size", help="run members this many at a time (less memory)"),
     regrid: str = typer.Option(None, "--regrid", help="write on a regular NLATxNLON lat/lon grid instead of HEALPix"),
     json_path: Path = typer.Option(None, "--json", help="also write the summary as JSON here"),
     overwrite: bool = typer.Option(False, help="replace an existing output"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="do not use the persistent compilation cache "
+                                  "(then the bar counts denoiser calls as they run)"),
 ) -> None:
     """Sample a posterior ensemble given observations and write an analysis file."""
     import shlex
     import sys
+    import time as time_module
 
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from jaxguide import pipeline
     from jaxguide.io import check_writable_dir, write_json_atomic
 
+    from jaxguide.observations import parse_time
+
+    time = parse_time(time, "--time")
     settings = pipeline.AssimilationSettings(
+        check_plausibility=not allow_implausible,
         method=method,
         members=members,
         steps=steps,
@@ -299,14 +353,38 @@ def assimilate(
     grid = _latlon_grid(regrid)
     if json_path is not None:
         check_writable_dir(Path(json_path).parent)
+    cache_dir = enable_compile_cache(not no_cache)
+    console = Console(stderr=True)
+    t0 = time_module.perf_counter()
+    console.print(f"[0.0 s] reading {model}, {obs} ...")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as bar:
+    with Progress(*columns, console=console, transient=False) as bar:
         tasks: dict[str, Any] = {}
 
+        def on_event(name: str, info) -> None:
+            stamp = f"[{time_module.perf_counter() - t0:.1f} s]"
+            if name == "observations":
+                dropped = sum(info["dropped"].values())
+                bar.console.print(f"{stamp} validated {info['n_obs']} observations"
+                                  + (f" ({dropped} bad rows dropped)" if dropped else ""))
+            elif name == "compiling":
+                note = ("the first run of a configuration compiles; later runs load it from the cache "
+                        f"{cache_dir}" if cache_dir else "compilation cache off (--no-cache)")
+                bar.console.print(f"{stamp} {info['stage']}: compiling the sampler for {info['members']} members "
+                                  f"({note})")
+                tasks[info["stage"]] = bar.add_task(f"{info['stage']}: compiling", total=info["calls"])
+            elif name == "sampling":
+                bar.update(tasks[info["stage"]], description=f"{info['stage']}: sampling (denoiser calls)")
+                bar.console.print(f"{stamp} {info['stage']}: compiled in {info['compile_s']:.1f} s; sampling")
+            elif name == "sampled":
+                task = tasks[info["stage"]]
+                bar.update(task, completed=bar.tasks[task].total, description=f"{info['stage']}: done")
+            elif name == "writing":
+                bar.console.print(f"{stamp} writing {info['path']}")
+
         def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(f"{stage} (sampler steps)", total=total)
-            bar.update(tasks[stage], completed=done)
+            if stage in tasks:
+                bar.update(tasks[stage], completed=done, total=total)
 
         summary = pipeline.assimilate(
             model,
@@ -318,13 +396,35 @@ def assimilate(
             regrid=grid,
             overwrite=overwrite,
             command=" ".join(shlex.quote(a) for a in ["jaxguide", *sys.argv[1:]]),
-            progress=progress,
+            # per-call progress needs a host callback, which keeps the program out of the cache
+            progress=progress if cache_dir is None else None,
+            on_event=on_event,
         )
     _print_assimilation_summary(summary)
     typer.echo(f"wrote {out}")
     if json_path is not None:
         write_json_atomic(json_path, summary)
         typer.echo(f"wrote {json_path}")
+
+
+@app.command("synthetic-sst")
+@handle_errors
+def synthetic_sst(
+    out: Path = typer.Argument(..., help="NetCDF file to write (e.g. tosbcs_synthetic.nc)"),
+    start: str = typer.Option(..., "--start", help="first analysis time to cover, ISO 8601 (e.g. 2020-01-01)"),
+    end: str = typer.Option(..., "--end", help="last analysis time to cover, ISO 8601 (e.g. 2020-12-31)"),
+    resolution: float = typer.Option(1.0, "--resolution", help="grid spacing in degrees"),
+    overwrite: bool = typer.Option(False, help="replace an existing file"),
+) -> None:
+    """Write a SYNTHETIC monthly SST file in the AMIP tosbcs layout (a smooth zonal
+    climatology, marked synthetic in its metadata) to try SST-conditioned models
+    without downloading the input4MIPs file. Not for real analyses."""
+    from jaxguide.sst import write_synthetic_sst
+
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{str(out)!r} exists (pass --overwrite to replace it)")
+    path = write_synthetic_sst(out, start, end, resolution_deg=resolution)
+    typer.echo(f"wrote {path} (synthetic SST, tosbcs layout; pass it as --sst)")
 
 
 @app.command()
@@ -334,6 +434,7 @@ def demo(
     seed: int = typer.Option(0, help="random seed (truth, observations, ensembles)"),
     members: int = typer.Option(None, help="ensemble size (default 64)"),
     steps: int = typer.Option(None, help="sampler (Heun) steps (default 24)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="do not use the persistent compilation cache"),
 ) -> None:
     """End-to-end demo on an exact Gaussian prior (no download): truth, observations,
     MMPS and regression-guidance ensembles, verification, NetCDF files and plots."""
@@ -346,6 +447,7 @@ def demo(
 
     from jaxguide.demo import DemoConfig, prepare_out_dir, run_demo
 
+    enable_compile_cache(not no_cache)
     given = {k: v for k, v in (("members", members), ("steps", steps)) if v is not None}
     config = dataclasses.replace(DemoConfig(seed=seed), **given)
     prepare_out_dir(out)  # fail on a bad output path before the progress display starts

@@ -25,7 +25,8 @@ import pandas as pd
 import xarray as xr
 
 from jaxguide import grid_sampling, healpix, metrics
-from jaxguide.io import PRIOR_SUFFIX, channel_variables, read_analysis
+from jaxguide.io import read_analysis
+from jaxguide.schema import PRIOR_SUFFIX, channel_variables
 from jaxguide.observations import read_observations
 
 logger = logging.getLogger(__name__)
@@ -232,8 +233,9 @@ def evaluate(
 
 
 def write_plots(result: Evaluation, analysis: xr.Dataset, plots_dir: str | os.PathLike) -> list[Path]:
-    """PNG maps per variable (first time: ensemble mean, increment vs the prior mean,
-    spread, assimilated observation locations) and a rank histogram per set and variable,
+    """PNG maps per variable (first time, valid time in the title: ensemble mean,
+    increment vs the prior mean, spread, assimilated and held-out observation locations)
+    and a rank histogram per set and variable,
     into ``plots_dir`` (created if missing; its parent must exist)."""
     from jaxguide import plots
 
@@ -243,6 +245,7 @@ def write_plots(result: Evaluation, analysis: xr.Dataset, plots_dir: str | os.Pa
     ds = analysis
     for var in sorted({v for per in result.samples.values() for v in per}):
         assim = result.samples.get("assimilated", {}).get(var)
+        held = result.samples.get("held_out", {}).get(var)
         prior_name = var + PRIOR_SUFFIX
         prior = ds[prior_name].isel(time=0).values if prior_name in ds else None
         written.append(
@@ -253,8 +256,11 @@ def write_plots(result: Evaluation, analysis: xr.Dataset, plots_dir: str | os.Pa
                 prior=prior,
                 obs_lon=None if assim is None else assim.lon,
                 obs_lat=None if assim is None else assim.lat,
+                held_out_lon=None if held is None else held.lon,
+                held_out_lat=None if held is None else held.lat,
                 name=var,
                 units=str(ds[var].attrs.get("units", "")),
+                valid_time=ds["time"].values[0],
             )
         )
     for set_name, per_var in result.metrics.items():

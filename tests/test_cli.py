@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import one_line_error
 
-from jaxguide import healpix, io, metrics
+from jaxguide import healpix, io, metrics, schema
 from jaxguide.cli import app
 
 NSIDE = 8
@@ -28,7 +28,7 @@ def case(tmp_path):
     m = 6
     truth_norm = rng.normal(size=(1, 2, 1, NPIX)).astype(np.float32)
     ens = (truth_norm * 0 + rng.normal(size=(m, 2, 1, NPIX))).astype(np.float32)
-    ds = io.analysis_to_dataset(ens, channels=CHANNELS, center=CENTER, scale=SCALE, times=["2022-03-01T00"], provenance=PROV, prior=ens + 0.1)
+    ds = schema.analysis_to_dataset(ens, channels=CHANNELS, center=CENTER, scale=SCALE, times=["2022-03-01T00"], provenance=PROV, prior=ens + 0.1)
     path = io.write_dataset(ds, tmp_path / "analysis.nc")
     truth_phys = healpix.reorder(truth_norm[0, :, 0] * SCALE[:, None] + CENTER[:, None], "net", "nest")
     lon, lat = healpix.lonlat(NSIDE, "nest")
@@ -111,6 +111,33 @@ def test_help_lists_commands():
     assert res.exit_code == 0
     for cmd in ("convert", "assimilate", "evaluate", "demo"):
         assert cmd in res.stdout
+
+
+def test_compile_cache_location_and_switches(tmp_path, monkeypatch):
+    import jax
+
+    from jaxguide import cli
+
+    before = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    try:
+        monkeypatch.delenv("JAXGUIDE_CACHE_DIR", raising=False)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert cli.compile_cache_dir() == tmp_path / "xdg" / "jaxguide" / "xla"
+        monkeypatch.setenv("JAXGUIDE_NO_CACHE", "1")
+        assert cli.enable_compile_cache(True) is None and jax.config.jax_compilation_cache_dir == before["jax_compilation_cache_dir"]
+        monkeypatch.setenv("JAXGUIDE_NO_CACHE", "0")
+        assert cli.enable_compile_cache(False) is None  # --no-cache
+        path = cli.enable_compile_cache(True)
+        assert path == tmp_path / "xdg" / "jaxguide" / "xla" and path.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(path)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs <= 1.0
+        monkeypatch.setenv("JAXGUIDE_CACHE_DIR", str(tmp_path / "elsewhere"))
+        assert cli.compile_cache_dir() == tmp_path / "elsewhere"
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+    res = CliRunner().invoke(app, ["assimilate", "--help"])
+    assert "--no-cache" in res.output
 
 
 def test_usage_errors_are_one_line(case):

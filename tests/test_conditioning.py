@@ -181,8 +181,17 @@ def test_sst_360_day_invalid_date(tmp_path):
 def test_missing_variable(tmp_path):
     path = tmp_path / "x.nc"
     xr.Dataset({"tos": (("time", "lat", "lon"), np.zeros((1, 2, 2)))}).to_netcdf(path)
-    with pytest.raises(KeyError, match="tosbcs"):
+    with pytest.raises(ValueError, match=r"SST file .*x\.nc.* no variable 'tosbcs'"):
         C.read_amip_sst(path)
+    # not NetCDF, a directory, missing: each named, with the option
+    text = tmp_path / "sst.csv"
+    text.write_text("time,lat,lon,tosbcs\n")
+    with pytest.raises(ValueError, match=r"SST file .*sst\.csv.*not a NetCDF file"):
+        C.read_amip_sst(text)
+    with pytest.raises(IsADirectoryError, match=r"SST file .*is a directory"):
+        C.read_amip_sst(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no such SST file.*nope\.nc"):
+        C.read_amip_sst(tmp_path / "nope.nc")
 
 
 # ---------------------------------------------------------------- real land mask

@@ -222,3 +222,19 @@ def test_importing_jaxguide_does_not_import_torch():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_checkpoint_with_noise_dependent_dropout_config(tmp_path, tiny):
+    """A model.json that sets the (training-only) dropout dict converts, loads and keeps the dict (issue 11 item 5)."""
+    from jaxguide.config import ModelConfig
+    from jaxguide.model import graphdef_and_shapes
+
+    dropout = {"sigma_breaks": [0.1, 10.0], "p": {"low": 0.0, "high": 0.2}}
+    ck = _rewrite(tiny, tmp_path / "d.checkpoint", replace={"model.json": _model_json(tiny, noise_dependent_dropout_config=dropout)})
+    model = load_model(convert_checkpoints([ck], tmp_path / "out"))
+    assert model.config.noise_dependent_dropout_config == dropout
+    assert model.config.to_dict()["noise_dependent_dropout_config"] == dropout
+    assert json.loads(json.dumps(model.config.to_dict()))["noise_dependent_dropout_config"] == dropout
+    same = ModelConfig.from_dict(model.config.to_dict())
+    assert same == model.config and hash(same) == hash(model.config)
+    assert graphdef_and_shapes(same) is graphdef_and_shapes(model.config)  # one cache entry

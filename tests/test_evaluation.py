@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from jaxguide import evaluation, healpix, io, observations
+from jaxguide import evaluation, healpix, io, observations, schema
 from jaxguide.cli import app
 
 NSIDE = 16
@@ -36,7 +36,7 @@ def _analysis(tmp_path, operator: str | None, m: int = 5, seed: int = 0):
     rng = np.random.default_rng(seed)
     ens = rng.normal(size=(m, 2, 1, NPIX)).astype(np.float32)
     prov = PROV if operator is None else PROV | {"observation_operator": operator}
-    ds = io.analysis_to_dataset(ens, channels=CHANNELS, center=CENTER, scale=SCALE, times=[TIME], provenance=prov)
+    ds = schema.analysis_to_dataset(ens, channels=CHANNELS, center=CENTER, scale=SCALE, times=[TIME], provenance=prov)
     path = io.write_dataset(ds, tmp_path / f"analysis_{operator}.nc")
     return path, ens
 

@@ -115,15 +115,15 @@ def test_regrid_is_the_observation_operator(nside):
     field_nest = rng.normal(size=12 * nside**2)
     field_net = H.reorder(field_nest, "nest", "net")
     for method in ("bilinear", "nearest"):
-        grid = io.LatLonGrid(90, 180, method)  # 2-degree rows: several poleward of the outermost ring
-        got = io.regrid_to_latlon(field_nest, grid)
+        grid = G.LatLonGrid(90, 180, method)  # 2-degree rows: several poleward of the outermost ring
+        got = G.regrid_to_latlon(field_nest, grid)
         glat, glon = grid.coords()
         lon2, lat2 = np.meshgrid(glon, glat)
         want = _operator_values(field_net, lon2, lat2, method)
         assert got.shape == (90, 180)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # float32 operator weights
     # and both are healpy's interpolation
-    got = io.regrid_to_latlon(field_nest, io.LatLonGrid(90, 180, "bilinear"))
+    got = G.regrid_to_latlon(field_nest, G.LatLonGrid(90, 180, "bilinear"))
     np.testing.assert_allclose(got, hp.get_interp_val(field_nest, lon2, lat2, nest=True, lonlat=True), rtol=0, atol=1e-12)
 
 
@@ -131,15 +131,15 @@ def test_regrid_bilinear_accuracy():
     """Bilinear regridding keeps a constant exactly and beats nearest on a smooth field."""
     nside = 8
     lon_p, lat_p = H.lonlat(nside, "nest")
-    grid_b = io.LatLonGrid(20, 40, "bilinear")
+    grid_b = G.LatLonGrid(20, 40, "bilinear")
     glat, glon = grid_b.coords()
     g_lon, g_lat = np.meshgrid(glon, glat)
     f = np.cos(np.radians(lat_p)) * np.sin(np.radians(2 * lon_p))
     truth = np.cos(np.radians(g_lat)) * np.sin(np.radians(2 * g_lon))
-    err_b = np.abs(io.regrid_to_latlon(f, grid_b) - truth).max()
-    err_n = np.abs(io.regrid_to_latlon(f, io.LatLonGrid(20, 40, "nearest")) - truth).max()
+    err_b = np.abs(G.regrid_to_latlon(f, grid_b) - truth).max()
+    err_n = np.abs(G.regrid_to_latlon(f, G.LatLonGrid(20, 40, "nearest")) - truth).max()
     assert err_b < 0.05 and err_b < 0.5 * err_n
-    const = io.regrid_to_latlon(np.full(lon_p.size, 3.5), grid_b)
+    const = G.regrid_to_latlon(np.full(lon_p.size, 3.5), grid_b)
     np.testing.assert_allclose(const, 3.5, rtol=0, atol=1e-12)
 
 
