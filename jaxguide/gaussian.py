@@ -82,10 +82,11 @@ class GaussianPrior:
         return out[..., None, :]
 
     # ---- denoiser ---------------------------------------------------------------------
-    def denoiser(self, x: jnp.ndarray, sigma) -> jnp.ndarray:
+    def denoiser(self, x: jnp.ndarray, sigma, cond=None) -> jnp.ndarray:
         """Exact E[x | x_t = x] = mu + Sigma (Sigma + sigma^2 I)^-1 (x - mu).
 
-        x: (..., C, 1, npix); sigma: scalar (same units as x). Two matmuls.
+        x: (..., C, 1, npix); sigma: scalar (same units as x); cond: ignored (the
+        denoiser contract of :mod:`jaxguide.guidance`). Two matmuls.
         """
         dt = x.dtype
         mu = jnp.asarray(self.mu).astype(dt)
@@ -145,11 +146,11 @@ class GaussianPrior:
 
         Kalman update of the Tweedie posterior N(D(x_t), P), P = Cov[x | x_t] =
         Q diag(lam sigma^2 / (lam + sigma^2)) Q^T, with the observation y.
-        Returns ``(x_t (C, 1, npix), sigma) -> (C, 1, npix)``; H (n_obs, C*npix).
+        Returns ``(x_t (C, 1, npix), sigma, cond=None) -> (C, 1, npix)``; H (n_obs, C*npix).
         """
         C, _, npix = self.shape
 
-        def den(x, sigma):
+        def den(x, sigma, cond=None):
             dt = x.dtype
             Hj = jnp.asarray(H).astype(dt)
             yj = jnp.asarray(y).astype(dt)
