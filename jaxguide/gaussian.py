@@ -30,7 +30,6 @@ import numpy as np
 from jaxguide import healpix
 
 EARTH_RADIUS_KM = 6371.0
-KERNELS = ("se", "matern32")
 
 
 @jax.tree_util.register_dataclass
@@ -166,22 +165,18 @@ class GaussianPrior:
         return den
 
 
-def kernel_matrix(nside: int, length_scale_km: float, kernel: str = "se", order: str = "net") -> np.ndarray:
-    """Unit-variance spatial correlation (npix, npix) of chord distance, float64.
+def kernel_matrix(nside: int, length_scale_km: float, order: str = "net") -> np.ndarray:
+    """Unit-variance squared-exponential correlation (npix, npix) of chord distance, float64.
 
     Chord-distance kernels are restrictions of kernels positive definite in R^3, hence
     positive definite on the sphere.
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     lon, lat = healpix.lonlat(nside, order)
     lo, la = np.deg2rad(lon), np.deg2rad(lat)
     p = np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], -1)
     d2 = np.maximum(((p[:, None, :] - p[None, :, :]) ** 2).sum(-1), 0.0)
     d = np.sqrt(d2) * EARTH_RADIUS_KM / length_scale_km
-    if kernel == "se":
-        return np.exp(-0.5 * d**2)
-    return (1.0 + np.sqrt(3.0) * d) * np.exp(-np.sqrt(3.0) * d)
+    return np.exp(-0.5 * d**2)
 
 
 def make_prior(
@@ -191,7 +186,6 @@ def make_prior(
     channel_corr,
     length_scale_km: float,
     *,
-    kernel: str = "se",
     nugget: float = 1e-6,
     max_modes: int | None = None,
     order: str = "net",
@@ -199,7 +193,7 @@ def make_prior(
     """Build a :class:`GaussianPrior` (C channels, constant mean per channel).
 
     channel_means, channel_stds: (C,) in the state's units; channel_corr: (C, C)
-    correlation matrix; length_scale_km: kernel correlation length (km, Earth radius
+    correlation matrix; length_scale_km: squared-exponential kernel correlation length (km, Earth radius
     6371 km); nugget: added to the kernel's diagonal (relative, keeps it positive
     definite). max_modes: keep only the r leading spatial eigenpairs and give the
     orthogonal complement the constant variance ``space_floor`` = mean of the dropped
@@ -218,7 +212,7 @@ def make_prior(
     lc, qc = np.linalg.eigh(stds[:, None] * corr * stds[None, :])
     if lc.min() <= 0:
         raise ValueError("channel_corr must be positive definite")
-    K = kernel_matrix(nside, length_scale_km, kernel, order)
+    K = kernel_matrix(nside, length_scale_km, order)
     K[np.diag_indices_from(K)] += nugget
     lk, qk = np.linalg.eigh(K)
     npix = K.shape[0]
@@ -251,3 +245,43 @@ def point_observations(shape, channels, pixels) -> tuple[Callable, np.ndarray]:
         return x[cj, 0, pj]
 
     return A, H
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GaussianModel:
+    """A :class:`GaussianPrior` as a :class:`jaxguide.denoiser.DenoiserModel`.
+
+    The prior lives in normalised units on a HEALPix grid (pixels in "net" order);
+    ``center``/``scale`` (C,) give the physical units, ``channels`` the names. Its
+    ``params`` is the prior itself (a pytree, so it is a traced argument of compiled
+    programs), ``denoise`` the exact E[x | x_t]; there is no conditioning (an empty
+    dict). With it the whole pipeline (observation tables, normalisation, operator,
+    guidance, sampler, output file) can be checked against the exact Kalman posterior.
+    """
+
+    prior: GaussianPrior
+    channels: tuple[str, ...]
+    center: np.ndarray
+    scale: np.ndarray
+    nside: int
+
+    def __post_init__(self):
+        C, T, npix = self.prior.shape
+        if (C, T, npix) != (len(self.channels), 1, 12 * self.nside**2):
+            raise ValueError(f"prior shape {self.prior.shape} does not match {len(self.channels)} channels, nside {self.nside}")
+        object.__setattr__(self, "center", np.asarray(self.center, np.float64))
+        object.__setattr__(self, "scale", np.asarray(self.scale, np.float64))
+
+    @property
+    def member_shape(self) -> tuple[int, int, int]:
+        return self.prior.shape
+
+    @property
+    def params(self) -> GaussianPrior:
+        return self.prior
+
+    def denoise(self, params: GaussianPrior, x, sigma, cond=None):
+        return params.denoiser(x, sigma)
+
+    def conditioning(self, time, *, sst_path=None, sst_offset: float = 0.0) -> dict:
+        return {}
