@@ -330,6 +330,15 @@ class PointObservationOperator:
     def num_obs(self) -> int:
         return self.channel.shape[0]
 
+    def dense(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """The operator as a dense (n_obs, C*npix) float64 matrix on flattened (C, 1, npix) states."""
+        _, _, npix = shape
+        ch = np.asarray(self.channel, np.int64)
+        pix = np.asarray(self.pixel, np.int64)
+        H = np.zeros((ch.size, int(np.prod(shape))))
+        np.add.at(H, (np.arange(ch.size)[:, None], ch[:, None] * npix + pix), np.asarray(self.weight, np.float64))
+        return H
+
 
 jax.tree_util.register_dataclass(
     PointObservationOperator, data_fields=["channel", "pixel", "weight"], meta_fields=[]
