@@ -133,3 +133,42 @@ def test_model_contract_errors(model, tmp_path):
     with pytest.raises(ValueError, match="another model"):
         pipeline.assimilate(model, observation_table(model, 4, seed=0), tmp_path / "x.nc", time=TIME,
                             session=pipeline.Session(gaussian.GaussianModel(model.prior, CHANNELS, CENTER, SCALE, NSIDE)))
+
+
+def test_settings_and_cli_options_reach_the_method(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from jaxguide import guidance
+    from jaxguide.cli import app
+
+    S = pipeline.AssimilationSettings
+    assert S(method="sda", gamma=0.05, guidance_scale=0.5).guidance_method() == guidance.SDA(gamma=0.05, scale=0.5)
+    assert S(cg_iters=7, solver="gmres").guidance_method() == guidance.MMPS(cg_iters=7, solver="gmres")
+    assert S(method="regression", norm_matching=True).guidance_method() == guidance.Regression(norm_matching=True)
+    assert S(method="replacement").guidance_method() == guidance.Replacement()
+    obj = guidance.PiGDM(data_std=0.5)
+    assert S(method=obj).guidance_method() is obj
+    for bad in (S(gamma=0.1), S(method="sda", cg_iters=2), S(method=obj, cg_iters=2), S(method="mmps", solver="lu")):
+        with pytest.raises(guidance.GuidanceInputError):
+            bad.check()
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(model, obs, out, *, settings, **kw):
+        seen["method"] = settings.guidance_method()
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "assimilate", fake)
+    base = ["assimilate", "--model", str(tmp_path), "--obs", "o.csv", "--time", "2020-01-01", "--out", str(tmp_path / "a.nc")]
+    for extra, want in [(["--method", "sda", "--gamma", "0.05"], guidance.SDA(gamma=0.05)),
+                        (["--solver", "gmres", "--cg-iters", "4", "--guidance-scale", "0.8"],
+                         guidance.MMPS(cg_iters=4, solver="gmres", scale=0.8)),
+                        (["--method", "regression", "--norm-matching"], guidance.Regression(norm_matching=True))]:
+        res = CliRunner().invoke(app, base + extra)
+        assert isinstance(res.exception, Stop), res.output
+        assert seen["method"] == want
+    res = CliRunner().invoke(app, base + ["--gamma", "0.1"])  # mmps has no gamma: a one-line error
+    assert res.exit_code == 2 and "gamma" in res.stderr
