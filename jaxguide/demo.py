@@ -309,6 +309,7 @@ def _provenance(config: DemoConfig, method: str, *, sigma_y, scale, n_obs: int, 
                   "its parameters (mean and eigendecompositions, float64)"),
         "n_obs": n_obs,
         "command": command,
+        "observation_operator": "bilinear",
     }
 
 

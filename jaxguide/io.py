@@ -17,7 +17,8 @@ Layout of a written analysis (HEALPix):
   ``jaxguide_version``, ``creation_time`` (UTC, ISO 8601) and ``Conventions``.
 
 With ``regrid_latlon`` the data are instead on a regular grid, dims
-``(member, time, lat, lon)``, without the HEALPix grid mapping.
+``(member, time, lat, lon)``, without the HEALPix grid mapping, sampled with the
+observation operator's scheme (:mod:`jaxguide.grid_sampling`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 import xarray as xr
 
 from jaxguide import __version__, healpix
+from jaxguide.grid_sampling import LatLonGrid, regrid_to_latlon
 
 logger = logging.getLogger(__name__)
 
@@ -107,99 +109,6 @@ def channel_info(name: str) -> ChannelInfo:
         lev = float(m.group(2))
         return ChannelInfo(name, units, f"{long} at {m.group(2)} hPa", std, lev)
     return ChannelInfo(name, None, name)
-
-
-# --------------------------------------------------------------------------------------
-# regridding HEALPix (NEST) -> regular lat/lon
-
-
-@dataclass(frozen=True)
-class LatLonGrid:
-    """Regular grid of cell centres: ``nlat`` latitudes south to north, ``nlon``
-    longitudes from 0 eastwards; ``method`` "nearest" or "bilinear"."""
-
-    nlat: int
-    nlon: int
-    method: Literal["nearest", "bilinear"] = "bilinear"
-
-    def coords(self) -> tuple[np.ndarray, np.ndarray]:
-        """(lat (nlat,), lon (nlon,)) in degrees."""
-        dlat, dlon = 180.0 / self.nlat, 360.0 / self.nlon
-        return -90.0 + dlat * (np.arange(self.nlat) + 0.5), dlon * np.arange(self.nlon)
-
-
-def _unit_vectors(lon_deg, lat_deg) -> np.ndarray:
-    lon, lat = np.radians(lon_deg), np.radians(lat_deg)
-    return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
-
-
-def nearest_pixels(nside: int, lon_deg, lat_deg, order: healpix.Order = "nest") -> np.ndarray:
-    """Index (in ``order``) of the pixel whose centre is nearest to each point."""
-    from scipy.spatial import cKDTree
-
-    plon, plat = healpix.lonlat(nside, order)
-    tree = cKDTree(_unit_vectors(plon, plat))
-    pts = _unit_vectors(np.asarray(lon_deg, np.float64), np.asarray(lat_deg, np.float64))
-    _, idx = tree.query(pts.reshape(-1, 3))
-    return idx.reshape(np.shape(lon_deg)).astype(np.int64)
-
-
-def _ring_table(nside: int):
-    """Per ring: latitude (deg), first ring-order pixel, pixel count, first longitude."""
-    lon, lat = healpix.lonlat(nside, "ring")
-    starts = np.concatenate([[0], np.nonzero(np.diff(lat))[0] + 1])
-    counts = np.diff(np.append(starts, lat.size))
-    return lat[starts], starts, counts, lon[starts]
-
-
-def bilinear_weights(nside: int, lon_deg, lat_deg) -> tuple[np.ndarray, np.ndarray]:
-    """Four NEST pixel indices and weights (both (..., 4)) per point.
-
-    Linear in longitude along the two pixel rings that bracket the point, linear in
-    latitude between the rings. Poleward of the first/last ring the nearest ring is
-    used alone (constant extrapolation in latitude).
-    """
-    lon_deg = np.asarray(lon_deg, np.float64) % 360.0
-    lat_deg = np.asarray(lat_deg, np.float64)
-    rlat, starts, counts, phi0 = _ring_table(nside)  # rlat decreasing north -> south
-    ring_to_nest = healpix.permutation(nside, "nest", "ring")  # x_ring = x_nest[ring_to_nest]
-    # ring index north of (or at) the point
-    north = np.clip(np.searchsorted(-rlat, -lat_deg, side="right") - 1, 0, rlat.size - 1)
-    south = np.clip(north + 1, 0, rlat.size - 1)
-    above = lat_deg >= rlat[0]
-    below = lat_deg <= rlat[-1]
-    north = np.where(above, 0, np.where(below, rlat.size - 1, north))
-    south = np.where(above, 0, np.where(below, rlat.size - 1, south))
-    span = rlat[north] - rlat[south]
-    w_south = np.where(north == south, 0.0, (rlat[north] - lat_deg) / np.where(span == 0, 1.0, span))
-
-    def in_ring(r):
-        n = counts[r]
-        t = ((lon_deg - phi0[r]) % 360.0) / (360.0 / n)
-        j0 = np.floor(t).astype(np.int64) % n
-        w1 = t - np.floor(t)
-        j1 = (j0 + 1) % n
-        return ring_to_nest[starts[r] + j0], ring_to_nest[starts[r] + j1], w1
-
-    a0, a1, wa = in_ring(north)
-    b0, b1, wb = in_ring(south)
-    idx = np.stack([a0, a1, b0, b1], axis=-1).astype(np.int64)
-    w = np.stack([(1 - w_south) * (1 - wa), (1 - w_south) * wa, w_south * (1 - wb), w_south * wb], axis=-1)
-    return idx, w
-
-
-def regrid_to_latlon(field_nest, grid: LatLonGrid) -> np.ndarray:
-    """(..., npix) NEST field -> (..., nlat, nlon) on ``grid``."""
-    field_nest = np.asarray(field_nest)
-    nside = healpix.nside_of_npix(field_nest.shape[-1])
-    lat, lon = grid.coords()
-    glon, glat = np.meshgrid(lon, lat)
-    if grid.method == "nearest":
-        return np.take(field_nest, nearest_pixels(nside, glon, glat), axis=-1)
-    if grid.method == "bilinear":
-        idx, w = bilinear_weights(nside, glon, glat)
-        return np.sum(np.take(field_nest, idx, axis=-1) * w, axis=-1).astype(field_nest.dtype)
-    raise ValueError(f"unknown regridding method {grid.method!r}; expected 'nearest' or 'bilinear'")
 
 
 # --------------------------------------------------------------------------------------
@@ -450,6 +359,88 @@ def _remove(path: Path) -> None:
             pass
 
 
+# Hidden temporaries beside a target are named ``.{target}.{host}-{pid}.{random}.tmp``
+# (and ``.{target}.{host}-{pid}.old`` for a zarr store moved aside), so that the next
+# write of the same target can tell a crashed writer's leftovers (same host, process
+# gone) from a writer that is still running (kept). Leftovers of jaxguide versions
+# before this naming (``.{target}.{random}.tmp``) are removed once an hour old.
+_LEGACY_STALE_SECONDS = 3600.0
+
+
+def _writer_tag() -> str:
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: never guess
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists but not ours, or cannot tell: keep its files
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the hidden temporaries of ``path`` left by writers that died (killed,
+    crashed) on this host; returns what was removed. Temporaries of live processes and
+    of other hosts (a shared filesystem) are kept."""
+    import time
+
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    name = re.escape(path.name)
+    tagged = re.compile(rf"^\.{name}\.([A-Za-z0-9_]+)-(\d+)\.(?:[a-z0-9_]{{8}}\.tmp|old)$")
+    legacy = re.compile(rf"^\.{name}\.(?:[a-z0-9_]{{8}}\.tmp|old-\d+)$")
+    host = _writer_tag().rsplit("-", 1)[0]
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = tagged.match(entry.name)
+        if m:
+            stale = m.group(1) == host and not _pid_alive(int(m.group(2)))
+        elif legacy.match(entry.name):
+            try:
+                stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > _LEGACY_STALE_SECONDS
+            except OSError:
+                stale = False
+        else:
+            continue
+        if stale:
+            _remove(Path(entry.path))
+            removed.append(Path(entry.path))
+    if removed:
+        logger.warning("removed %d temporary file(s) of %s left by an interrupted earlier run: %s",
+                       len(removed), path, [p.name for p in removed])
+    return removed
+
+
+def temp_beside(path: str | os.PathLike, *, directory: bool) -> Path:
+    """A new hidden temporary (file or directory) beside ``path``, after removing the
+    stale ones of crashed earlier writers of the same target. The caller renames it
+    onto ``path`` or removes it."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    remove_stale_temporaries(path)
+    prefix = f".{path.name}.{_writer_tag()}."
+    try:
+        if directory:
+            return Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from None
+    os.close(fd)
+    return Path(tmp)
+
+
 def _require_zarr() -> None:
     try:
         import zarr  # noqa: F401
@@ -464,7 +455,8 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "
     Raises FileExistsError (exists and not ``overwrite``), FileNotFoundError (no such
     directory), PermissionError (directory not writable), ValueError (bad format).
     Overwriting a zarr directory moves the old one aside first (a crash in that short
-    window leaves no destination rather than a partial one).
+    window leaves no destination rather than a partial one). Temporaries left by a
+    killed earlier write of the same ``path`` are removed (:func:`remove_stale_temporaries`).
     """
     if format not in ("netcdf", "zarr"):
         raise ValueError(f"unknown format {format!r}; expected 'netcdf' or 'zarr'")
@@ -478,10 +470,7 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "
         raise PermissionError(f"output directory {str(parent)!r} is not writable")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{str(path)!r} exists (pass overwrite=True to replace it)")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from e
+    tmp = temp_beside(path, directory=True)
     target = tmp / path.name
     try:
         if format == "netcdf":
@@ -491,7 +480,7 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "
         else:
             ds.to_zarr(target, mode="w", consolidated=False)
         if format == "zarr" and path.exists():
-            old = parent / f".{path.name}.old-{os.getpid()}"
+            old = parent / f".{path.name}.{_writer_tag()}.old"
             os.replace(path, old)
             os.replace(target, path)
             _remove(old)
@@ -537,7 +526,9 @@ def check_writable_dir(directory: str | os.PathLike) -> Path:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a hidden temporary file beside ``path``, then rename it to
-    ``path``: the destination is either absent, the old file, or complete.
+    ``path``: the destination is either absent, the old file, or complete. Temporaries
+    that killed earlier writes of ``path`` left behind are removed first
+    (:func:`remove_stale_temporaries`).
 
     Raises FileNotFoundError (no such directory), PermissionError (not writable).
     """
@@ -545,13 +536,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"output directory {str(parent)!r} does not exist")
+    tmp = temp_beside(path, directory=False)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise PermissionError(f"cannot create files in output directory {str(parent)!r}: {e.strerror}") from None
-    os.close(fd)
-    try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -14,8 +14,8 @@ sigma      observation-error standard deviation, same units as ``value``, > 0
 :func:`normalise` converts value/sigma to the network's normalised units with the
 checkpoint's per-channel ``center``/``scale``; :func:`build_operator` turns the
 locations into :class:`PointObservationOperator`, a gather + weighted sum over
-network-order pixels that is linear and jit/vmap/grad friendly. Row ``i`` of the
-table is element ``i`` of ``A(x)``.
+network-order pixels (a :func:`jaxguide.grid_sampling.stencil`) that is linear and
+jit/vmap/grad friendly. Row ``i`` of the table is element ``i`` of ``A(x)``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxguide import healpix, units
+from jaxguide import grid_sampling, units
 from jaxguide.guidance import Observations
 from jaxguide.io import atomic_write
 
@@ -80,6 +80,13 @@ class UnknownVariableError(ObservationError):
 
 class BadObservationsError(ObservationError):
     """Rows with NaN, out-of-range or duplicate entries (see ``counts``)."""
+
+
+class ObservationFileError(ObservationError):
+    """A file that cannot be read as a table of its format (binary data as CSV, ...)."""
+
+
+_FORMAT_NAMES = {"csv": "CSV (UTF-8 text)", "parquet": "Parquet", "netcdf": "NetCDF"}
 
 
 # --------------------------------------------------------------------------------------
@@ -138,6 +145,11 @@ def _format(path: Path) -> str:
     raise ValueError(f"unknown observation file type {suffix!r} ({path}); use .csv, .parquet or .nc")
 
 
+def table_format(path: str | os.PathLike) -> str:
+    """``"csv"``, ``"parquet"`` or ``"netcdf"`` by suffix; ValueError for anything else."""
+    return _format(Path(path))
+
+
 def write_observations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a table as CSV, Parquet or NetCDF (by suffix), atomically (temp + rename).
 
@@ -167,25 +179,36 @@ def write_observations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 def read_observations(path: str | os.PathLike) -> pd.DataFrame:
     """Read a table written by :func:`write_observations` (or by hand, same columns).
 
-    Raises FileNotFoundError, :class:`EmptyTableError` (an empty file) and
+    Raises FileNotFoundError, :class:`EmptyTableError` (an empty file),
+    :class:`ObservationFileError` (not readable as its format) and
     :class:`MissingColumnsError`; the rows are checked by :func:`validate_observations`.
     """
     path = Path(path)
     fmt = _format(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such observation file: {str(path)!r}")
-    if fmt == "csv":
-        try:
-            table = pd.read_csv(path, dtype={"variable": str})
-        except pd.errors.EmptyDataError:
-            raise EmptyTableError(f"observation file {str(path)!r} is empty") from None
-    elif fmt == "parquet":
-        table = pd.read_parquet(path)
-    else:
-        import xarray as xr
+    try:
+        if fmt == "csv":
+            try:
+                table = pd.read_csv(path, dtype={"variable": str})
+            except pd.errors.EmptyDataError:
+                raise EmptyTableError(f"observation file {str(path)!r} is empty") from None
+        elif fmt == "parquet":
+            table = pd.read_parquet(path)
+        else:
+            import xarray as xr
 
-        with xr.open_dataset(path, engine="netcdf4") as ds:
-            table = ds.load().to_dataframe().reset_index(drop=True)
+            with xr.open_dataset(path, engine="netcdf4") as ds:
+                table = ds.load().to_dataframe().reset_index(drop=True)
+    except ObservationError:
+        raise
+    except (UnicodeDecodeError, pd.errors.ParserError, OSError, ValueError) as e:
+        # a binary file named .csv, a truncated Parquet, a text file named .nc, ...
+        reason = e.reason if isinstance(e, UnicodeDecodeError) else " ".join(str(e).split())
+        raise ObservationFileError(
+            f"observation file {str(path)!r} is not a readable {_FORMAT_NAMES[fmt]} table ({type(e).__name__}: "
+            f"{reason[:200]})"
+        ) from None
     return _coerce(table)
 
 
@@ -345,37 +368,20 @@ jax.tree_util.register_dataclass(
 )
 
 
-def stencil(
-    lon, lat, nside: int = 64, method: Literal["bilinear", "nearest"] = "bilinear"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Net-order pixels (n, 4) int32 and weights (n, 4) float32 for points (degrees)."""
-    lon = np.asarray(lon, dtype=np.float64).ravel()
-    lat = np.asarray(lat, dtype=np.float64).ravel()
-    if method == "bilinear":
-        pix, w = healpix.interp_weights(nside, lon, lat, "net")
-    elif method == "nearest":
-        pix = np.zeros((lon.size, 4), dtype=np.int64)
-        pix[:, 0] = healpix.ang2pix(nside, lon, lat, "net")
-        pix[:, 1:] = pix[:, :1]
-        w = np.zeros((lon.size, 4))
-        w[:, 0] = 1.0
-    else:
-        raise ValueError(f"unknown method {method!r}; expected 'bilinear' or 'nearest'")
-    return pix.astype(np.int32), w.astype(np.float32)
-
-
 def build_operator(
     table_or_arrays: pd.DataFrame | Mapping,
     channels: Sequence[str],
     nside: int = 64,
-    method: Literal["bilinear", "nearest"] = "bilinear",
+    method: grid_sampling.Method = "bilinear",
     as_numpy: bool = False,
 ) -> PointObservationOperator:
     """Operator for the rows of a table (or a mapping with ``lat``, ``lon``, ``variable``).
 
     ``variable`` holds channel names, or integer channel indices in a mapping.
-    Row order is kept: element ``i`` of ``A(x)`` is row ``i``. ``as_numpy``: NumPy
-    leaves instead of JAX arrays.
+    Row order is kept: element ``i`` of ``A(x)`` is row ``i``. ``method`` is a
+    :mod:`jaxguide.grid_sampling` scheme: "bilinear" (HEALPix interpolation) or
+    "nearest" (the containing pixel); ``jaxguide evaluate`` samples with the same one.
+    ``as_numpy``: NumPy leaves instead of JAX arrays.
     """
     src = table_or_arrays
     missing = [k for k in ("lat", "lon", "variable") if k not in src]
@@ -392,7 +398,8 @@ def build_operator(
         ch = channel_index([str(v) for v in var], channels)
     if not (lat.shape == lon.shape == ch.shape and lat.ndim == 1):
         raise ValueError(f"lat, lon, variable must be 1-D of equal length, got {lat.shape}, {lon.shape}, {ch.shape}")
-    pix, w = stencil(lon, lat, nside, method)
+    pix, w = grid_sampling.stencil(nside, lon, lat, method, "net")
+    pix, w = pix.astype(np.int32), w.astype(np.float32)
     if as_numpy:
         return PointObservationOperator(ch, pix, w)
     return PointObservationOperator(jnp.asarray(ch), jnp.asarray(pix), jnp.asarray(w))
@@ -482,7 +489,7 @@ def prepare(
     drop_bad: bool = False,
     sigma_y=None,
     nside: int = 64,
-    interpolation: Literal["bilinear", "nearest"] = "bilinear",
+    interpolation: grid_sampling.Method = "bilinear",
     pad_to: int | Literal["bucket"] | None = None,
 ) -> PreparedObservations:
     """Validate, override sigma, normalise, locate and (optionally) pad a table.

@@ -334,6 +334,7 @@ class Session:
             "label": settings.label,
             "observation_window_hours": settings.window_hours,
             "observations_dropped": sum(prepared.dropped.values()),
+            "observation_operator": settings.interpolation,  # jaxguide evaluate samples with the same scheme
         }
         for k, v in method.options().items():
             if k != "scale":

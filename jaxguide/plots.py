@@ -1,8 +1,10 @@
 """Figures of analyses (matplotlib, Agg, no downloads; written atomically).
 
-HEALPix fields are drawn by sampling them on an equirectangular raster (nearest pixel
-centre to each raster cell centre) and showing the raster on matplotlib's built-in
-Mollweide projection. No coastlines (they would need a download). Figures are drawn
+HEALPix fields are drawn by sampling them on an equirectangular raster (by default the
+pixel containing each raster cell centre, :mod:`jaxguide.grid_sampling`'s "nearest", so
+each HEALPix pixel shows as its own shape; "bilinear" gives the observation operator's
+smooth interpolation) and showing the raster on matplotlib's built-in Mollweide
+projection. No coastlines (they would need a download). Figures are drawn
 on an explicit Agg canvas: no pyplot, no global backend switch.
 """
 
@@ -17,29 +19,34 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxguide import healpix
-from jaxguide.io import atomic_write, nearest_pixels
+from jaxguide import grid_sampling, healpix
+from jaxguide.io import atomic_write
 
 
 @functools.lru_cache(maxsize=8)
-def _raster_index(nside: int, order: str, height: int, width: int) -> np.ndarray:
+def _raster_stencil(nside: int, order: str, height: int, width: int, method: str) -> tuple[np.ndarray, np.ndarray]:
     lat = 90.0 - 180.0 * (np.arange(height) + 0.5) / height  # north to south
     lon = -180.0 + 360.0 * (np.arange(width) + 0.5) / width
     glon, glat = np.meshgrid(lon, lat)
-    idx = nearest_pixels(nside, glon, glat, order)
-    idx.setflags(write=False)
-    return idx
+    pix, w = grid_sampling.stencil(nside, glon, glat, method, order)
+    pix.setflags(write=False)
+    w.setflags(write=False)
+    return pix, w
 
 
-def healpix_to_image(field, *, order: healpix.Order = "nest", height: int = 180, width: int = 360) -> np.ndarray:
-    """(npix,) HEALPix field -> (height, width) equirectangular raster, nearest pixel.
+def healpix_to_image(
+    field, *, order: healpix.Order = "nest", height: int = 180, width: int = 360, method: grid_sampling.Method = "nearest"
+) -> np.ndarray:
+    """(npix,) HEALPix field -> (height, width) equirectangular raster, float64.
 
-    Row 0 is the northernmost row, column 0 starts at longitude -180 deg."""
-    field = np.asarray(field)
+    ``method``: "nearest" (the containing pixel) or "bilinear" (the observation
+    operator's interpolation). Row 0 is the northernmost row, column 0 starts at
+    longitude -180 deg."""
+    field = np.asarray(field, np.float64)
     if field.ndim != 1:
         raise ValueError(f"expected one (npix,) field, got shape {field.shape}")
     nside = healpix.nside_of_npix(field.shape[0])
-    return field[_raster_index(nside, order, int(height), int(width))]
+    return grid_sampling.sample(field, *_raster_stencil(nside, order, int(height), int(width), method))
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike, dpi: float) -> Path:

@@ -54,7 +54,7 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(fixtures_dir, tmp_path_factory) -> Path:
     """The fixture's tiny.checkpoint converted once per session (needs torch)."""
-    from convert import convert_checkpoints
+    from jaxguide.convert import convert_checkpoints
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     return convert_checkpoints([fixtures_dir / "tiny.checkpoint"], out)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert import (
+from jaxguide.convert import (
     ExpertMismatchError,
     LegacyCheckpointError,
     MissingMemberError,
@@ -19,7 +19,7 @@ from convert import (
     UnknownArchitectureError,
     convert_checkpoints,
 )
-from convert.checkpoint import CheckpointError
+from jaxguide.convert.checkpoint import CheckpointError
 from jaxguide.model import ModelLoadError, load_model, sha256_file
 
 
@@ -197,7 +197,7 @@ def test_load_errors(tmp_path, tiny_model_dir):
 
 def test_round_trip_writer(tmp_path, tiny_model):
     """write_cbottle_checkpoint (used for full-size checkpoints) inverts the converter exactly."""
-    from convert import read_checkpoint, write_cbottle_checkpoint
+    from jaxguide.convert import read_checkpoint, write_cbottle_checkpoint
 
     path = write_cbottle_checkpoint(
         tmp_path / "rt.checkpoint", tiny_model.config, tiny_model.batch_info, tiny_model.params[0]
@@ -207,3 +207,18 @@ def test_round_trip_writer(tmp_path, tiny_model):
 
     for a, b in zip(jax.tree_util.tree_leaves(back.params), jax.tree_util.tree_leaves(tiny_model.params[0])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_importing_jaxguide_does_not_import_torch():
+    """The converter lives in jaxguide.convert (optional extra); the library and CLI import torch only on `convert`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jaxguide, jaxguide.cli, jaxguide.pipeline, jaxguide.model, jaxguide.network; "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'jaxguide.convert' not in sys.modules; "
+        "import jaxguide.convert; assert 'torch' not in sys.modules, 'jaxguide.convert imports torch eagerly'"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]

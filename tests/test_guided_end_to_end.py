@@ -6,7 +6,7 @@ cBottle model: an observation table in physical units (with a wrong ``sigma`` co
 that the ``sigma_y`` setting overrides), normalisation, the bilinear operator, MMPS,
 the EDM sampler, the NetCDF writer. Read back in K, the analysis must match the exact
 Kalman posterior computed here independently in physical units (dense covariance, the
-healpix bilinear weights as H): mean error <= 0.1 prior std (RMS over pixels), spread
+grid_sampling bilinear weights as H): mean error <= 0.1 prior std (RMS over pixels), spread
 ratio in [0.9, 1.1]. A sigma_y left in K instead of normalised units, a dropped
 override, a wrong operator or a wrong unit conversion on the way out all fail it.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxguide import gaussian, healpix, io, pipeline
+from jaxguide import gaussian, grid_sampling, healpix, io, pipeline
 from jaxguide.ensemble import count_compiles
 
 NSIDE = 8
@@ -44,7 +44,7 @@ def observation_table(model, n: int, seed: int, time=TIME) -> pd.DataFrame:
     lon, lat = rng.uniform(0.0, 360.0, n), np.degrees(np.arcsin(rng.uniform(-0.95, 0.95, n)))
     ch = np.arange(n) % len(CHANNELS)
     truth = np.asarray(model.prior.sample(jax.random.PRNGKey(seed), 1)[0], np.float64)
-    pix, w = healpix.interp_weights(NSIDE, lon, lat, "net")
+    pix, w = grid_sampling.stencil(NSIDE, lon, lat, "bilinear", "net")
     value_n = np.sum(truth[ch[:, None], 0, pix] * w, axis=1)
     value = value_n * SCALE[ch] + CENTER[ch] + SIGMA_Y_K * rng.standard_normal(n)
     return pd.DataFrame({"time": time, "lat": lat, "lon": lon, "variable": np.array(CHANNELS)[ch],
@@ -55,7 +55,7 @@ def kalman_physical(model, table: pd.DataFrame):
     """Exact posterior mean and pointwise std, prior std and mean, in K, (C, npix) NEST order."""
     C, _, npix = model.prior.shape
     ch = np.array([CHANNELS.index(v) for v in table["variable"]])
-    pix, w = healpix.interp_weights(NSIDE, table["lon"].to_numpy(), table["lat"].to_numpy(), "nest")
+    pix, w = grid_sampling.stencil(NSIDE, table["lon"].to_numpy(), table["lat"].to_numpy(), "bilinear", "nest")
     H = np.zeros((len(table), C * npix))
     np.add.at(H, (np.arange(len(table))[:, None], ch[:, None] * npix + pix), w)
     # the prior in K, NEST order: x_K = D_s (x_n reordered) + c

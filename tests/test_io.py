@@ -203,40 +203,13 @@ def test_killed_writer_leaves_no_destination(tmp_path):
         proc.wait()
     assert not dest.exists()
     assert not any(p.name == "a.nc" for p in dest.parent.rglob("*") if p.parent == dest.parent)
-
-
-def test_regrid_nearest_and_bilinear():
-    nside = 8
-    lon_p, lat_p = healpix.lonlat(nside, "nest")
-    # nearest: brute force over all pixels
-    grid = io.LatLonGrid(9, 18, "nearest")
-    glat, glon = grid.coords()
-    lon2, lat2 = np.meshgrid(glon, glat)
-    idx = io.nearest_pixels(nside, lon2, lat2)
-    vp = io._unit_vectors(lon_p, lat_p)
-    vt = io._unit_vectors(lon2, lat2).reshape(-1, 3)
-    brute = np.argmax(vt @ vp.T, axis=1).reshape(lon2.shape)
-    vt2 = io._unit_vectors(lon2, lat2)
-    # same angular distance as the brute-force nearest (ties allowed), and mostly the same pixel
-    np.testing.assert_allclose(np.sum(vp[idx] * vt2, -1), np.sum(vp[brute] * vt2, -1), rtol=0, atol=1e-12)
-    assert np.mean(idx == brute) > 0.9
-    out = io.regrid_to_latlon(np.arange(lon_p.size, dtype=np.float64), grid)
-    assert out.shape == (9, 18)
-    # bilinear: exact for a field linear in latitude (between the outermost rings)
-    grid_b = io.LatLonGrid(20, 40, "bilinear")
-    b = io.regrid_to_latlon(lat_p[None, :], grid_b)[0]
-    glat_b, glon_b = grid_b.coords()
-    inside = np.abs(glat_b) < lat_p.max()
-    np.testing.assert_allclose(b[inside], np.broadcast_to(glat_b[:, None], b.shape)[inside], atol=1e-9)
-    # smooth field: bilinear beats nearest
-    f = np.cos(np.radians(lat_p)) * np.sin(np.radians(2 * lon_p))
-    g_lon, g_lat = np.meshgrid(glon_b, glat_b)
-    truth = np.cos(np.radians(g_lat)) * np.sin(np.radians(2 * g_lon))
-    err_b = np.abs(io.regrid_to_latlon(f, grid_b) - truth).max()
-    err_n = np.abs(io.regrid_to_latlon(f, io.LatLonGrid(20, 40, "nearest")) - truth).max()
-    assert err_b < 0.05 and err_b < 0.5 * err_n
-    _, w = io.bilinear_weights(nside, g_lon, g_lat)
-    np.testing.assert_allclose(w.sum(-1), 1.0)
+    # the killed writer's hidden temporary is removed by the next write of the same target
+    left = [p.name for p in dest.parent.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".a.nc.") and f"-{proc.pid}." in left[0]
+    (dest.parent / "b.nc").write_text("another target, untouched")
+    io.write_dataset(make_ds(), dest)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["a.nc", "b.nc"]
+    io.read_analysis(dest)
 
 
 def test_regridded_dataset(tmp_path):
@@ -245,3 +218,26 @@ def test_regridded_dataset(tmp_path):
     assert ds["tas_prior_mean"].dims == ("time", "lat", "lon")
     back = io.read_analysis(io.write_dataset(ds, tmp_path / "r.nc"))
     assert io.check_cf(back) == []
+
+
+def test_stale_temporary_rules(tmp_path):
+    """Only temporaries of dead writers on this host (or legacy ones over an hour old) go."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    host = io._writer_tag().rsplit("-", 1)[0]
+    names = {
+        f".m.json.{host}-{dead_pid}.abcd1234.tmp": False,  # dead writer, this host: removed
+        f".m.json.{host}-{dead_pid}.old": False,
+        f".m.json.{host}-{os.getpid()}.abcd1234.tmp": True,  # a live writer (this process): kept
+        f".m.json.otherhost-{dead_pid}.abcd1234.tmp": True,  # another machine on a shared disk: kept
+        ".m.json.q1w2e3r4.tmp": False,  # legacy name, two hours old: removed
+        ".m.json.zzzzzzzz.tmp": True,  # legacy name, fresh: kept (maybe an old version still writing)
+        f".m.json.x.{host}-{dead_pid}.abcd1234.tmp": True,  # the temporary of target "m.json.x": kept
+        "m.json.bak": True,
+    }
+    for n in names:
+        (tmp_path / n).write_text("x")
+    old = time.time() - 7200
+    os.utime(tmp_path / ".m.json.q1w2e3r4.tmp", (old, old))
+    io.write_json_atomic(tmp_path / "m.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.json", *(n for n, keep in names.items() if keep)])

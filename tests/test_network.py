@@ -120,7 +120,7 @@ def test_groupnorm(fixtures_dir):
 
 
 def test_mixture_of_experts(fixtures_dir, tmp_path):
-    from convert import convert_checkpoints
+    from jaxguide.convert import convert_checkpoints
     import jaxguide
 
     moe = np.load(fixtures_dir / "moe_denoiser.npz")
@@ -216,7 +216,7 @@ def _parse_state_dict_txt(path):
 )
 def test_key_mapping_covers_state_dict(fixtures_dir, name, config):
     """Every key and shape of the real state dicts (tiny and the released coarse model)."""
-    from convert.mapping import key_map, to_torch
+    from jaxguide.convert.mapping import key_map, to_torch
 
     rows = _parse_state_dict_txt(fixtures_dir / name)
     mapping, buffers = key_map(config)

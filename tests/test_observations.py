@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from jaxguide import grid_sampling as G
 from jaxguide import healpix as H
 from jaxguide import observations as O
 
@@ -325,10 +326,10 @@ def test_sample_observations_noise_split_and_units():
 
 def test_uniform_strategy_is_near_equal_area():
     lon, lat = S.sample_locations("uniform", 3000, np.random.default_rng(1))
-    counts = np.bincount(H.ang2pix(4, lon, lat, "net"), minlength=192)  # 192 equal-area cells
+    counts = np.bincount(G.ang2pix(4, lon, lat, "net"), minlength=192)  # 192 equal-area cells
     assert counts.min() >= 10 and counts.max() <= 22  # mean 15.6; random points would spread ~ +-4 sigma = 8..32
     rlon, rlat = S.sample_locations("random", 3000, np.random.default_rng(1))
-    assert np.bincount(H.ang2pix(4, rlon, rlat, "net"), minlength=192).std() > 2 * counts.std()
+    assert np.bincount(G.ang2pix(4, rlon, rlat, "net"), minlength=192).std() > 2 * counts.std()
 
 
 def test_land_only_with_mask_and_errors():
@@ -336,7 +337,7 @@ def test_land_only_with_mask_and_errors():
     lon, lat = H.lonlat(16, "net")
     mask = (lat > 20) & (lon < 90)  # a synthetic "continent"
     plon, plat = S.sample_locations("land_only", 500, np.random.default_rng(2), land_mask=mask)
-    assert plon.size == 500 and mask[H.ang2pix(16, plon, plat, "net")].all()
+    assert plon.size == 500 and mask[G.ang2pix(16, plon, plat, "net")].all()
     with pytest.raises(ValueError, match="no land"):
         S.sample_locations("land_only", 5, 0, land_mask=np.zeros(npix, bool))
     with pytest.raises(ValueError, match="land_mask"):

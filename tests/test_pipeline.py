@@ -88,6 +88,7 @@ def test_replacement_end_to_end(case):
     ds = io.read_analysis(out)
     assert io.check_cf(ds) == []
     assert ds.attrs["method"] == "replacement" and ds.attrs["n_obs"] == N_OBS and ds.attrs["steps"] == 2
+    assert ds.attrs["observation_operator"] == "nearest"  # what evaluate samples with
     meta = json.loads((case["model"] / "jaxguide.json").read_text())
     assert ds.attrs["model_sha256"] == meta["sources"][0]["sha256"]
     assert ds.sizes["member"] == 2 and "T850_prior_mean" in ds
@@ -138,6 +139,19 @@ def test_assimilate_bad_inputs(case, tmp_path):
     assert "exists" in error()
     assert "members" in error("--members", "0", out=tmp_path / "b.nc")
     assert "sigma-y" in error("--sigma-y", "x", out=tmp_path / "b.nc")
+    # typer's own parsing errors: one line naming the option and the expected form
+    line = error("--members", "two", out=tmp_path / "b.nc")
+    assert "--members" in line and "int" in line
+    # file-format errors name the option and the file
+    no_var = tmp_path / "sst_no_tosbcs.nc"
+    xr.open_dataset(case["sst"]).rename(tosbcs="sst").to_netcdf(no_var)
+    line = error(sst=no_var, out=tmp_path / "b.nc")
+    assert line.startswith("error: --sst") and "sst_no_tosbcs.nc" in line and "tosbcs" in line
+    assert "missing key" not in line
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 8)
+    line = error(obs=binary, out=tmp_path / "b.nc")
+    assert line.startswith("error: --obs") and "binary.csv" in line and "CSV" in line
     assert not (tmp_path / "b.nc").exists()
 
 

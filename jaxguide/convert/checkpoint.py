@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from convert.mapping import RESAMPLE_FILTER, key_map, to_flax, to_torch
+from jaxguide.convert.mapping import RESAMPLE_FILTER, key_map, to_flax, to_torch
 from jaxguide import __version__
+from jaxguide.io import temp_beside
 from jaxguide.config import BatchInfo, ModelConfig, UnsupportedArchitectureError
 from jaxguide.model import FORMAT_VERSION, METADATA_FILE, PARAMS_DIR, graphdef_and_shapes, sha256_file
 
@@ -254,7 +254,7 @@ def convert_checkpoints(
         "pixel_order": "earth2grid HEALPIX_PAD_XY (jaxguide.healpix order 'net'), HEALPix level 6",
         "layout": "(batch, channel, time, pixel)",
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = temp_beside(out, directory=True)  # also removes what a killed earlier conversion left
     try:
         ocp.PyTreeCheckpointer().save(tmp / PARAMS_DIR, tree)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1))
