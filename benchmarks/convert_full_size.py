@@ -25,7 +25,7 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 t0 = time.perf_counter()
-import convert, jaxguide.model  # imports: torch, jax, orbax
+import jaxguide.convert as convert, jaxguide.model  # imports: torch, jax, orbax
 import orbax.checkpoint, torch
 t1 = time.perf_counter()
 rss_before = status("VmRSS:")
@@ -52,7 +52,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="jaxguide-fullsize-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    from convert import write_cbottle_checkpoint
+    from jaxguide.convert import write_cbottle_checkpoint
     from jaxguide.config import BatchInfo, ModelConfig
     from jaxguide.model import count_params, init_params
 

@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--checkpoint", type=Path, nargs="+", default=[FIXTURE_CHECKPOINT],
                     help="cBottle checkpoint(s); several = experts, with --sigma-thresholds")
     ap.add_argument("--sigma-thresholds", default=None, help="mixture thresholds, e.g. 100,10")
-    ap.add_argument("--era5", type=Path, default=None, help="ERA5 pressure-level temperature NetCDF (CDS)")
+    ap.add_argument("--era5", type=Path, default=None,
+                    help="ERA5 pressure-level temperature: NetCDF (CDS or cfgrib) or GRIB (jaxguide[grib])")
+    ap.add_argument("--member", type=int, default=None, help="member number of an ensemble ERA5 file")
     ap.add_argument("--sst", type=Path, default=None, help="AMIP tosbcs NetCDF")
     ap.add_argument("--time", default="2020-01-20T00:00")
     ap.add_argument("--stations", type=int, default=60, help="observation locations (3 levels each)")
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # station-like observations of T850/T500/T300 with 1 K error, some held out
     rng = np.random.default_rng(args.seed)
-    era5 = read_era5_temperature(era5_path)
+    era5 = read_era5_temperature(era5_path, member=args.member)
     table = era5_to_observations(era5, LEVELS, strategy="random", count=args.stations, rng=rng, sigma=1.0,
                                  times=[args.time], noise=True)
     locations = table[["lat", "lon"]].drop_duplicates()

@@ -183,7 +183,7 @@ def obs_rmse_k(members: jax.Array, table: pd.DataFrame, model: CBottleModel) -> 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="converted model directory (convert.convert_checkpoints)")
+    p.add_argument("--model", required=True, help="converted model directory (jaxguide.convert.convert_checkpoints)")
     p.add_argument("--members", type=int, default=4, help="ensemble size")
     p.add_argument("--steps", type=int, default=8, help="EDM sampler steps (Heun)")
     p.add_argument("--solver", default="heun", choices=("heun", "euler"),

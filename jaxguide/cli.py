@@ -1,11 +1,14 @@
-"""Command line: ``jaxguide convert | assimilate | evaluate | demo``.
+"""Command line: ``jaxguide convert | assimilate | era5-obs | evaluate | demo``.
 
-Each command is a thin layer over the library (``convert.convert_checkpoints``,
-``jaxguide.pipeline.assimilate``, ``jaxguide.metrics``, ``jaxguide.demo``): parse
-options, show progress, print a table.
+Each command is a thin layer over the library (``jaxguide.convert.convert_checkpoints``,
+``jaxguide.pipeline.assimilate``, ``jaxguide.era5``, ``jaxguide.evaluation``,
+``jaxguide.demo``): parse options, show progress, print a table.
 
-Expected failures (missing or malformed files, unwritable outputs) end with one line
-``error: ...`` on stderr and exit status 2, never a traceback.
+Expected failures (missing or malformed files, unwritable outputs) and command-line
+usage errors (a value that does not parse, a missing or unknown option) end with one
+line ``error: ...`` on stderr and exit status 2, never a traceback or usage panel; an
+error about a file names the option that gave it. Inputs are checked before any
+output is created.
 """
 
 from __future__ import annotations
@@ -16,8 +19,61 @@ from typing import Any
 
 import numpy as np
 import typer
+from typer._click import exceptions as click_errors  # typer==0.29 vendors click; its usage errors
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Score-based data assimilation with cBottle in JAX.")
+
+def _usage_error_line(e: click_errors.UsageError) -> str:
+    """One line for a command-line parsing error: the option, what was wrong, the expected form."""
+    param = getattr(e, "param", None)
+    if isinstance(e, click_errors.BadParameter) and param is not None:
+        if param.param_type_name == "argument":
+            opt = str(getattr(param, "display_name_raw", None) or param.name or "argument").upper()
+        else:
+            opt = "/".join(getattr(param, "opts", None) or [param.name or "?"])
+        try:
+            form = f"{opt} {param.display_type(e.ctx)}" if not getattr(param, "is_flag", False) else opt
+        except Exception:  # the form is a courtesy: never let it hide the error
+            form = opt
+        help_text = " ".join(str(getattr(param, "help", "") or "").split())
+        expected = f"{form}: {help_text}" if help_text else form
+        if isinstance(e, click_errors.MissingParameter):
+            return f"missing {param.param_type_name} {opt} (expected {expected})"
+        return f"invalid value for {opt}: {' '.join(str(e.message).split())} (expected {expected})"
+    return " ".join(e.format_message().split())
+
+
+class _OneLineErrors(TyperGroup):
+    """Typer's group with click's usage errors (a value that does not parse, a missing
+    or unknown option) as ONE ``error: ...`` line on stderr and exit status 2, like
+    every other expected failure of the CLI (typer would print a boxed usage panel)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        import sys
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as e:  # bare ``jaxguide``: the help, as before
+            typer.echo(e.format_message(), err=True)
+            sys.exit(2)
+        except click_errors.UsageError as e:
+            prefix = f"{e.ctx.command_path}: " if e.ctx is not None and e.ctx.command_path else ""
+            typer.echo(f"error: {prefix}{_usage_error_line(e)}", err=True)
+            sys.exit(2)
+        except click_errors.ClickException as e:
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors, add_completion=False, no_args_is_help=True, help="Score-based data assimilation with cBottle in JAX."
+)
 
 EXPECTED_ERRORS = (FileNotFoundError, ValueError, KeyError, OSError, FloatingPointError)
 
@@ -29,24 +85,97 @@ def _fail(message: str) -> None:
 
 def _message(e: BaseException) -> str:
     if isinstance(e, KeyError):
-        return f"missing key {e.args[0]!r}" if e.args else "missing key"
+        key = e.args[0] if e.args else None
+        if isinstance(key, str) and " " in key.strip():  # a sentence raised as KeyError: say it as it is
+            return " ".join(key.split())
+        return f"missing key {key!r}" if e.args else "missing key"
     if isinstance(e, OSError) and e.filename and e.strerror:
         return f"{e.strerror}: {e.filename}"
     text = " ".join(str(e).split())
     return text or type(e).__name__
 
 
+def _file_options(fn, kwargs: dict[str, Any]) -> dict[str, str]:
+    """``{path given: option that gave it}`` for the command's path-valued parameters."""
+    import inspect
+
+    out: dict[str, str] = {}
+    params = inspect.signature(fn).parameters
+    for name, value in kwargs.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        info = params[name].default if name in params else None
+        decls = [d for d in getattr(info, "param_decls", None) or () if d.startswith("--")]
+        if isinstance(info, typer.models.ArgumentInfo):
+            opt = name.upper()
+        else:
+            opt = decls[0] if decls else "--" + name.replace("_", "-")
+        for v in values:
+            if isinstance(v, Path) and str(v):
+                out[str(v)] = opt
+    return out
+
+
+def _name_option(text: str, e: BaseException, files: dict[str, str]) -> str:
+    """Prefix ``--opt: `` when the message is about a file given by an option it does not name."""
+    import re
+
+    named = str(getattr(e, "filename", "") or "")
+    for path in sorted(files, key=len, reverse=True):
+        if path in text or path == named:
+            opt = files[path]
+            said = text.startswith(f"{opt}:") or re.search(re.escape(opt) + r"[: ]+'?" + re.escape(path), text)
+            return text if said else f"{opt}: {text}"
+    return text
+
+
 def handle_errors(fn):
-    """Turn expected error classes into one ``error: ...`` line and exit status 2."""
+    """Turn expected error classes into one ``error: ...`` line and exit status 2; an
+    error about a file given on the command line also names the option that gave it."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except EXPECTED_ERRORS as e:
-            _fail(_message(e))
+            _fail(_name_option(_message(e), e, _file_options(fn, kwargs)))
 
     return wrapper
+
+
+# --------------------------------------------------------------------------------------
+# persistent compilation cache
+
+
+def compile_cache_dir() -> Path:
+    """``$JAXGUIDE_CACHE_DIR``, else ``$XDG_CACHE_HOME/jaxguide/xla`` (``~/.cache/jaxguide/xla``)."""
+    import os
+
+    if os.environ.get("JAXGUIDE_CACHE_DIR"):
+        return Path(os.environ["JAXGUIDE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxguide" / "xla"
+
+
+def enable_compile_cache(enabled: bool = True) -> Path | None:
+    """Turn on JAX's persistent compilation cache (every program that took > 0.5 s to
+    compile), so a second run of the same configuration skips XLA. Returns the directory,
+    or None when off (``enabled=False`` or ``JAXGUIDE_NO_CACHE=1``, as the tests set)."""
+    import os
+
+    import jax
+
+    if not enabled or os.environ.get("JAXGUIDE_NO_CACHE", "") not in ("", "0"):
+        return None
+    path = compile_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        typer.echo(f"note: compilation cache off, cannot create {path}: {e.strerror}", err=True)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 # --------------------------------------------------------------------------------------
@@ -72,7 +201,7 @@ def convert(
 ) -> None:
     """Convert a cBottle PyTorch checkpoint (or the experts of a mixture) to jaxguide parameters."""
     try:
-        from convert import convert_checkpoints
+        from jaxguide.convert import convert_checkpoints
     except ImportError as e:
         raise ValueError(f"the converter needs PyTorch: pip install 'jaxguide[convert]' ({e})") from None
     for ck in checkpoints:
@@ -98,6 +227,10 @@ def _sigma_y(text: str | None):
     """``1.0`` (every observation) or ``T850=1.0,T500=0.8`` (per variable); None keeps the table's."""
     if text is None:
         return None
+    if ":" in text and "=" not in text:
+        fixed = text.replace(":", "=")
+        raise ValueError(f"--sigma-y: cannot read {text!r}; per variable it is VAR=VALUE, e.g. {fixed!r} "
+                         "(or one number for every observation, e.g. 1.0)")
     if "=" not in text:
         values = _floats(text, "--sigma-y")
         if len(values) != 1:
@@ -109,12 +242,12 @@ def _sigma_y(text: str | None):
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"--sigma-y: cannot read {part!r} (expected VAR=VALUE)") from None
+            raise ValueError(f"--sigma-y: cannot read {part!r}; expected VAR=VALUE, e.g. 'T850=1.0,T500=0.8'") from None
     return out
 
 
 def _latlon_grid(text: str | None):
-    from jaxguide.io import LatLonGrid
+    from jaxguide.grid_sampling import LatLonGrid
 
     if text is None:
         return None
@@ -143,9 +276,12 @@ def _print_assimilation_summary(summary: dict) -> None:
     console.print(table)
     if summary["dropped"]:
         console.print(f"dropped observation rows: {summary['dropped']}")
+    sampling = summary["seconds_analysis"] + summary["seconds_prior"]
+    compile_s = summary.get("seconds_compile", 0.0)
     console.print(
-        f"sampling: analysis {summary['seconds_analysis']:.1f} s, prior {summary['seconds_prior']:.1f} s "
-        f"(incl. compilation); total {summary['seconds_total']:.1f} s"
+        f"time: total {summary['seconds_total']:.1f} s = compile {compile_s:.1f} s + sampling "
+        f"{sampling - compile_s:.1f} s (analysis and prior) + loading/writing "
+        f"{summary['seconds_total'] - sampling:.1f} s"
     )
 
 
@@ -154,7 +290,7 @@ def _print_assimilation_summary(summary: dict) -> None:
 def assimilate(
     model: Path = typer.Option(..., "--model", help="converted model directory (jaxguide convert)"),
     obs: Path = typer.Option(..., "--obs", help="observation table: CSV/Parquet/NetCDF with time, lat, lon, variable, value, sigma (physical units)"),
-    time: str = typer.Option(..., "--time", help="analysis time, ISO 8601, UTC (e.g. 2020-01-20T00:00)"),
+    time: str = typer.Option(..., "--time", help="analysis time, ISO 8601 only: 2020-01-20T00:00 (UTC), 2020-01-20T00:00Z or with an offset, 2020-01-20T02:00+02:00"),
     out: Path = typer.Option(..., "--out", help="analysis file (.nc NetCDF4, or .zarr)"),
     sst: Path = typer.Option(None, "--sst", help="AMIP SST file (input4MIPs tosbcs NetCDF); required by SST-conditioned models"),
     method: str = typer.Option("mmps", help="mmps | sda | dps | pigdm | regression | replacement"),
@@ -169,23 +305,34 @@ def assimilate(
     drop_bad: bool = typer.Option(False, "--drop-bad", help="drop bad rows (outside the window, NaN, unknown variable, ...) instead of failing; counts are reported"),
     label: str = typer.Option("era5", help="dataset label of the conditional model (era5 | icon)"),
     interpolation: str = typer.Option("bilinear", help="observation operator: bilinear | nearest (pixel)"),
+    allow_implausible: bool = typer.Option(False, "--allow-implausible", help="assimilate values more than 8 "
+                                           "climatological standard deviations from the model's mean (normally an "
+                                           "error: a unit mistake such as degrees Celsius for K or hPa for Pa)"),
     bf16: bool = typer.Option(False, "--bf16", help="evaluate the network in bfloat16 (guidance stays float32)"),
-    remat: bool = typer.Option(False, "--remat", help="recompute the network in the guidance VJPs (less memory)"),
+    remat: bool = typer.Option(False, "--remat", help="recompute each U-Net block in the guidance VJPs instead of storing its activations (less memory, ~1 more network pass per VJP)"),
     chunk_size: int = typer.Option(None, "--chunk-size", help="run members this many at a time (less memory)"),
     regrid: str = typer.Option(None, "--regrid", help="write on a regular NLATxNLON lat/lon grid instead of HEALPix"),
     json_path: Path = typer.Option(None, "--json", help="also write the summary as JSON here"),
     overwrite: bool = typer.Option(False, help="replace an existing output"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="do not use the persistent compilation cache "
+                                  "(then the bar counts denoiser calls as they run)"),
 ) -> None:
     """Sample a posterior ensemble given observations and write an analysis file."""
     import shlex
     import sys
+    import time as time_module
 
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from jaxguide import pipeline
     from jaxguide.io import check_writable_dir, write_json_atomic
 
+    from jaxguide.observations import parse_time
+
+    time = parse_time(time, "--time")
     settings = pipeline.AssimilationSettings(
+        check_plausibility=not allow_implausible,
         method=method,
         members=members,
         steps=steps,
@@ -206,14 +353,38 @@ def assimilate(
     grid = _latlon_grid(regrid)
     if json_path is not None:
         check_writable_dir(Path(json_path).parent)
+    cache_dir = enable_compile_cache(not no_cache)
+    console = Console(stderr=True)
+    t0 = time_module.perf_counter()
+    console.print(f"[0.0 s] reading {model}, {obs} ...")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as bar:
+    with Progress(*columns, console=console, transient=False) as bar:
         tasks: dict[str, Any] = {}
 
+        def on_event(name: str, info) -> None:
+            stamp = f"[{time_module.perf_counter() - t0:.1f} s]"
+            if name == "observations":
+                dropped = sum(info["dropped"].values())
+                bar.console.print(f"{stamp} validated {info['n_obs']} observations"
+                                  + (f" ({dropped} bad rows dropped)" if dropped else ""))
+            elif name == "compiling":
+                note = ("the first run of a configuration compiles; later runs load it from the cache "
+                        f"{cache_dir}" if cache_dir else "compilation cache off (--no-cache)")
+                bar.console.print(f"{stamp} {info['stage']}: compiling the sampler for {info['members']} members "
+                                  f"({note})")
+                tasks[info["stage"]] = bar.add_task(f"{info['stage']}: compiling", total=info["calls"])
+            elif name == "sampling":
+                bar.update(tasks[info["stage"]], description=f"{info['stage']}: sampling (denoiser calls)")
+                bar.console.print(f"{stamp} {info['stage']}: compiled in {info['compile_s']:.1f} s; sampling")
+            elif name == "sampled":
+                task = tasks[info["stage"]]
+                bar.update(task, completed=bar.tasks[task].total, description=f"{info['stage']}: done")
+            elif name == "writing":
+                bar.console.print(f"{stamp} writing {info['path']}")
+
         def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(f"{stage} (sampler steps)", total=total)
-            bar.update(tasks[stage], completed=done)
+            if stage in tasks:
+                bar.update(tasks[stage], completed=done, total=total)
 
         summary = pipeline.assimilate(
             model,
@@ -225,13 +396,35 @@ def assimilate(
             regrid=grid,
             overwrite=overwrite,
             command=" ".join(shlex.quote(a) for a in ["jaxguide", *sys.argv[1:]]),
-            progress=progress,
+            # per-call progress needs a host callback, which keeps the program out of the cache
+            progress=progress if cache_dir is None else None,
+            on_event=on_event,
         )
     _print_assimilation_summary(summary)
     typer.echo(f"wrote {out}")
     if json_path is not None:
         write_json_atomic(json_path, summary)
         typer.echo(f"wrote {json_path}")
+
+
+@app.command("synthetic-sst")
+@handle_errors
+def synthetic_sst(
+    out: Path = typer.Argument(..., help="NetCDF file to write (e.g. tosbcs_synthetic.nc)"),
+    start: str = typer.Option(..., "--start", help="first analysis time to cover, ISO 8601 (e.g. 2020-01-01)"),
+    end: str = typer.Option(..., "--end", help="last analysis time to cover, ISO 8601 (e.g. 2020-12-31)"),
+    resolution: float = typer.Option(1.0, "--resolution", help="grid spacing in degrees"),
+    overwrite: bool = typer.Option(False, help="replace an existing file"),
+) -> None:
+    """Write a SYNTHETIC monthly SST file in the AMIP tosbcs layout (a smooth zonal
+    climatology, marked synthetic in its metadata) to try SST-conditioned models
+    without downloading the input4MIPs file. Not for real analyses."""
+    from jaxguide.sst import write_synthetic_sst
+
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{str(out)!r} exists (pass --overwrite to replace it)")
+    path = write_synthetic_sst(out, start, end, resolution_deg=resolution)
+    typer.echo(f"wrote {path} (synthetic SST, tosbcs layout; pass it as --sst)")
 
 
 @app.command()
@@ -241,6 +434,7 @@ def demo(
     seed: int = typer.Option(0, help="random seed (truth, observations, ensembles)"),
     members: int = typer.Option(None, help="ensemble size (default 64)"),
     steps: int = typer.Option(None, help="sampler (Heun) steps (default 24)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="do not use the persistent compilation cache"),
 ) -> None:
     """End-to-end demo on an exact Gaussian prior (no download): truth, observations,
     MMPS and regression-guidance ensembles, verification, NetCDF files and plots."""
@@ -253,6 +447,7 @@ def demo(
 
     from jaxguide.demo import DemoConfig, prepare_out_dir, run_demo
 
+    enable_compile_cache(not no_cache)
     given = {k: v for k, v in (("members", members), ("steps", steps)) if v is not None}
     config = dataclasses.replace(DemoConfig(seed=seed), **given)
     prepare_out_dir(out)  # fail on a bad output path before the progress display starts
@@ -303,105 +498,118 @@ def _print_demo_summary(summary: dict[str, Any], seconds: float) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# era5-obs
+
+
+@app.command("era5-obs")
+@handle_errors
+def era5_obs(
+    era5: list[Path] = typer.Argument(..., help="ERA5 temperature on pressure levels: NetCDF (CDS or cfgrib), GRIB (needs the 'grib' extra) or a CDS zip; several files are combined"),
+    out: Path = typer.Option(..., "--out", help="observation table to write (.csv, .parquet or .nc)"),
+    count: int = typer.Option(None, "--count", help="number of locations drawn with --strategy (or give --points)"),
+    points: Path = typer.Option(None, "--points", help="CSV of locations with columns lat, lon (degrees), instead of --count"),
+    strategy: str = typer.Option("random", help="random | uniform (jaxguide.strategies)"),
+    levels: str = typer.Option("850,500,300", help="pressure levels in hPa, comma separated (variables T850, ...)"),
+    times: list[str] = typer.Option(None, "--time", help="valid time, ISO 8601 UTC; repeat for several (default: every time in the file)"),
+    member: int = typer.Option(None, "--member", help="ensemble member: a value of the file's 'number' dimension (required for ensemble files)"),
+    sigma: float = typer.Option(1.0, "--sigma", help="observation error std in K (the sigma column)"),
+    noise: bool = typer.Option(False, "--noise", help="add Gaussian noise of std --sigma to the values"),
+    seed: int = typer.Option(0, help="random seed (locations and noise)"),
+    overwrite: bool = typer.Option(False, help="replace an existing output"),
+) -> None:
+    """Point observations of ERA5 temperature (T850, T500, ...) as an observation table."""
+    import pandas as pd
+
+    from jaxguide.era5 import era5_to_observations, read_era5_temperature
+    from jaxguide.io import check_writable_dir
+    from jaxguide.observations import table_format, write_observations
+
+    # every input is checked before the ERA5 file is read or anything is written
+    table_format(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} exists (pass --overwrite to replace it)")
+    check_writable_dir(out.parent)
+    if (count is None) == (points is None):
+        raise ValueError("give exactly one of --count N (with --strategy) or --points CSV")
+    if count is not None and count < 1:
+        raise ValueError(f"--count must be a positive integer, got {count}")
+    if count is not None and strategy not in ("random", "uniform"):
+        raise ValueError(f"--strategy must be random or uniform, got {strategy!r}")
+    if not sigma > 0:
+        raise ValueError(f"--sigma must be > 0 (K), got {sigma}")
+    try:
+        level_list = [int(v) for v in levels.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"--levels must be comma-separated integers in hPa (e.g. 850,500,300), got {levels!r}") from None
+    if not level_list:
+        raise ValueError("--levels is empty (expected e.g. 850,500,300)")
+    for t in times or ():
+        try:
+            pd.Timestamp(t)
+        except ValueError:
+            raise ValueError(f"--time {t!r} is not an ISO 8601 time (expected e.g. 2020-01-20T00:00)") from None
+    where = {}
+    if points is not None:
+        if not points.is_file():
+            raise FileNotFoundError(f"no such points file: {str(points)!r}")
+        try:
+            pts = pd.read_csv(points)
+        except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise ValueError(f"points file {str(points)!r} is not a readable CSV ({type(e).__name__})") from None
+        if not {"lat", "lon"} <= set(pts.columns):
+            raise ValueError(f"points file {str(points)!r} needs columns lat, lon (has {list(pts.columns)})")
+        where["points"] = pts
+    else:
+        where.update(strategy=strategy, count=count)
+
+    ds = read_era5_temperature(era5, member=member)
+    try:
+        table = era5_to_observations(ds, level_list, **where, rng=np.random.default_rng(seed), sigma=sigma,
+                                     times=times or None, noise=noise)
+    except ValueError as e:  # name the option behind the library's complaint
+        opt = {"times": "--time", "levels": "--levels"}.get(str(e).split(" ", 1)[0])
+        raise ValueError(f"{opt}: {e}" if opt else str(e)) from None
+    write_observations(table, out)
+    typer.echo(f"wrote {len(table)} observations to {out}")
+
+
+# --------------------------------------------------------------------------------------
 # evaluate
 
 
-def read_observations(path: Path):
-    """Observation table (CSV, Parquet or NetCDF; columns ``jaxguide.observations.COLUMNS``, physical
-    units) for verification: every row must be usable; variables the analysis lacks are
-    left out later, with a note."""
-    from jaxguide.observations import read_observations as read
-
-    table = read(path)
-    if len(table) == 0:
-        raise ValueError(f"observation file {str(path)!r} has no observations")
-    bad = {
-        "time": int(table["time"].isna().sum()),
-        "lat": int((~(np.abs(table["lat"]) <= 90)).sum()),
-        "lon": int((~np.isfinite(table["lon"])).sum()),
-        "value": int((~np.isfinite(table["value"])).sum()),
-        "sigma": int((~(table["sigma"] > 0)).sum()),
-    }
-    bad = {k: v for k, v in bad.items() if v}
-    if bad:
-        raise ValueError(f"observation file {str(path)!r} has unusable rows (column: count) {bad}")
-    return table
-
-
-def _time_index(ds_times: np.ndarray, obs_times) -> np.ndarray:
-    if ds_times.size == 1:
-        return np.zeros(len(obs_times), dtype=np.int64)
-    t = np.asarray(obs_times, dtype="datetime64[ns]").astype(np.int64)
-    d = np.asarray(ds_times, dtype="datetime64[ns]").astype(np.int64)
-    return np.argmin(np.abs(t[:, None] - d[None, :]), axis=1)
-
-
-def ensemble_at_observations(ds, table) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Any]]:
-    """Per variable: (ensemble (M, n), obs (n,), sigma (n,), rows) at the nearest NEST pixel.
-
-    Observations of variables not in the analysis are left out (listed under ``""``)."""
-    from jaxguide import healpix
-    from jaxguide.io import channel_variables, nearest_pixels
-
-    if "pixel" not in ds.dims:
-        raise ValueError("evaluate needs an analysis on the HEALPix grid (dimension 'pixel')")
-    nside = healpix.nside_of_npix(ds.sizes["pixel"])
-    channels = set(channel_variables(ds))
-    pix = nearest_pixels(nside, table["lon"].to_numpy(), table["lat"].to_numpy(), "nest")
-    tidx = _time_index(ds["time"].values, table["time"])
-    out = {}
-    for var, rows in table.groupby("variable", sort=True):
-        if var not in channels:
-            continue
-        sel = rows.index.to_numpy()
-        field = ds[var].transpose("member", "time", "pixel").values
-        pos = table.index.get_indexer(sel)
-        out[var] = (field[:, tidx[pos], pix[pos]], rows["value"].to_numpy(np.float64), rows["sigma"].to_numpy(np.float64), rows)
-    return out
-
-
-def _truth_metrics(ds, truth_path: Path) -> dict[str, dict]:
-    import xarray as xr
-
-    from jaxguide import metrics
-    from jaxguide.io import channel_variables
-
-    if not Path(truth_path).exists():
-        raise FileNotFoundError(f"no such truth file: {str(truth_path)!r}")
-    with xr.open_dataset(truth_path) as t:
-        truth = t.load()
-    out = {}
-    for var in channel_variables(ds):
-        if var not in truth:
-            continue
-        tv = truth[var]
-        if "member" in tv.dims:
-            tv = tv.isel(member=0)
-        tv = tv.transpose("time", "pixel").values
-        ev = ds[var].transpose("member", "time", "pixel").values
-        if tv.shape != ev.shape[1:]:
-            raise ValueError(f"truth {var} has shape {tv.shape}, analysis {ev.shape[1:]}")
-        out[var] = metrics.summarize(ev.reshape(ev.shape[0], -1), tv.reshape(-1))
-    if not out:
-        raise ValueError(f"truth file {str(truth_path)!r} shares no variable with the analysis")
-    return out
-
-
-def _print_table(results: dict[str, dict[str, dict]]) -> None:
+def _print_table(result) -> None:
+    """Two tables (they fit 80 columns): ensemble mean and spread, then the proper scores."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
-
-    table = Table(title="analysis verification")
-    for col in ("set", "variable", "n", "RMSE", "bias", "CRPS", "spread", "spread/skill"):
-        table.add_column(col, justify="right" if col not in ("set", "variable") else "left")
 
     def fmt(v):
         return "-" if v is None else f"{v:.4g}"
 
-    for set_name, per_var in results.items():
-        for var, s in per_var.items():
-            table.add_row(set_name, var, str(s["n_obs"]), fmt(s["rmse"]), fmt(s["bias"]), fmt(s["crps"]), fmt(s.get("spread")), fmt(s.get("spread_skill")))
-    Console().print(table)
+    def table(title: str, cols: tuple[str, ...], row) -> Table:
+        t = Table(title=title, box=box.SIMPLE_HEAD)
+        for col in ("set", "variable", *cols):
+            t.add_column(col, justify="left" if col in ("set", "variable") else "right", no_wrap=True)
+        for set_name, per_var in result.metrics.items():
+            for var, s in per_var.items():
+                t.add_row(set_name, var, *(fmt(v) if not isinstance(v, str) else v for v in row(s)))
+        return t
+
+    console = Console()
+    console.print(table(
+        f"analysis verification (observation operator: {result.operator})",
+        ("n", "RMSE", "bias", "spread", "spread/skill"),
+        lambda s: (str(s["n_obs"]), s["rmse"], s["bias"], s.get("spread"), s.get("spread_skill_obs", s.get("spread_skill"))),
+    ))
+    console.print(table(
+        "proper scores (lower is better)",
+        ("CRPS", "energy score", "variogram score"),
+        lambda s: (s["crps"], s["energy_score"], s.get("variogram_score")),
+    ))
+    if any(s.get("obs_noise_in_scores") for per in result.metrics.values() for s in per.values()):
+        console.print("At observations, CRPS, energy and variogram scores and rank histograms score the members plus "
+                      "N(0, sigma^2) noise, and spread/skill = sqrt((M+1)/M spread^2 + sigma^2) / RMSE. The energy "
+                      "and variogram (p = 0.5) scores treat a set's observations of a variable as one vector.")
 
 
 @app.command()
@@ -413,71 +621,34 @@ def evaluate(
     truth: Path = typer.Option(None, "--truth", help="truth fields (NetCDF, same variables, NEST pixels)"),
     json_path: Path = typer.Option(None, "--json", help="write the metrics as JSON here"),
     plots_dir: Path = typer.Option(None, "--plots", help="write PNG maps and rank histograms into this directory"),
-    seed: int = typer.Option(0, help="seed of the rank histograms' tie-breaking"),
+    seed: int = typer.Option(0, help="seed of the observation-noise draws and the rank histograms' tie-breaking"),
 ) -> None:
-    """RMSE / CRPS / spread / spread-skill of an analysis at assimilated and held-out observations."""
-    from jaxguide import metrics
-    from jaxguide.io import PRIOR_SUFFIX, check_writable_dir, read_analysis, write_json_atomic
+    """RMSE / CRPS / energy and variogram scores / spread / spread-skill of an analysis at
+    assimilated and held-out observations (read with the analysis' own observation
+    operator) and against a truth field."""
+    from jaxguide import evaluation
+    from jaxguide.io import check_writable_dir, read_analysis, write_json_atomic
 
-    # check the outputs before the work
+    # check the outputs before the work, but create nothing until the inputs are read
     if json_path is not None:
         check_writable_dir(Path(json_path).parent)
     if plots_dir is not None:
-        if not plots_dir.is_dir():
-            if not plots_dir.parent.is_dir():
-                raise FileNotFoundError(f"output directory {str(plots_dir.parent)!r} does not exist")
-            check_writable_dir(plots_dir.parent)
-            plots_dir.mkdir()
-        check_writable_dir(plots_dir)
+        if plots_dir.exists() and not plots_dir.is_dir():
+            raise FileExistsError(f"--plots {str(plots_dir)!r} exists and is not a directory")
+        check_writable_dir(plots_dir if plots_dir.is_dir() else plots_dir.parent)
 
     ds = read_analysis(analysis)
-    sets = {"assimilated": read_observations(obs)}
-    if held_out is not None:
-        sets["held_out"] = read_observations(held_out)
-
-    results: dict[str, dict[str, dict]] = {}
-    samples = {}
-    for name, table in sets.items():
-        per_var = ensemble_at_observations(ds, table)
-        if not per_var:
-            raise ValueError(f"none of the {name} observation variables {sorted(set(table['variable']))} is in the analysis")
-        samples[name] = per_var
-        skipped = sorted(set(table["variable"]) - set(per_var))
-        if skipped:
-            n_skip = int(table["variable"].isin(skipped).sum())
-            typer.echo(f"note: {name}: left out {n_skip} observations of variables not in the analysis: {skipped}", err=True)
-        results[name] = {
-            var: metrics.summarize(ens, y, obs_sigma=sig, seed=seed) for var, (ens, y, sig, _) in per_var.items()
-        }
-    if truth is not None:
-        results["truth"] = _truth_metrics(ds, truth)
-
-    _print_table(results)
+    sets = {"assimilated": obs} if held_out is None else {"assimilated": obs, "held_out": held_out}
+    result = evaluation.evaluate(ds, sets, truth=truth, seed=seed)
+    for name, info in result.skipped.items():
+        typer.echo(f"note: {name}: left out {info['n_obs']} observations of variables not in the analysis: "
+                   f"{info['variables']}", err=True)
+    _print_table(result)
     if json_path is not None:
-        write_json_atomic(json_path, {"analysis": str(analysis), "metrics": results})
+        write_json_atomic(json_path, result.to_json(analysis))
         typer.echo(f"wrote {json_path}")
     if plots_dir is not None:
-        from jaxguide import plots
-
-        for var in sorted({v for per in samples.values() for v in per}):
-            assim = samples["assimilated"].get(var)
-            prior_name = var + PRIOR_SUFFIX
-            prior = ds[prior_name].isel(time=0).values if prior_name in ds else None
-            lon = assim[3]["lon"].to_numpy() if assim else None
-            lat = assim[3]["lat"].to_numpy() if assim else None
-            plots.plot_maps(
-                plots_dir / f"{var}_maps.png",
-                ds[var].isel(time=0).transpose("member", "pixel").values,
-                order="nest",
-                prior=prior,
-                obs_lon=lon,
-                obs_lat=lat,
-                name=var,
-                units=str(ds[var].attrs.get("units", "")),
-            )
-        for set_name, per_var in results.items():
-            for var, s in per_var.items():
-                plots.plot_rank_histogram(plots_dir / f"{var}_{set_name}_rank.png", s["rank_histogram"], title=f"{var} ({set_name})")
+        evaluation.write_plots(result, ds, plots_dir)
         typer.echo(f"wrote plots to {plots_dir}")
 
 

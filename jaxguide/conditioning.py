@@ -78,6 +78,49 @@ def calendar_inputs(times: Sequence) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def frame_times(window_start, time_length: int, time_step_hours: float) -> pd.DatetimeIndex:
+    """The T frame times of a video window: ``window_start + k * time_step``, k = 0..T-1.
+
+    The video model never sees the spacing except through each frame's calendar; the
+    checkpoint's ``batch_info.json`` ``time_step`` (hours) gives it (cBottle's
+    ``Checkpoint.read_batch_info`` drops it: read it from the json).
+    """
+    if time_length < 1:
+        raise ValueError(f"time_length must be >= 1, got {time_length}")
+    if not time_step_hours > 0:
+        raise ValueError(f"the frame time step must be positive, got {time_step_hours} h")
+    start = pd.Timestamp(window_start)
+    return pd.DatetimeIndex([start + pd.Timedelta(hours=float(time_step_hours) * k) for k in range(time_length)])
+
+
+def frame_calendar_inputs(window_start, time_length: int, time_step_hours: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(second_of_day, day_of_year)`` per frame of a window, each (1, T) float32 (cBottle's video batch)."""
+    sod, doy = calendar_inputs(list(frame_times(window_start, time_length, time_step_hours)))
+    return sod.reshape(1, -1), doy.reshape(1, -1)
+
+
+def frame_condition(target: np.ndarray, keep: np.ndarray, sst: np.ndarray) -> np.ndarray:
+    """The video model's condition ``[target * mask, SST, mask]`` (cBottle's ``FrameMasker``).
+
+    Args:
+      target: (C, T, npix) normalised frames, network order; only the kept frames matter
+        (the others are multiplied by 0; NaN stays NaN as in cBottle, and the network
+        turns it into 0).
+      keep: (T,) bool, True on the frames given to the model (conditioning frames).
+      sst: encoded SST, (T, npix) per frame or (npix,) for all frames (``encode_sst``).
+    Returns (1, C + 2, T, npix) float32.
+    """
+    target = np.asarray(target, np.float32)
+    c, t, npix = target.shape
+    mask = np.asarray(keep, bool).reshape(-1)
+    if mask.shape != (t,):
+        raise ValueError(f"keep has {mask.size} entries for {t} frames")
+    sst = np.broadcast_to(np.asarray(sst, np.float32), (t, npix))
+    m = np.broadcast_to(mask.astype(np.float32)[:, None], (t, npix))
+    out = np.concatenate([target * m[None], sst[None], m[None]], axis=0)
+    return out[None].astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------
 # Labels
 
@@ -122,16 +165,27 @@ def read_amip_sst(path: str | os.PathLike, variable: str = "tosbcs") -> xr.Datas
     any CF calendar (standard, noleap, 360_day, ...) interpolates in its own calendar.
     Coordinates are renamed to ``time, lat, lon``; lon is sorted into increasing order.
     """
-    with xr.open_dataset(path, decode_times=False) as raw:
-        ds = raw.load()
+    path = os.fspath(path)
+    what = f"SST file {path!r}"
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} is a directory; expected an AMIP tosbcs NetCDF file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such SST file: {path!r}")
+    try:
+        with xr.open_dataset(path, decode_times=False, engine="netcdf4") as raw:
+            ds = raw.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} is not a NetCDF file ({e}); expected the input4MIPs AMIP tosbcs NetCDF "
+                         "(see jaxguide.sst, or write a synthetic one with `jaxguide synthetic-sst`)") from None
     ds = ds.rename({k: v for k, v in {"latitude": "lat", "longitude": "lon"}.items() if k in ds.variables})
     if variable not in ds:
-        raise KeyError(f"{path}: no variable {variable!r}; found {list(ds.data_vars)}")
+        raise ValueError(f"{what} has no variable {variable!r} (found {list(ds.data_vars)}); expected the "
+                         "input4MIPs AMIP tosbcs NetCDF (see jaxguide.sst)")
     missing = [d for d in ("time", "lat", "lon") if d not in ds[variable].dims]
     if missing:
-        raise ValueError(f"{path}: {variable} lacks dimensions {missing} (has {ds[variable].dims})")
+        raise ValueError(f"{what}: {variable} lacks dimensions {missing} (has {ds[variable].dims})")
     if "units" not in ds["time"].attrs:
-        raise ValueError(f"{path}: time has no CF 'units' attribute")
+        raise ValueError(f"{what}: time has no CF 'units' attribute")
     ds["time"].attrs.setdefault("calendar", "standard")
     ds = ds[[variable]].transpose("time", "lat", "lon")
     ds = ds.assign_coords(lon=np.asarray(ds["lon"].values, np.float64) % 360.0).sortby("lon")

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+from collections.abc import Mapping
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("unet_hpx64",)
@@ -17,6 +17,54 @@ KNOWN_ARCHITECTURES = ("unet_hpx64", "unet_hpx1024_patch")
 
 class UnsupportedArchitectureError(ValueError):
     """The checkpoint's architecture is not ported to JAX."""
+
+
+class FrozenMapping(Mapping):
+    """A read-only, hashable JSON object (nested dicts/lists frozen), so that a frozen config
+    holding one can key caches (``graphdef_and_shapes``) and be compared."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, data: Mapping[str, Any]):
+        self._items = tuple(sorted((str(k), _freeze(v)) for k, v in dict(data).items()))
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self):
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and _thaw(self) == _thaw(other)
+
+    def __repr__(self) -> str:
+        return f"FrozenMapping({_thaw(self)!r})"
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return FrozenMapping(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """Back to JSON types (dict, list)."""
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +80,18 @@ class ModelConfig:
     label_dropout: float = 0.0
     level: int = 10
     calendar_include_legacy_bug: bool = True
-    noise_dependent_dropout_config: dict | None = None
+    noise_dependent_dropout_config: FrozenMapping | None = None  # a dict in model.json; frozen to stay hashable
     enable_classifier: bool = False
     position_embed_channels: int = 20
     img_resolution: int = 128
+    # Not in cBottle's model.json: SongUNetHPX64Video hard-codes 64 channels per attention
+    # head (image model: one head). The converter reads it from the state dict
+    # (``positional_embedding`` has one row per head), so checkpoints built otherwise load.
+    channels_per_head: int = 64
+
+    def __post_init__(self):
+        if self.noise_dependent_dropout_config is not None:
+            object.__setattr__(self, "noise_dependent_dropout_config", FrozenMapping(self.noise_dependent_dropout_config))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -44,10 +100,16 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The ``model.json`` dict (JSON types only)."""
+        return {f.name: _thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def check_supported(self) -> None:
         """Raise :class:`UnsupportedArchitectureError` for configs we do not port."""
+        self.check_architecture()
+        self._check_frames_and_heads()
+
+    def check_architecture(self) -> None:
+        """The architecture name alone (before any weights are read)."""
         if self.architecture not in KNOWN_ARCHITECTURES:
             raise UnsupportedArchitectureError(
                 f"unknown architecture {self.architecture!r}; cBottle knows {KNOWN_ARCHITECTURES}, "
@@ -58,11 +120,29 @@ class ModelConfig:
                 f"architecture {self.architecture!r} (the HPX1024 patch super-resolution model) is not "
                 f"ported to JAX; jaxguide ports {SUPPORTED_ARCHITECTURES}"
             )
-        if self.time_length != 1:
-            raise UnsupportedArchitectureError(
-                f"architecture {self.architecture!r} with time_length={self.time_length} (the video model "
-                "with temporal attention) is not ported to JAX; only time_length=1 is"
-            )
+
+    def _check_frames_and_heads(self) -> None:
+        if self.time_length < 1:
+            raise UnsupportedArchitectureError(f"time_length must be >= 1, got {self.time_length}")
+        if self.time_length > 1:
+            for cout in sorted({self.model_channels * m for m in CHANNEL_MULT}):
+                if self.channels_per_head < 1 or cout // self.channels_per_head < 1 or cout % self.channels_per_head:
+                    raise UnsupportedArchitectureError(
+                        f"the video model (time_length={self.time_length}) splits its {cout}-channel attention "
+                        f"blocks into heads of channels_per_head={self.channels_per_head} channels: "
+                        f"{cout // max(self.channels_per_head, 1)} heads is not a valid split "
+                        "(cBottle's own model cannot run with 0 heads either)"
+                    )
+
+    @property
+    def is_video(self) -> bool:
+        """cBottle builds ``SongUNetHPX64Video`` (temporal attention, multi-head) for time_length > 1."""
+        return self.time_length > 1
+
+    def attention_heads(self, channels: int) -> int:
+        """Heads of an attention block with ``channels`` outputs: 1 for the image model
+        (cBottle's ``channels_per_head=-1``), ``channels // channels_per_head`` for video."""
+        return channels // self.channels_per_head if self.is_video else 1
 
 
 # The fixed architecture choices of cBottle's SongUNetHPX64 (not in model.json).
@@ -112,13 +192,3 @@ class BatchInfo:
             "time_step": self.time_step,
             "time_unit": self.time_unit,
         }
-
-    def channel_index(self, name: str) -> int:
-        try:
-            return self.channels.index(name)
-        except ValueError:
-            raise KeyError(f"unknown variable {name!r}; this model's channels are {list(self.channels)}") from None
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True)

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxguide import ensemble, gaussian, guidance, healpix, io, metrics, observations, plots, strategies
+from jaxguide import ensemble, gaussian, guidance, healpix, io, metrics, observations, plots, schema, strategies
 
 logger = logging.getLogger(__name__)
 
@@ -413,18 +413,19 @@ def _provenance(config: DemoConfig, method: str, *, sigma_y, scale, n_obs: int, 
                   "its parameters (mean and eigendecompositions, float64)"),
         "n_obs": n_obs,
         "command": command,
+        "observation_operator": "bilinear",
     }
 
 
 def _dataset(ens: np.ndarray, config: DemoConfig, provenance: dict, title: str, prior=None):
-    ds = io.analysis_to_dataset(ens, channels=list(config.channels), center=config.center, scale=config.scale,
+    ds = schema.analysis_to_dataset(ens, channels=list(config.channels), center=config.center, scale=config.scale,
                                 times=[config.time], provenance=provenance, prior=prior)
     ds.attrs["title"] = title
     return ds
 
 
 def _plots(out: Path, config: DemoConfig, ens_mmps, prior_mean, truth, assim: pd.DataFrame,
-           results: dict[str, dict]) -> list[Path]:
+           results: dict[str, dict], held: pd.DataFrame | None = None) -> list[Path]:
     """MMPS maps per channel (mean, increment vs the exact prior mean, spread;
     assimilated observations marked), truth maps, and held-out rank histograms per method.
 
@@ -435,11 +436,14 @@ def _plots(out: Path, config: DemoConfig, ens_mmps, prior_mean, truth, assim: pd
     paths = []
     for i, c in enumerate(config.channels):
         rows = assim["variable"] == c
+        hrows = None if held is None else held["variable"] == c
         paths.append(plots.plot_maps(out / f"maps_mmps_{c}.png", mm[:, i], order="nest", prior=pm[i],
                                      obs_lon=assim.loc[rows, "lon"].to_numpy(), obs_lat=assim.loc[rows, "lat"].to_numpy(),
-                                     name=f"{c} MMPS", units="K"))
+                                     held_out_lon=None if held is None else held.loc[hrows, "lon"].to_numpy(),
+                                     held_out_lat=None if held is None else held.loc[hrows, "lat"].to_numpy(),
+                                     name=f"{c} MMPS", units="K", valid_time=config.time))
         paths.append(plots.plot_maps(out / f"truth_{c}.png", tt[i], order="nest", name=f"{c} truth", units="K",
-                                     figsize=(5.0, 4.0)))
+                                     figsize=(5.0, 4.0), valid_time=config.time))
     for method, r in results.items():
         paths.append(plots.plot_rank_histogram(out / f"rank_held_out_{method}.png", r["held_out"]["all"]["rank_histogram"],
                                                title=f"{method}: held-out observations (all channels)"))
@@ -537,9 +541,9 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
     prov = functools.partial(_provenance, config, n_obs=len(assim), sha=sha, command=command)
     sig_k = config.sigma_obs_k
     writes = {
-        "truth": (truth[None], prov("truth (one draw from the prior)", sigma_y=None, scale=None),
+        "truth": (truth[None], prov("truth (one draw from the prior)", sigma_y="none (no observations used)", scale=None),
                   "jaxguide demo truth: one draw from the Gaussian random-field prior", None),
-        "prior": (ens["prior"], prov("none (unguided prior ensemble)", sigma_y=None, scale=None),
+        "prior": (ens["prior"], prov("none (unguided prior ensemble)", sigma_y="none (no observations used)", scale=None),
                   "jaxguide demo prior ensemble (Gaussian random-field prior, not cBottle)", None),
         "mmps": (ens["mmps"], prov(f"mmps (cg_iters={config.cg_iters})", sigma_y=sig_k, scale=1.0),
                  "jaxguide demo analysis, MMPS (Gaussian random-field prior, not cBottle)", ens["prior"]),
@@ -549,7 +553,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
     }
     for name, (e, p, title, pr) in writes.items():
         io.write_dataset(_dataset(e, config, p, title, prior=pr), files[name], overwrite=True)
-    pngs = _plots(out, config, ens["mmps"], np.asarray(prior.mu), truth, assim, results)
+    pngs = _plots(out, config, ens["mmps"], np.asarray(prior.mu), truth, assim, results, held)
 
     summary = {
         "config": dataclasses.asdict(config),

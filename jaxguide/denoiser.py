@@ -2,8 +2,9 @@
 the sampler use, with the conditioning bound (time, SST, dataset label) and cBottle's
 ERA5 channel masking; plus the post-processing to NEST order and physical units.
 
-A member's state is ``(C, 1, npix)``: channels, time, pixels in the network's order,
-normalised units. ``vmap`` over members for ensembles.
+A member's state is ``(C, T, npix)``: channels, frames (T = the model's time_length, 1
+for the image model), pixels in the network's order, normalised units. ``vmap`` over
+members for ensembles.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def make_denoiser(
     label: str = "era5",
     params=None,
     compute_dtype=jnp.float32,
+    remat: bool = False,
 ) -> Denoiser:
     """A denoiser for one member, as cBottle's ``CBottle3d`` samples.
 
@@ -48,11 +50,14 @@ def make_denoiser(
     (two network evaluations, run as one batch of two); otherwise one pass.
 
     Args:
-      condition: (1, 1, 1, npix) encoded SST (or None for models without it).
-      second_of_day, day_of_year: scalars or (1, 1) float32.
+      condition: (1, condition_channels, T, npix): the encoded SST (image model), or
+        ``[target * mask, SST, mask]`` per frame (video model); None for models without it.
+      second_of_day, day_of_year: per frame, (T,) or (1, T) float32 (scalars for T = 1).
       params: the expert parameters (default: ``model.params``); pass them explicitly to
         differentiate with respect to them.
-    Returns ``denoiser(x (C, 1, npix), sigma scalar) -> (C, 1, npix)`` in x's dtype.
+      compute_dtype: precision of the network's convolutions and matmuls (bfloat16 for speed).
+      remat: recompute each U-Net block in reverse mode (less memory for guidance VJPs).
+    Returns ``denoiser(x (C, T, npix), sigma scalar) -> (C, T, npix)`` in x's dtype.
     """
     if model.config.label_dim == 0:
         labels_main = labels_fill = None
@@ -64,13 +69,16 @@ def make_denoiser(
     two_pass = not mask.all()
     labels_both = None if labels_main is None else np.concatenate([labels_main, labels_fill])
     mask_b = jnp.asarray(mask)[None, :, None, None]
-    sod = jnp.asarray(second_of_day, jnp.float32).reshape(1, 1)
-    doy = jnp.asarray(day_of_year, jnp.float32).reshape(1, 1)
-    cond = None if condition is None else jnp.asarray(condition, jnp.float32).reshape(1, -1, 1, healpix_npix(condition))
+    # --- video (T frames): per-frame calendar and condition; T = 1 is the image model
+    frames = model.config.time_length
+    sod = jnp.asarray(second_of_day, jnp.float32).reshape(1, frames)
+    doy = jnp.asarray(day_of_year, jnp.float32).reshape(1, frames)
+    cond = None if condition is None else jnp.asarray(condition, jnp.float32).reshape(1, -1, frames, healpix_npix(condition))
+    # ---
 
     def denoise(x: jax.Array, sigma) -> jax.Array:
         p = model.params if params is None else params
-        kw = dict(condition=cond, second_of_day=sod, day_of_year=doy, compute_dtype=compute_dtype)
+        kw = dict(condition=cond, second_of_day=sod, day_of_year=doy, compute_dtype=compute_dtype, remat=remat)
         if two_pass:
             # both passes as one batch of two: one copy of the network in the compiled graph
             xb = jnp.stack([jnp.where(mask_b[0], x, 0), x])

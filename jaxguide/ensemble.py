@@ -9,7 +9,7 @@ device runs its own members, no communication; the result carries
 the device count (a ``ValueError`` says so; no silent padding).
 
 Compiled programs are cached per configuration (denoiser and sampler function
-identity, member shape, member count, sampler options, devices, remat, chunk size):
+identity, member shape, member count, sampler options, devices, chunk size):
 pass changing data (network parameters, observations) through ``operands`` rather
 than by building a new closure per call, or every call compiles again. The cache
 keeps the 32 most recently used configurations (and so references to their denoiser
@@ -103,13 +103,12 @@ def resolve_devices(devices: Sequence[Any] | None) -> tuple[Any, ...]:
 
 
 @functools.lru_cache(maxsize=32)
-def _build(denoiser_fn, sampler, member_shape, n_members, frozen_kwargs, devices, remat, chunk_size):
+def _build(denoiser_fn, sampler, member_shape, n_members, frozen_kwargs, devices, chunk_size):
     kwargs = {k: _thaw(v) for k, v in frozen_kwargs}
-    den_core = jax.checkpoint(denoiser_fn) if remat else denoiser_fn
 
     def members(keys, operands):
         def den(x, sigma):
-            return den_core(x, sigma, *operands)
+            return denoiser_fn(x, sigma, *operands)
 
         def one(k):
             return sampler(den, k, member_shape, **kwargs)
@@ -145,7 +144,6 @@ def sample_ensemble(
     *,
     sampler_kwargs: dict[str, Any],
     devices: Sequence[Any] | None = None,
-    remat: bool = False,
     chunk_size: int | None = None,
     operands: tuple = (),
     sampler: Callable[..., Any] | None = None,
@@ -162,8 +160,6 @@ def sample_ensemble(
         static (part of the compiled configuration).
       devices: devices for the member axis; default all of ``jax.devices()``. One
         device means no sharding.
-      remat: wrap the denoiser in ``jax.checkpoint`` (less memory for gradients
-        through the denoiser, e.g. guidance VJPs, at the cost of recompute).
       chunk_size: run members ``chunk_size`` at a time (``jax.lax.map``) instead of
         all at once (per device when sharded).
       operands: pytree of arrays passed to the denoiser as traced arguments
@@ -189,7 +185,6 @@ def sample_ensemble(
         int(n_members),
         _freeze(dict(sampler_kwargs)),
         devs if len(devs) > 1 else (),
-        bool(remat),
         None if chunk_size is None else int(chunk_size),
     )
     # strip weak types so that e.g. jnp.full(shape, 5.0) and a concrete array share a program

@@ -8,7 +8,9 @@ north-east, ``iy`` towards north-west, as in NEST) is ``h = n - 1 - ix``,
 ``w = n - 1 - iy``: the image has its origin at the north corner and runs clockwise.
 
 Everything here is index arithmetic done once in NumPy; what runs inside
-``jit``/``vmap``/``grad`` is a gather with these precomputed indices.
+``jit``/``vmap``/``grad`` is a gather with these precomputed indices. Sampling a
+field at points (containing pixel, bilinear weights, lat/lon regridding) lives in
+:mod:`jaxguide.grid_sampling`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import functools
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,7 +39,8 @@ def nside_of_npix(npix: int) -> int:
     return nside
 
 
-def _check_nside(nside: int) -> int:
+def check_nside(nside: int) -> int:
+    """``nside`` as an int; raises ValueError unless it is a power of two."""
     nside = int(nside)
     if nside < 1 or nside & (nside - 1):
         raise ValueError(f"nside must be a power of two, got {nside}")
@@ -146,7 +150,7 @@ def _index_in(nside: int, order: str, ix, iy, f) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def permutation(nside: int, src: Order, dest: Order) -> np.ndarray:
     """Index ``i`` with ``x_dest = x_src[..., i]`` (int32, read-only)."""
-    nside = _check_nside(nside)
+    nside = check_nside(nside)
     ix, iy, f = _xyf_of_all(nside, dest)
     idx = _index_in(nside, src, ix, iy, f).astype(np.int32)
     idx.setflags(write=False)
@@ -167,7 +171,7 @@ def reorder(x, src: Order, dest: Order, axis: int = -1):
 @functools.lru_cache(maxsize=None)
 def lonlat(nside: int, order: Order = "net") -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre (lon, lat) in degrees (lon in [0, 360)), float64, in ``order``."""
-    nside = _check_nside(nside)
+    nside = check_nside(nside)
     lon, lat = xyf_to_lonlat(nside, *_xyf_of_all(nside, order))
     lon.setflags(write=False)
     lat.setflags(write=False)
@@ -275,7 +279,7 @@ def pad_sources(nside: int, padding: int) -> np.ndarray:
     Shape ``(2, 12, n + 2p, n + 2p)`` int32 indexed ``[candidate, face, h, w]``; -1 marks
     an invalid candidate. The padded value is the mean of the valid candidates.
     """
-    n = _check_nside(nside)
+    n = check_nside(nside)
     p = int(padding)
     if not 0 <= p <= n:
         raise ValueError(f"padding must be in [0, nside], got {padding}")
@@ -337,165 +341,57 @@ def pad(x: jnp.ndarray, padding: int) -> jnp.ndarray:
     return out.reshape(*x.shape[:-2], 12, m, m, x.shape[-1])
 
 
-# --------------------------------------------------------------------------------------
-# Points on the sphere -> pixels: containing pixel and healpy-compatible bilinear weights.
-#
-# Both are NumPy re-implementations of HEALPix C++ ``loc2pix`` (ring scheme) and
-# ``get_interpol`` (what ``healpy.ang2pix`` / ``healpy.get_interp_weights`` call), so
-# results agree with healpy pixel for pixel; indices are then mapped to ``order``.
+@functools.lru_cache(maxsize=None)
+def pad_transpose_table(nside: int, padding: int) -> tuple[np.ndarray, np.ndarray]:
+    """The transpose of :func:`pad` as a gather: ``(index, weight)``, both (12 n^2, K).
 
-
-def _lonlat_to_theta_phi(lon, lat) -> tuple[np.ndarray, np.ndarray]:
-    """Colatitude theta in [0, pi] and longitude phi in [0, 2 pi), radians, float64."""
-    lon = np.asarray(lon, dtype=np.float64)
-    lat = np.asarray(lat, dtype=np.float64)
-    if np.any(~np.isfinite(lat)) or np.any(np.abs(lat) > 90.0):
-        raise ValueError("latitude must be finite and within [-90, 90] degrees")
-    if np.any(~np.isfinite(lon)):
-        raise ValueError("longitude must be finite")
-    theta = np.pi / 2 - np.radians(lat)
-    theta = np.clip(theta, 0.0, np.pi)
-    phi = np.mod(np.radians(lon), 2 * np.pi)
-    phi = np.where(phi >= 2 * np.pi, 0.0, phi)
-    return theta, phi
-
-
-def _ring_to(nside: int, order: str, ring_pix: np.ndarray) -> np.ndarray:
-    """Map RING pixel indices to ``order`` (int64)."""
-    if order == "ring":
-        return ring_pix.astype(np.int64)
-    # permutation(nside, order, "ring")[r] = index in ``order`` of ring pixel r
-    return permutation(nside, order, "ring")[ring_pix].astype(np.int64)
-
-
-def ang2pix(nside: int, lon, lat, order: Order = "net") -> np.ndarray:
-    """Pixel containing each point (healpy ``ang2pix(..., lonlat=True)`` semantics).
-
-    Args:
-      lon: (...) degrees, any range (taken modulo 360).
-      lat: (...) degrees in [-90, 90].
-    Returns:
-      (...) int64 pixel indices in ``order``.
+    Pixel p receives ``sum_k weight[p, k] * padded[index[p, k]]`` (flattened padded
+    positions; index = 12 (n+2p)^2, out of range, where weight is 0). K = the most
+    padded positions that read one pixel.
     """
-    n = _check_nside(nside)
-    theta, phi = _lonlat_to_theta_phi(lon, lat)
-    shape = theta.shape
-    theta, phi = theta.ravel(), phi.ravel()
-    npix = 12 * n * n
-    ncap = 2 * n * (n - 1)
-    z = np.cos(theta)
-    za = np.abs(z)
-    tt = np.mod(phi / (np.pi / 2), 4.0)
-    # equatorial belt
-    temp1 = n * (0.5 + tt)
-    temp2 = n * z * 0.75
-    jp = (temp1 - temp2).astype(np.int64)
-    jm = (temp1 + temp2).astype(np.int64)
-    ir = n + 1 + jp - jm
-    kshift = 1 - (ir & 1)
-    t1 = jp + jm - n + kshift + 1 + 8 * n
-    ip = (t1 >> 1) % (4 * n)
-    pix_eq = ncap + (ir - 1) * 4 * n + ip
-    # polar caps (near the poles healpy uses sin(theta) for accuracy)
-    have_sth = (theta < 0.01) | (theta > 3.14159 - 0.01)
-    tp = tt - np.floor(tt)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tmp = np.where(
-            (za < 0.99) | ~have_sth,
-            n * np.sqrt(np.maximum(3 * (1 - za), 0.0)),
-            n * np.sin(theta) / np.sqrt((1.0 + za) / 3.0),
-        )
-    jp = (tp * tmp).astype(np.int64)
-    jm = ((1.0 - tp) * tmp).astype(np.int64)
-    irc = jp + jm + 1
-    ipc = (tt * irc).astype(np.int64) % (4 * irc)
-    pix_cap = np.where(z > 0, 2 * irc * (irc - 1) + ipc, npix - 2 * irc * (irc + 1) + ipc)
-    ring = np.where(za <= 2.0 / 3.0, pix_eq, pix_cap)
-    return _ring_to(n, order, ring).reshape(shape)
+    primary, avg_pos, avg_src = pad_gather(nside, padding)
+    q = np.arange(primary.size)
+    single = np.ones(primary.size, bool)
+    single[avg_pos] = False
+    rows = np.concatenate([q[single], avg_pos, avg_pos])
+    cols = np.concatenate([primary[single], avg_src[0], avg_src[1]])
+    wts = np.concatenate([np.ones(single.sum()), np.full(2 * avg_pos.size, 0.5)])
+    order = np.argsort(cols, kind="stable")
+    rows, cols, wts = rows[order], cols[order], wts[order]
+    npix = 12 * nside * nside
+    counts = np.bincount(cols, minlength=npix)
+    slot = np.arange(cols.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    index = np.full((npix, counts.max()), primary.size, np.int32)
+    weight = np.zeros((npix, counts.max()), np.float32)
+    index[cols, slot] = rows
+    weight[cols, slot] = wts
+    index.setflags(write=False)
+    weight.setflags(write=False)
+    return index, weight
 
 
-def _ring_above(n: int, z: np.ndarray) -> np.ndarray:
-    az = np.abs(z)
-    eq = (n * (2 - 1.5 * z)).astype(np.int64)
-    iring = (n * np.sqrt(3 * (1 - az))).astype(np.int64)
-    cap = np.where(z > 0, iring, 4 * n - iring - 1)
-    return np.where(az <= 2.0 / 3.0, eq, cap)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def pad_gather_transposed(x: jnp.ndarray, padding: int) -> jnp.ndarray:
+    """:func:`pad` whose VJP is a gather (no scatter into a zero buffer). Reverse mode only.
 
-
-def _ring_info(n: int, ring: np.ndarray):
-    """(start pixel, pixels in ring, theta of ring, shifted) for ring numbers 1..4n-1."""
-    npix = 12 * n * n
-    north = np.where(ring > 2 * n, 4 * n - ring, ring)
-    cap = north < n
-    tmp = north.astype(np.float64) ** 2 * (4.0 / npix)
-    theta_cap = np.arctan2(np.sqrt(np.maximum(tmp * (2 - tmp), 0.0)), 1 - tmp)
-    with np.errstate(invalid="ignore"):
-        theta_eq = np.arccos(np.clip((2 * n - north) * (2.0 / (3.0 * n)), -1.0, 1.0))
-    theta = np.where(cap, theta_cap, theta_eq)
-    nr = np.where(cap, 4 * north, 4 * n)
-    shifted = np.where(cap, True, ((north - n) & 1) == 0)
-    start = np.where(cap, 2 * north * (north - 1), 2 * n * (n - 1) + (north - n) * 4 * n)
-    south = north != ring
-    theta = np.where(south, np.pi - theta, theta)
-    start = np.where(south, npix - start - nr, start)
-    return start, nr, theta, shifted
-
-
-def _ring_pair(n: int, ring: np.ndarray, phi: np.ndarray):
-    """Two pixels of ``ring`` bracketing ``phi`` and the weight of the second."""
-    start, nr, theta, shifted = _ring_info(n, ring)
-    dphi = 2 * np.pi / nr
-    tmp = phi / dphi - 0.5 * shifted
-    i1 = np.where(tmp < 0, np.trunc(tmp).astype(np.int64) - 1, np.trunc(tmp).astype(np.int64))
-    w1 = (phi - (i1 + 0.5 * shifted) * dphi) / dphi
-    i2 = i1 + 1
-    i1 = np.where(i1 < 0, i1 + nr, i1)
-    i2 = np.where(i2 >= nr, i2 - nr, i2)
-    return start + i1, start + i2, w1, theta
-
-
-def interp_weights(nside: int, lon, lat, order: Order = "net") -> tuple[np.ndarray, np.ndarray]:
-    """Bilinear interpolation pixels and weights (healpy ``get_interp_weights``).
-
-    Four pixel centres on the two rings bracketing the point, linear in longitude
-    within each ring and in colatitude between rings; above the first (below the last)
-    ring the polar value is the mean of the four ring pixels, as in HEALPix C++.
-
-    Args:
-      lon: (...) degrees, any range. lat: (...) degrees in [-90, 90].
-    Returns:
-      pixels (..., 4) int64 in ``order``; weights (..., 4) float64 summing to 1.
+    A scatter-add's zero-initialised buffer depends on no data, so XLA may allocate it
+    early and keep it for the whole program; inside rematerialised network blocks these
+    buffers would hold as much memory as the activations remat avoids storing.
     """
-    n = _check_nside(nside)
-    theta, phi = _lonlat_to_theta_phi(lon, lat)
-    shape = theta.shape
-    theta, phi = theta.ravel(), phi.ravel()
-    npix = 12 * n * n
-    z = np.cos(theta)
-    ir1 = _ring_above(n, z)
-    ir2 = ir1 + 1
-    top = ir1 == 0
-    bottom = ir2 == 4 * n
-    p0, p1, w1a, theta1 = _ring_pair(n, np.where(top, 1, ir1), phi)
-    p2, p3, w1b, theta2 = _ring_pair(n, np.where(bottom, 4 * n - 1, ir2), phi)
-    w = np.stack([1 - w1a, w1a, 1 - w1b, w1b], axis=-1)
-    pix = np.stack([p0, p1, p2, p3], axis=-1)
+    return pad(x, padding)
 
-    # interior: linear in theta between the two rings
-    with np.errstate(invalid="ignore", divide="ignore"):
-        wt_mid = (theta - theta1) / (theta2 - theta1)
-        wt_top = theta / theta2
-        wt_bot = (theta - theta1) / (np.pi - theta1)
-        w_mid = w * np.stack([1 - wt_mid, 1 - wt_mid, wt_mid, wt_mid], axis=-1)
-    # north cap: ring-1 pixels from the lower ring, plus the pole as mean of ring 1
-    fac = (1 - wt_top) * 0.25
-    w_top = np.stack([fac, fac, w[:, 2] * wt_top + fac, w[:, 3] * wt_top + fac], axis=-1)
-    pix_top = np.stack([(p2 + 2) & 3, (p3 + 2) & 3, p2, p3], axis=-1)
-    fac = wt_bot * 0.25
-    w_bot = np.stack([w[:, 0] * (1 - wt_bot) + fac, w[:, 1] * (1 - wt_bot) + fac, fac, fac], axis=-1)
-    pix_bot = np.stack([p0, p1, ((p0 + 2) & 3) + npix - 4, ((p1 + 2) & 3) + npix - 4], axis=-1)
 
-    weights = np.where(top[:, None], w_top, np.where(bottom[:, None], w_bot, w_mid))
-    pix = np.where(top[:, None], pix_top, np.where(bottom[:, None], pix_bot, pix))
-    pix = _ring_to(n, order, pix)
-    return pix.reshape(*shape, 4), weights.reshape(*shape, 4)
+def _pad_gt_fwd(x, padding):
+    return pad(x, padding), None
+
+
+def _pad_gt_bwd(padding, _, ct):
+    *lead, faces, m, _m, c = ct.shape
+    n = m - 2 * padding
+    index, weight = pad_transpose_table(n, padding)
+    flat = ct.reshape(*lead, faces * m * m, c)
+    parts = jnp.take(flat, jnp.asarray(index), axis=-2, mode="fill", fill_value=0)  # (..., npix, K, C)
+    return (jnp.einsum("...pkc,pk->...pc", parts, jnp.asarray(weight, ct.dtype)),)
+
+
+pad_gather_transposed.defvjp(_pad_gt_fwd, _pad_gt_bwd)

@@ -57,7 +57,9 @@ def count_params(config: ModelConfig) -> int:
     return int(sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)))
 
 
-def _expert_apply(graphdef, params, x, sigma, class_labels, condition, second_of_day, day_of_year, compute_dtype):
+def _expert_apply(
+    graphdef, params, x, sigma, class_labels, condition, second_of_day, day_of_year, compute_dtype, remat=False
+):
     model = nnx.merge(graphdef, nnx.State(params))
     return precond_forward(
         model,
@@ -68,6 +70,7 @@ def _expert_apply(graphdef, params, x, sigma, class_labels, condition, second_of
         second_of_day=second_of_day,
         day_of_year=day_of_year,
         compute_dtype=compute_dtype,
+        remat=remat,
     )
 
 
@@ -84,10 +87,12 @@ def make_apply(config: ModelConfig, sigma_thresholds: tuple[float, ...]) -> Call
     """Pure ``apply(params, x, sigma, *, class_labels, condition, second_of_day, day_of_year)``.
 
     ``params`` is a tuple with one parameter tree per expert. Shapes (cBottle layout,
-    network pixel order, normalised units): x (B, C, 1, 49152), sigma scalar or (B,),
-    class_labels (B, label_dim), condition (B, 1, 1, 49152), second_of_day and
-    day_of_year (B, 1). Returns D (B, C, 1, 49152), float32 unless ``compute_dtype`` is
-    float64. jit/vmap/grad friendly.
+    network pixel order, normalised units; T = ``config.time_length``, 1 for the image
+    model): x (B, C, T, 49152), sigma scalar or (B,), class_labels (B, label_dim),
+    condition (B, condition_channels, T, 49152), second_of_day and day_of_year (B, T).
+    Returns D (B, C, T, 49152), float32 unless ``compute_dtype`` is float64.
+    ``remat=True`` recomputes each U-Net block in the backward pass: a VJP through D
+    (guidance) then needs far less memory (same values). jit/vmap/grad friendly.
     """
     graphdef, _ = graphdef_and_shapes(config)
     thresholds = tuple(float(t) for t in sigma_thresholds)
@@ -102,8 +107,9 @@ def make_apply(config: ModelConfig, sigma_thresholds: tuple[float, ...]) -> Call
         second_of_day,
         day_of_year,
         compute_dtype=jnp.float32,
+        remat: bool = False,
     ):
-        run = functools.partial(_expert_apply, graphdef, compute_dtype=compute_dtype)
+        run = functools.partial(_expert_apply, graphdef, compute_dtype=compute_dtype, remat=remat)
         args = (x, sigma, class_labels, condition, second_of_day, day_of_year)
         if len(params) == 1:
             return run(params[0], *args)
@@ -118,7 +124,8 @@ def make_apply(config: ModelConfig, sigma_thresholds: tuple[float, ...]) -> Call
 class CBottleModel:
     """A loaded model. ``apply`` is pure; ``denoise`` binds ``params``.
 
-    Arrays are in cBottle's network layout (batch, channel, time=1, pixel), pixels in
+    Arrays are in cBottle's network layout (batch, channel, time, pixel) (time =
+    ``config.time_length`` frames, 1 for the image model), pixels in
     the network's HEALPix order (``healpix`` order "net"), values normalised per channel
     with ``batch_info`` (value - center) / scale.
     """
@@ -147,6 +154,14 @@ def load_model(directory: str | os.PathLike) -> CBottleModel:
     import orbax.checkpoint as ocp
 
     d = Path(directory)
+    if d.is_file():
+        import zipfile
+
+        if zipfile.is_zipfile(d):
+            raise ModelLoadError(
+                f"{str(d)!r} is a cBottle checkpoint (a zip file), not a converted model directory: convert it "
+                f"first with `jaxguide convert {d} --out MODEL_DIR` and pass --model MODEL_DIR")
+        raise ModelLoadError(f"{str(d)!r} is a file; --model takes a model directory written by `jaxguide convert`")
     if not d.is_dir():
         raise ModelLoadError(f"model directory {d} does not exist (convert a checkpoint with `jaxguide convert`)")
     meta_path = d / METADATA_FILE

@@ -3,7 +3,8 @@
 An observation table is a pandas DataFrame with one row per scalar observation:
 
 =========  ==================================================================
-time       ``datetime64[ns]`` (UTC, timezone-naive)
+time       ``datetime64[ns]`` (UTC, timezone-naive); in files, ISO 8601 text only
+           (``2020-01-20T00:00``, ``2020-01-20T00:00:00Z``, ``...+02:00``)
 lat        latitude, degrees north, in [-90, 90]
 lon        longitude, degrees east; -180..180 or 0..360 accepted, stored in [0, 360)
 variable   the model's channel name (``"T850"``, ``"tas"``, ...)
@@ -14,8 +15,12 @@ sigma      observation-error standard deviation, same units as ``value``, > 0
 :func:`normalise` converts value/sigma to the network's normalised units with the
 checkpoint's per-channel ``center``/``scale``; :func:`build_operator` turns the
 locations into :class:`PointObservationOperator`, a gather + weighted sum over
-network-order pixels that is linear and jit/vmap/grad friendly. Row ``i`` of the
-table is element ``i`` of ``A(x)``.
+network-order pixels (a :func:`jaxguide.grid_sampling.stencil`) that is linear and
+jit/vmap/grad friendly. Row ``i`` of the table is element ``i`` of ``A(x)``.
+
+:func:`check_plausible` refuses values far outside the checkpoint's climatology
+(|value - center| > 8 scale), which is what a unit mistake (degrees Celsius for K, hPa
+for Pa) looks like; :func:`parse_time` is the one ISO 8601 time parser.
 """
 
 from __future__ import annotations
@@ -23,17 +28,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxguide import healpix
+from jaxguide import grid_sampling
 from jaxguide.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -81,6 +86,69 @@ class BadObservationsError(ObservationError):
     """Rows with NaN, out-of-range or duplicate entries (see ``counts``)."""
 
 
+class ObservationFileError(ObservationError):
+    """A file that cannot be read as a table of its format (binary data as CSV, ...)."""
+
+
+_FORMAT_NAMES = {"csv": "CSV (UTF-8 text)", "parquet": "Parquet", "netcdf": "NetCDF"}
+
+
+class TimeFormatError(ObservationError):
+    """A time that is not ISO 8601 text (``2020-01-20T00:00``, optionally ``Z`` or ``+HH:MM``)."""
+
+
+class ImplausibleObservationsError(ObservationError):
+    """Values far outside the model's climatology for their variable (a unit mistake?)."""
+
+
+# --------------------------------------------------------------------------------------
+# Times: ISO 8601 only
+
+ISO_FORMAT = "YYYY-MM-DD[THH:MM[:SS[.fff]]][Z|+HH:MM] (ISO 8601, e.g. 2020-01-20T06:00 or 2020-01-20T06:00Z)"
+_ISO = re.compile(
+    r"\d{4}-\d{2}-\d{2}"  # date
+    r"(?:[T ]\d{2}(?::\d{2}(?::\d{2}(?:\.\d{1,9})?)?)?)?"  # time
+    r"(?:Z|[+-]\d{2}(?::?\d{2})?)?"  # UTC or offset
+)
+
+
+def parse_time(value, what: str = "time") -> pd.Timestamp:
+    """One ISO 8601 time -> UTC timestamp without timezone (naive input is UTC).
+
+    Strings must be ISO 8601 (:data:`ISO_FORMAT`); ``05/01/2020`` and friends are
+    ambiguous and raise :class:`TimeFormatError` naming ``what``. datetime-like objects
+    pass through.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if not _ISO.fullmatch(text):
+            raise TimeFormatError(f"{what} {value!r} is not an ISO 8601 time; expected {ISO_FORMAT}")
+        try:
+            t = pd.Timestamp(text)
+        except ValueError as e:
+            raise TimeFormatError(f"{what} {value!r} is not a valid time ({e}); expected {ISO_FORMAT}") from None
+    else:
+        t = pd.Timestamp(value)
+    if t is pd.NaT:
+        raise TimeFormatError(f"{what} is missing; expected {ISO_FORMAT}")
+    return t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t
+
+
+def _check_iso_column(t: pd.Series) -> None:
+    """Text times must all be ISO 8601 (empty cells are left to validation: bad_time)."""
+    if pd.api.types.is_datetime64_any_dtype(t):
+        return
+    if pd.api.types.is_numeric_dtype(t) and t.notna().any():
+        raise TimeFormatError(f"the time column holds numbers ({t.dropna().iloc[0]!r}); expected text in {ISO_FORMAT}")
+    text = t.dropna().map(lambda v: v.strip() if isinstance(v, str) else v)
+    text = text[text.map(lambda v: not (isinstance(v, str) and v == ""))]
+    bad = text.map(lambda v: isinstance(v, str) and _ISO.fullmatch(v) is None)
+    if bad.any():
+        raise TimeFormatError(
+            f"{int(bad.sum())} of {len(t)} observation times are not ISO 8601 (first: {text[bad].iloc[0]!r}); "
+            f"expected {ISO_FORMAT}", {"bad_time": int(bad.sum())})
+
+
 # --------------------------------------------------------------------------------------
 # Construction, I/O
 
@@ -102,8 +170,10 @@ def make_table(time, lat, lon, variable, value, sigma) -> pd.DataFrame:
 
 
 def _to_utc_naive(t) -> pd.Series:
-    """Times as UTC-naive datetime64[ns]; unparseable entries become NaT (flagged later)."""
+    """Times as UTC-naive datetime64[ns]; text must be ISO 8601 (else
+    :class:`TimeFormatError`); empty entries become NaT (flagged later)."""
     t = pd.Series(t)
+    _check_iso_column(t)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "could not infer format"
@@ -137,6 +207,11 @@ def _format(path: Path) -> str:
     raise ValueError(f"unknown observation file type {suffix!r} ({path}); use .csv, .parquet or .nc")
 
 
+def table_format(path: str | os.PathLike) -> str:
+    """``"csv"``, ``"parquet"`` or ``"netcdf"`` by suffix; ValueError for anything else."""
+    return _format(Path(path))
+
+
 def write_observations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a table as CSV, Parquet or NetCDF (by suffix), atomically (temp + rename).
 
@@ -166,25 +241,38 @@ def write_observations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 def read_observations(path: str | os.PathLike) -> pd.DataFrame:
     """Read a table written by :func:`write_observations` (or by hand, same columns).
 
-    Raises FileNotFoundError, :class:`EmptyTableError` (an empty file) and
+    Raises FileNotFoundError, :class:`EmptyTableError` (an empty file),
+    :class:`ObservationFileError` (not readable as its format) and
     :class:`MissingColumnsError`; the rows are checked by :func:`validate_observations`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"observation file {str(path)!r} is a directory; expected a .csv, .parquet or .nc file")
     fmt = _format(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such observation file: {str(path)!r}")
-    if fmt == "csv":
-        try:
-            table = pd.read_csv(path, dtype={"variable": str})
-        except pd.errors.EmptyDataError:
-            raise EmptyTableError(f"observation file {str(path)!r} is empty") from None
-    elif fmt == "parquet":
-        table = pd.read_parquet(path)
-    else:
-        import xarray as xr
+    try:
+        if fmt == "csv":
+            try:
+                table = pd.read_csv(path, dtype={"variable": str})
+            except pd.errors.EmptyDataError:
+                raise EmptyTableError(f"observation file {str(path)!r} is empty") from None
+        elif fmt == "parquet":
+            table = pd.read_parquet(path)
+        else:
+            import xarray as xr
 
-        with xr.open_dataset(path, engine="netcdf4") as ds:
-            table = ds.load().to_dataframe().reset_index(drop=True)
+            with xr.open_dataset(path, engine="netcdf4") as ds:
+                table = ds.load().to_dataframe().reset_index(drop=True)
+    except ObservationError:
+        raise
+    except (UnicodeDecodeError, pd.errors.ParserError, OSError, ValueError) as e:
+        # a binary file named .csv, a truncated Parquet, a text file named .nc, ...
+        reason = e.reason if isinstance(e, UnicodeDecodeError) else " ".join(str(e).split())
+        raise ObservationFileError(
+            f"observation file {str(path)!r} is not a readable {_FORMAT_NAMES[fmt]} table ({type(e).__name__}: "
+            f"{reason[:200]})"
+        ) from None
     return _coerce(table)
 
 
@@ -262,13 +350,94 @@ def validate_observations(
         msg = f"{int(bad_so_far.sum())} bad observation rows of {len(table)} ({detail})"
         if "unknown_variable" in counts:
             msg += "; " + _unknown_message(table.loc[checks["unknown_variable"], "variable"].tolist(), channels)
+        if "time_outside_data" in counts:
+            msg += "; " + _window_message(t[checks["time_outside_data"]], time_window, times)
         raise BadObservationsError(msg, counts)
     if counts:
         logger.warning("dropped %d of %d observation rows: %s", int(bad_so_far.sum()), len(table), counts)
     out = out.loc[~bad_so_far].reset_index(drop=True)
     if len(out) == 0:
-        raise EmptyTableError(f"no observations left after dropping bad rows ({counts})", counts)
+        msg = f"no observations left after dropping bad rows ({counts})"
+        if "time_outside_data" in counts:
+            msg += "; " + _window_message(t[checks["time_outside_data"]], time_window, times)
+        raise EmptyTableError(msg, counts)
     return out, counts
+
+
+def _window_message(outside: pd.Series, time_window, times) -> str:
+    """Which window was used, where the rejected times lie, and how to widen it."""
+    fmt = "%Y-%m-%dT%H:%M"
+    span = f"the rejected times run from {outside.min().strftime(fmt)} to {outside.max().strftime(fmt)}"
+    if time_window is not None:
+        start, end = _to_utc_naive(list(time_window))
+        half = (end - start) / 2
+        return (f"the observation window was {start.strftime(fmt)} to {end.strftime(fmt)} UTC (analysis time +- "
+                f"{half / pd.Timedelta(hours=1):g} h); {span}; widen it with window_hours (--window-hours) or check "
+                f"the analysis time")
+    return f"the allowed times are {[pd.Timestamp(v).strftime(fmt) for v in times][:5]}; {span}"
+
+
+# --------------------------------------------------------------------------------------
+# Plausibility in physical units
+
+# likely unit mistakes per expected unit: (what the user probably gave, function turning it into the expected unit)
+_UNIT_MISTAKES: dict[str, tuple[tuple[str, Callable[[np.ndarray], np.ndarray], str], ...]] = {
+    "K": (("degrees Celsius", lambda v: v + 273.15, "add 273.15"),),
+    "Pa": (("hPa", lambda v: v * 100.0, "multiply by 100"), ("kPa", lambda v: v * 1000.0, "multiply by 1000")),
+    "m2 s-2": (("geopotential height in m", lambda v: v * 9.80665, "multiply by 9.80665"),),
+    "kg kg-1": (("g/kg", lambda v: v / 1000.0, "divide by 1000"),),
+    "kg m-2 s-1": (("mm/h", lambda v: v / 3600.0, "divide by 3600"), ("mm/day", lambda v: v / 86400.0, "divide by 86400")),
+    "m s-1": (("km/h", lambda v: v / 3.6, "divide by 3.6"), ("knots", lambda v: v * 0.514444, "multiply by 0.514444")),
+}
+
+
+def check_plausible(
+    table: pd.DataFrame,
+    channels: Sequence[str],
+    center: Sequence[float],
+    scale: Sequence[float],
+    *,
+    max_scales: float = 8.0,
+) -> dict[str, int]:
+    """Refuse observations far outside the model's climatology for their variable.
+
+    A value is implausible when ``|value - center[c]| > max_scales * scale[c]`` (the
+    checkpoint's per-channel center/scale, physical units). For 8 scales this catches
+    temperatures in degrees Celsius (K expected) and pressures in hPa (Pa expected) and
+    lets every real observation through. Raises :class:`ImplausibleObservationsError`
+    naming each variable, the count, an example and the likely unit mistake; returns
+    ``{variable: count}`` (empty when all are plausible). Rows must be validated first.
+    """
+    from jaxguide.schema import channel_info
+
+    center = np.asarray(center, np.float64)
+    scale = np.asarray(scale, np.float64)
+    idx = channel_index(table["variable"].tolist(), channels)
+    value = table["value"].to_numpy(np.float64)
+    bad = np.abs(value - center[idx]) > max_scales * scale[idx]
+    if not bad.any():
+        return {}
+    counts: dict[str, int] = {}
+    parts = []
+    for c in np.unique(idx[bad]):
+        var = list(channels)[c]
+        rows = idx == c
+        v_bad = value[rows & bad]
+        counts[var] = int(v_bad.size)
+        units = channel_info(var).units or "model units"
+        lo, hi = center[c] - max_scales * scale[c], center[c] + max_scales * scale[c]
+        text = (f"{var}: {v_bad.size} of {int(rows.sum())} values (e.g. {v_bad[0]:.6g}) are outside the model's "
+                f"plausible range {lo:.6g} to {hi:.6g} {units}")
+        for mistake, fix, how in _UNIT_MISTAKES.get(units, ()):
+            if np.mean(np.abs(fix(v_bad) - center[c]) <= max_scales * scale[c]) >= 0.9:
+                text += f"; they look like {mistake} ({how} to get {units})"
+                break
+        parts.append(text)
+    raise ImplausibleObservationsError(
+        "implausible observation values (more than "
+        f"{max_scales:g} climatological standard deviations from the model's mean): " + "; ".join(parts)
+        + ". Values must be in the model's physical units; to assimilate them anyway, pass "
+        "check_plausibility=False (--allow-implausible)", counts)
 
 
 def channel_index(variables: Sequence[str], channels: Sequence[str]) -> np.ndarray:
@@ -335,35 +504,18 @@ jax.tree_util.register_dataclass(
 )
 
 
-def stencil(
-    lon, lat, nside: int = 64, method: Literal["bilinear", "nearest"] = "bilinear"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Net-order pixels (n, 4) int32 and weights (n, 4) float32 for points (degrees)."""
-    lon = np.asarray(lon, dtype=np.float64).ravel()
-    lat = np.asarray(lat, dtype=np.float64).ravel()
-    if method == "bilinear":
-        pix, w = healpix.interp_weights(nside, lon, lat, "net")
-    elif method == "nearest":
-        pix = np.zeros((lon.size, 4), dtype=np.int64)
-        pix[:, 0] = healpix.ang2pix(nside, lon, lat, "net")
-        pix[:, 1:] = pix[:, :1]
-        w = np.zeros((lon.size, 4))
-        w[:, 0] = 1.0
-    else:
-        raise ValueError(f"unknown method {method!r}; expected 'bilinear' or 'nearest'")
-    return pix.astype(np.int32), w.astype(np.float32)
-
-
 def build_operator(
     table_or_arrays: pd.DataFrame | Mapping,
     channels: Sequence[str],
     nside: int = 64,
-    method: Literal["bilinear", "nearest"] = "bilinear",
+    method: grid_sampling.Method = "bilinear",
 ) -> PointObservationOperator:
     """Operator for the rows of a table (or a mapping with ``lat``, ``lon``, ``variable``).
 
     ``variable`` holds channel names, or integer channel indices in a mapping.
-    Row order is kept: element ``i`` of ``A(x)`` is row ``i``.
+    Row order is kept: element ``i`` of ``A(x)`` is row ``i``. ``method`` is a
+    :mod:`jaxguide.grid_sampling` scheme: "bilinear" (HEALPix interpolation) or
+    "nearest" (the containing pixel); ``jaxguide evaluate`` samples with the same one.
     """
     src = table_or_arrays
     missing = [k for k in ("lat", "lon", "variable") if k not in src]
@@ -380,8 +532,8 @@ def build_operator(
         ch = channel_index([str(v) for v in var], channels)
     if not (lat.shape == lon.shape == ch.shape and lat.ndim == 1):
         raise ValueError(f"lat, lon, variable must be 1-D of equal length, got {lat.shape}, {lon.shape}, {ch.shape}")
-    pix, w = stencil(lon, lat, nside, method)
-    return PointObservationOperator(jnp.asarray(ch), jnp.asarray(pix), jnp.asarray(w))
+    pix, w = grid_sampling.stencil(nside, lon, lat, method, "net")
+    return PointObservationOperator(jnp.asarray(ch), jnp.asarray(pix.astype(np.int32)), jnp.asarray(w.astype(np.float32)))
 
 
 def assimilation_inputs(
@@ -391,7 +543,7 @@ def assimilation_inputs(
     scale: Sequence[float],
     *,
     nside: int = 64,
-    method: Literal["bilinear", "nearest"] = "bilinear",
+    method: grid_sampling.Method = "bilinear",
 ) -> tuple[PointObservationOperator, jax.Array, jax.Array]:
     """``(A, y_n (n,) float32, sigma_n (n,) float32)`` in normalised units, validated."""
     clean, _ = validate_observations(table, channels)

@@ -16,6 +16,7 @@ atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -33,13 +34,17 @@ from jaxguide import guidance
 from jaxguide.conditioning import calendar_inputs, read_amip_sst, sst_at
 from jaxguide.denoiser import make_denoiser
 from jaxguide.ensemble import resolve_devices, sample_ensemble
-from jaxguide.io import LatLonGrid, analysis_to_dataset, check_writable_dir, write_dataset
+from jaxguide.grid_sampling import LatLonGrid
+from jaxguide.io import check_writable_dir, write_dataset
 from jaxguide.model import CBottleModel, load_model
 from jaxguide.network import NPIX, NSIDE
+from jaxguide.schema import analysis_to_dataset, describe_sigma_y
 from jaxguide.observations import (
     PointObservationOperator,
     build_operator,
+    check_plausible,
     normalise,
+    parse_time,
     read_observations,
     validate_observations,
 )
@@ -65,7 +70,11 @@ class AssimilationSettings:
     prior_members: size of the unguided ensemble used for the prior observation RMSE
       and the stored prior mean; 0 skips it.
     bf16: evaluate the network in bfloat16 (guidance algebra stays float32).
-    remat: rematerialise the network in the guidance VJPs (less memory, more compute).
+    remat: recompute each U-Net block in the guidance VJPs instead of keeping its
+      activations (``network.call_block``): peak memory of a guided step ~1/3 (see
+      benchmarks/remat_memory.py) for ~1 extra network forward per VJP.
+    check_plausibility: refuse observations more than 8 climatological scales from the
+      model's center (a unit mistake; see ``observations.check_plausible``).
     """
 
     method: str = "mmps"
@@ -87,6 +96,7 @@ class AssimilationSettings:
     remat: bool = False
     chunk_size: int | None = None
     sst_offset: float = 0.0
+    check_plausibility: bool = True
 
     def check(self) -> None:
         if self.method not in guidance.METHODS:
@@ -175,6 +185,7 @@ def observation_inputs(
     drop_bad: bool = False,
     sigma_y=None,
     interpolation: str = "bilinear",
+    check_plausibility: bool = True,
 ) -> ObservationInputs:
     """Validate, normalise and locate a table for one analysis time (see module doc)."""
     info = model.batch_info
@@ -184,6 +195,8 @@ def observation_inputs(
     window = (t - pd.Timedelta(hours=window_hours), t + pd.Timedelta(hours=window_hours))
     clean, dropped = validate_observations(table, model.channels, time_window=window, drop_bad=drop_bad)
     clean = _override_sigma(clean, sigma_y)
+    if check_plausibility:
+        check_plausible(clean, model.channels, info.center, info.scales)
     norm = normalise(clean, model.channels, info.center, info.scales)
     A = build_operator(norm, model.channels, nside=NSIDE, method=interpolation)
     return ObservationInputs(
@@ -218,9 +231,7 @@ def conditioning_for(model: CBottleModel, analysis_time, *, sst_path=None, sst_o
                 "this model is conditioned on sea-surface temperature: pass --sst FILE "
                 "(an input4MIPs/AMIP 'tosbcs' NetCDF covering the analysis time)"
             )
-        sst_path = Path(sst_path)
-        if not sst_path.is_file():
-            raise FileNotFoundError(f"no such SST file: {str(sst_path)!r}")
+        sst_path = Path(sst_path)  # read_amip_sst names a missing file, a directory, a non-NetCDF file
         cond = sst_at(read_amip_sst(sst_path), analysis_time, nside=NSIDE, offset=sst_offset)
     elif sst_path is not None:
         logger.warning("the model has no condition channel; ignoring the SST file %s", sst_path)
@@ -234,13 +245,15 @@ def guided_denoiser_fn(
     label: str = "era5",
     options: Mapping[str, Any] | None = None,
     compute_dtype=jnp.float32,
+    remat: bool = False,
     on_call: Callable[[jax.Array], None] | None = None,
 ) -> Callable:
     """``fn(x, sigma, params, condition, second_of_day, day_of_year, A, y, sigma_y)``.
 
     Everything that changes between runs (parameters, conditioning, observations) is an
     argument, so one compiled ensemble program serves new times and observations.
-    ``method=None`` is the unguided prior (A, y, sigma_y ignored). ``on_call(sigma)``
+    ``method=None`` is the unguided prior (A, y, sigma_y ignored). ``remat``: the network
+    recomputes each U-Net block in the guidance VJPs (less memory). ``on_call(sigma)``
     runs on the host at each evaluation (progress reporting).
     """
     options = dict(options or {})
@@ -256,6 +269,7 @@ def guided_denoiser_fn(
             label=label,
             params=params,
             compute_dtype=compute_dtype,
+            remat=remat,
         )
         if method is not None:
             den = guidance.apply(method, den, A, y, sigma_y, **options)
@@ -265,9 +279,9 @@ def guided_denoiser_fn(
 
 
 def utc_naive(t) -> pd.Timestamp:
-    """A timestamp in UTC without timezone (naive input is taken as UTC)."""
-    t = pd.Timestamp(t)
-    return t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t
+    """A timestamp in UTC without timezone (naive input is taken as UTC); text must be
+    ISO 8601 (``observations.parse_time``)."""
+    return parse_time(t, "analysis time")
 
 
 def denoiser_calls(settings: AssimilationSettings) -> int:
@@ -301,6 +315,10 @@ def _check_output(out: Path, overwrite: bool) -> None:
     """Fail before the expensive work if the output cannot be written."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {str(out)!r} exists (pass --overwrite to replace it)")
+    if output_format(out) == "netcdf" and out.is_dir():
+        raise IsADirectoryError(f"output {str(out)!r} is a directory; the analysis is a file (e.g. analysis.nc)")
+    if output_format(out) == "zarr" and out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output {str(out)!r} is a file; a .zarr analysis is a directory")
     check_writable_dir(out.parent)
 
 
@@ -325,6 +343,7 @@ def assimilate(
     command: str = "jaxguide.pipeline.assimilate",
     progress: Callable[[str, int, int], None] | None = None,
     devices: Sequence[Any] | None = None,
+    on_event: Callable[[str, Mapping[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Sample a posterior ensemble for ``time`` given ``obs`` and write it to ``out``.
 
@@ -336,17 +355,32 @@ def assimilate(
       time: analysis time (UTC).
       sst: AMIP SST file, required when the model is SST-conditioned.
       progress: ``progress(stage, done, total)``; stage "analysis" or "prior", counted
-        in sampler steps (times devices and chunks when the members are split).
+        in denoiser calls (times devices and chunks when the members are split). It
+        is fed by a host callback in the compiled program, and JAX does not store
+        programs with host callbacks in its persistent compilation cache: pass it
+        only when the cache is off (the CLI does so with ``--no-cache``).
+      on_event: ``on_event(name, info)`` at each stage of the run, as it happens (also
+        logged at INFO): "loading" {model}, "observations" {n_obs, dropped}, "compiling"
+        {stage, members, calls} (the first run of a configuration compiles; later ones
+        load it from JAX's cache), "sampling" {stage, compile_s}, "sampled" {stage,
+        seconds}, "writing" {path}, "written" {path}.
     Returns a JSON-friendly summary: observation counts, RMSE at the observations of
     the prior and analysis ensemble means (per variable, physical units), timings.
     """
     t_start = _time.perf_counter()
     settings.check()
+    time = utc_naive(time)
     out = Path(out)
     fmt = output_format(out)
     _check_output(out, overwrite)
 
+    def event(name: str, **info) -> None:
+        logger.info("%s %s", name, info)
+        if on_event is not None:
+            on_event(name, info)
+
     if not isinstance(model, CBottleModel):
+        event("loading", model=str(model))
         model = load_model(model)
     table = obs if isinstance(obs, pd.DataFrame) else read_observations(obs)
     oi = observation_inputs(
@@ -357,7 +391,9 @@ def assimilate(
         drop_bad=settings.drop_bad,
         sigma_y=settings.sigma_y,
         interpolation=settings.interpolation,
+        check_plausibility=settings.check_plausibility,
     )
+    event("observations", n_obs=int(oi.y.shape[0]), dropped=dict(oi.dropped))
     cond = conditioning_for(model, time, sst_path=sst, sst_offset=settings.sst_offset)
     member_shape = (model.config.out_channels, 1, NPIX)
     devs = resolve_devices(devices)
@@ -373,8 +409,7 @@ def assimilate(
         def on_call(_sigma):
             calls[0] = min(calls[0] + 1, per_run * runs)
             if progress is not None:
-                full, rem = divmod(calls[0], per_run)
-                progress(stage, full * settings.steps + (rem + 1) // 2, runs * settings.steps)
+                progress(stage, calls[0], per_run * runs)
 
         fn = guided_denoiser_fn(
             model,
@@ -382,34 +417,38 @@ def assimilate(
             label=settings.label,
             options=settings.guidance_options(),
             compute_dtype=jnp.bfloat16 if settings.bf16 else jnp.float32,
-            on_call=on_call,
-        )
-        t0 = _time.perf_counter()
-        ens = sample_ensemble(
-            fn,
-            key,
-            member_shape,
-            n_members,
-            sampler_kwargs=settings.sampler_kwargs(),
-            devices=devs,
             remat=settings.remat,
-            chunk_size=settings.chunk_size,
-            operands=operands,
+            on_call=on_call if progress is not None else None,
         )
-        ens = jax.block_until_ready(ens)
-        jax.effects_barrier()
+        event("compiling", stage=stage, members=n_members, calls=per_run * runs)
+        t0 = _time.perf_counter()
+        with _compile_clock(lambda s: event("sampling", stage=stage, compile_s=round(s, 2))) as compile_s:
+            ens = sample_ensemble(
+                fn,
+                key,
+                member_shape,
+                n_members,
+                sampler_kwargs=settings.sampler_kwargs(),
+                devices=devs,
+                chunk_size=settings.chunk_size,
+                operands=operands,
+            )
+            ens = jax.block_until_ready(ens)
+            jax.effects_barrier()
         if not bool(jnp.all(jnp.isfinite(ens))):
             raise FloatingPointError(
                 f"the {stage} ensemble has non-finite values (method {method!r}, guidance scale "
                 f"{settings.guidance_scale}); lower --guidance-scale or use --method mmps/sda"
             )
-        return ens, _time.perf_counter() - t0
+        seconds = _time.perf_counter() - t0
+        event("sampled", stage=stage, seconds=round(seconds, 2))
+        return ens, seconds, compile_s[0]
 
     key_analysis, key_prior = jax.random.split(jax.random.key(settings.seed))
-    analysis, t_analysis = run(settings.method, settings.members, key_analysis, "analysis")
-    prior, t_prior = None, 0.0
+    analysis, t_analysis, c_analysis = run(settings.method, settings.members, key_analysis, "analysis")
+    prior, t_prior, c_prior = None, 0.0, 0.0
     if settings.n_prior > 0:
-        prior, t_prior = run(None, settings.n_prior, key_prior, "prior")
+        prior, t_prior, c_prior = run(None, settings.n_prior, key_prior, "prior")
 
     scale = model.batch_info.scales
     summary: dict[str, Any] = {
@@ -425,10 +464,11 @@ def assimilate(
         "prior": observation_rmse(prior, oi, scale) if prior is not None else None,
         "seconds_analysis": t_analysis,
         "seconds_prior": t_prior,
+        "seconds_compile": c_analysis + c_prior,
     }
     provenance = {
         "method": settings.method,
-        "sigma_y": "observation table" if settings.sigma_y is None else _describe_sigma(settings.sigma_y),
+        "sigma_y": describe_sigma_y(settings.sigma_y),
         "guidance_scale": settings.guidance_scale,
         "steps": settings.steps,
         "seed": settings.seed,
@@ -440,6 +480,7 @@ def assimilate(
         "label": settings.label,
         "observation_window_hours": settings.window_hours,
         "observations_dropped": sum(oi.dropped.values()),
+        "observation_operator": settings.interpolation,  # jaxguide evaluate samples with the same scheme
     }
     if settings.method == "mmps":
         provenance["cg_iters"] = settings.cg_iters
@@ -455,15 +496,42 @@ def assimilate(
         prior=None if prior is None else np.asarray(prior),
         regrid_latlon=regrid,
     )
+    event("writing", path=str(out))
     write_dataset(ds, out, format=fmt, overwrite=overwrite)
+    event("written", path=str(out))
     summary["seconds_total"] = _time.perf_counter() - t_start
     return summary
 
 
-def _describe_sigma(sigma_y) -> str:
-    if isinstance(sigma_y, Mapping):
-        return ", ".join(f"{k}={float(v):g}" for k, v in sigma_y.items())
-    return f"{float(sigma_y):g}"
+# the name of the jitted ensemble program (jaxguide.ensemble): its compilation ends the
+# "compiling" stage
+_PROGRAM_NAME = "program"
+
+
+@contextlib.contextmanager
+def _compile_clock(on_program_compiled: Callable[[float], None] | None = None):
+    """Yields ``[seconds]``: JAX tracing + lowering + XLA compilation (or persistent-cache
+    loading) time spent inside the block, from ``jax.monitoring`` events (no host
+    callback, so the program stays cacheable). ``on_program_compiled(seconds)`` runs
+    when the ensemble program is compiled, before it executes."""
+    from jax._src import dispatch
+
+    events = {dispatch.JAXPR_TRACE_EVENT, dispatch.JAXPR_TO_MLIR_MODULE_EVENT, dispatch.BACKEND_COMPILE_EVENT}
+    total = [0.0]
+
+    def listener(name: str, duration: float, **kw) -> None:
+        if name in events:
+            total[0] += duration
+            fun = kw.get("fun_name")
+            if name == dispatch.BACKEND_COMPILE_EVENT and fun in (_PROGRAM_NAME, f"jit({_PROGRAM_NAME})") \
+                    and on_program_compiled:
+                on_program_compiled(total[0])
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield total
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _model_sha256(model: CBottleModel) -> str:

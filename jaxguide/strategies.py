@@ -17,8 +17,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from jaxguide import healpix
-from jaxguide.observations import make_table, stencil, channel_index
+from jaxguide import grid_sampling, healpix
+from jaxguide.observations import channel_index, make_table
 
 STRATEGIES: tuple[str, ...] = ("random", "uniform", "land_only")
 _GOLDEN_ANGLE_DEG = 180.0 * (3.0 - np.sqrt(5.0))
@@ -66,7 +66,7 @@ def land_points(
         batch = int(min(max(2 * need / frac, 64), max_draws))
         lon, lat = random_points(batch, rng)
         drawn += batch
-        keep = land_mask[healpix.ang2pix(nside, lon, lat, "net")]
+        keep = land_mask[grid_sampling.ang2pix(nside, lon, lat, "net")]
         lons.append(lon[keep][:need])
         lats.append(lat[keep][:need])
         need -= int(min(keep.sum(), need))
@@ -144,7 +144,7 @@ def sample_observations(
         land_mask = np.isnan(np.asarray(sst))
     lon, lat = sample_locations(strategy, count, rng, land_mask=land_mask)
 
-    pix, w = stencil(lon, lat, nside, method)
+    pix, w = grid_sampling.stencil(nside, lon, lat, method, "net")
     vals = (truth[ch[:, None, None], 0, pix[None]] * w[None].astype(np.float64)).sum(-1)  # (V, count)
     sig = np.array([sigma[v] if isinstance(sigma, Mapping) else float(sigma) for v in variables], np.float64)
     if np.any(~(sig > 0)):

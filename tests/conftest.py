@@ -1,8 +1,15 @@
-"""Shared test helpers: locating ../shared/fixtures.
+"""Shared test helpers: locating ../shared/fixtures, and the matmul precision of parity tests.
 
 Tests that need the cBottle fixtures use the ``fixtures_dir`` fixture. When the
 fixtures are absent they skip locally but FAIL under CI (CI=true), so a broken path
 can never pass silently.
+
+Parity tests (float32 results against an independent reference at round-off
+tolerances: PyTorch fixtures, closed forms, finite differences) run under
+``jax.default_matmul_precision("highest")``: on GPUs the default may use TF32 for
+float32 matmuls and convolutions. They are the modules in ``PARITY_MODULES`` and any
+test marked ``@pytest.mark.parity``. Every other test runs at JAX's default precision,
+the one users get (``tests/test_precision.py`` checks the network there and in bf16).
 """
 
 from __future__ import annotations
@@ -13,10 +20,45 @@ from pathlib import Path
 import jax
 import pytest
 
-jax.config.update("jax_default_matmul_precision", "highest")
+# the CLI's persistent compilation cache stays off in tests (no writes to ~/.cache)
+os.environ.setdefault("JAXGUIDE_NO_CACHE", "1")
+
+PARITY_MODULES = frozenset(
+    {"test_network", "test_video", "test_replay", "test_sampler", "test_guidance", "test_gaussian_posterior", "test_cg_gradient"}
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("JAXGUIDE_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "parity: run under jax.default_matmul_precision('highest')")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if getattr(item, "module", None) is not None and item.module.__name__ in PARITY_MODULES:
+            item.add_marker(pytest.mark.parity)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _parity_precision_module(request):
+    """"highest" for a whole parity module, its module-scoped fixtures included."""
+    if request.module.__name__ in PARITY_MODULES:
+        with jax.default_matmul_precision("highest"):
+            yield
+    else:
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _parity_precision(request):
+    """"highest" for a test marked ``parity`` (and inside parity modules)."""
+    if request.node.get_closest_marker("parity") is not None:
+        with jax.default_matmul_precision("highest"):
+            yield
+    else:
+        yield
 
 
 def in_ci() -> bool:
@@ -54,7 +96,7 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(fixtures_dir, tmp_path_factory) -> Path:
     """The fixture's tiny.checkpoint converted once per session (needs torch)."""
-    from convert import convert_checkpoints
+    from jaxguide.convert import convert_checkpoints
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     return convert_checkpoints([fixtures_dir / "tiny.checkpoint"], out)
@@ -78,9 +120,11 @@ def rel_errors(got, ref):
 
 
 def one_line_error(res) -> str:
-    """The CLI's answer to bad input: exit status 2, one ``error: ...`` line, no traceback."""
+    """The CLI's answer to bad input: exit status 2, one ``error: ...`` line, the last on
+    stderr (after the progress messages of the stages that ran), no traceback."""
     assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
     assert "Traceback" not in res.output
-    return lines[0]
+    return errors[0]

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import one_line_error
 
-from jaxguide import healpix, io, metrics
+from jaxguide import healpix, io, metrics, schema
 from jaxguide.cli import app
 
 NSIDE = 8
@@ -28,7 +28,7 @@ def case(tmp_path):
     m = 6
     truth_norm = rng.normal(size=(1, 2, 1, NPIX)).astype(np.float32)
     ens = (truth_norm * 0 + rng.normal(size=(m, 2, 1, NPIX))).astype(np.float32)
-    ds = io.analysis_to_dataset(ens, channels=CHANNELS, center=CENTER, scale=SCALE, times=["2022-03-01T00"], provenance=PROV, prior=ens + 0.1)
+    ds = schema.analysis_to_dataset(ens, channels=CHANNELS, center=CENTER, scale=SCALE, times=["2022-03-01T00"], provenance=PROV, prior=ens + 0.1)
     path = io.write_dataset(ds, tmp_path / "analysis.nc")
     truth_phys = healpix.reorder(truth_norm[0, :, 0] * SCALE[:, None] + CENTER[:, None], "net", "nest")
     lon, lat = healpix.lonlat(NSIDE, "nest")
@@ -68,7 +68,11 @@ def test_evaluate_end_to_end(case):
     ens = case["ds"]["tas"].values[:, 0][:, case["pix"][:40]]
     y = case["truth_phys"][0, case["pix"][:40]]
     assert out["assimilated"]["tas"]["rmse"] == pytest.approx(metrics.rmse(ens, y), rel=1e-6)
-    assert out["assimilated"]["tas"]["crps"] == pytest.approx(float(metrics.crps_ensemble(ens, y).mean()), rel=1e-6)
+    # CRPS at noisy observations: members + N(0, sigma^2) drawn from the seed (default 0)
+    noisy = metrics.perturb(ens, 0.5, np.random.default_rng(0))
+    assert out["assimilated"]["tas"]["crps"] == pytest.approx(float(metrics.crps_ensemble(noisy, y).mean()), rel=1e-6)
+    assert out["assimilated"]["tas"]["energy_score"] > 0 and "variogram_score" in out["assimilated"]["tas"]
+    assert "energy score" in res.stdout
     assert out["held_out"]["pres_msl"]["n_obs"] == 20
     # calibrated by construction (in normalised units): spread-skill near 1 over the full field
     assert 0.8 < out["truth"]["tas"]["spread_skill"] < 1.2
@@ -107,3 +111,110 @@ def test_help_lists_commands():
     assert res.exit_code == 0
     for cmd in ("convert", "assimilate", "evaluate", "demo"):
         assert cmd in res.stdout
+
+
+def test_compile_cache_location_and_switches(tmp_path, monkeypatch):
+    import jax
+
+    from jaxguide import cli
+
+    before = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    try:
+        monkeypatch.delenv("JAXGUIDE_CACHE_DIR", raising=False)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert cli.compile_cache_dir() == tmp_path / "xdg" / "jaxguide" / "xla"
+        monkeypatch.setenv("JAXGUIDE_NO_CACHE", "1")
+        assert cli.enable_compile_cache(True) is None and jax.config.jax_compilation_cache_dir == before["jax_compilation_cache_dir"]
+        monkeypatch.setenv("JAXGUIDE_NO_CACHE", "0")
+        assert cli.enable_compile_cache(False) is None  # --no-cache
+        path = cli.enable_compile_cache(True)
+        assert path == tmp_path / "xdg" / "jaxguide" / "xla" and path.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(path)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs <= 1.0
+        monkeypatch.setenv("JAXGUIDE_CACHE_DIR", str(tmp_path / "elsewhere"))
+        assert cli.compile_cache_dir() == tmp_path / "elsewhere"
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+    res = CliRunner().invoke(app, ["assimilate", "--help"])
+    assert "--no-cache" in res.output
+
+
+def test_usage_errors_are_one_line(case):
+    """typer/click's own parsing errors come out as ONE ``error:`` line naming the option
+    and its expected form, exit 2 (not typer's boxed usage panel)."""
+    runner = CliRunner()
+    path, obs = str(case["path"]), str(case["obs"])
+    line = one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--seed", "two"]))
+    assert "--seed" in line and "int" in line
+    line = one_line_error(runner.invoke(app, ["assimilate", "--model", "m", "--obs", obs, "--time", "2020-01-01",
+                                              "--out", "x.nc", "--members", "two"]))
+    assert "--members" in line and "int" in line and "ensemble size" in line
+    line = one_line_error(runner.invoke(app, ["evaluate", path]))
+    assert "missing option --obs" in line
+    line = one_line_error(runner.invoke(app, ["evaluate"]))
+    assert "ANALYSIS" in line
+    line = one_line_error(runner.invoke(app, ["evaluate", path, "--obs", obs, "--sed", "1"]))
+    assert "--sed" in line
+    line = one_line_error(runner.invoke(app, ["evaluate", path, "--obs"]))
+    assert "--obs" in line
+    line = one_line_error(runner.invoke(app, ["nosuchcommand"]))
+    assert "nosuchcommand" in line
+    assert runner.invoke(app, ["evaluate", "--help"]).exit_code == 0
+
+
+def test_evaluate_creates_nothing_on_bad_input(case, tmp_path):
+    runner = CliRunner()
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 8)
+    plots, js = tmp_path / "plots", tmp_path / "m.json"
+    args = ["evaluate", str(case["path"]), "--obs", str(binary), "--plots", str(plots), "--json", str(js)]
+    line = one_line_error(runner.invoke(app, args))
+    assert line.startswith("error: --obs") and "binary.csv" in line and "CSV" in line
+    assert not plots.exists() and not js.exists()
+    args = ["evaluate", str(case["path"]), "--obs", str(case["obs"]), "--held-out", str(tmp_path / "nope.csv"),
+            "--plots", str(plots), "--json", str(js)]
+    assert "nope.csv" in one_line_error(runner.invoke(app, args))
+    assert not plots.exists() and not js.exists()
+    plots.write_text("a file")
+    line = one_line_error(runner.invoke(app, ["evaluate", str(case["path"]), "--obs", str(case["obs"]), "--plots", str(plots)]))
+    assert "--plots" in line and "not a directory" in line
+
+
+def test_era5_obs_member_option(tmp_path):
+    """``jaxguide era5-obs``: an ensemble file needs --member; the values are that member's."""
+    from test_era5 import _cfgrib_like
+
+    from jaxguide import era5, observations
+
+    ds, enc = _cfgrib_like(members=(0, 1, 2))
+    ens = tmp_path / "ens.nc"
+    ds.to_netcdf(ens, encoding=enc)
+    runner = CliRunner()
+    out = tmp_path / "obs.csv"
+    base = ["era5-obs", str(ens), "--out", str(out), "--count", "7", "--levels", "850,500", "--seed", "3"]
+    line = one_line_error(runner.invoke(app, base))
+    assert "'number'" in line and "--member" in line and "ens.nc" in line
+    assert not out.exists()
+    line = one_line_error(runner.invoke(app, [*base, "--member", "two"]))
+    assert "--member" in line and "int" in line
+    assert "number 5" in one_line_error(runner.invoke(app, [*base, "--member", "5"]))
+    assert "--time" in one_line_error(runner.invoke(app, [*base, "--member", "1", "--time", "2021-01-01T00:00"]))
+    assert "--levels" in one_line_error(runner.invoke(app, [*base, "--member", "1", "--levels", "700"]))
+    assert not out.exists()
+    res = runner.invoke(app, [*base, "--member", "1", "--time", "2020-01-01T06:00Z"])
+    assert res.exit_code == 0, res.output
+    got = observations.read_observations(out)
+    want = era5.era5_to_observations(era5.read_era5_temperature(ens, member=1), (850, 500), strategy="random",
+                                     count=7, rng=np.random.default_rng(3), times=["2020-01-01T06:00"])
+    assert len(got) == 14 and set(got["variable"]) == {"T850", "T500"}
+    np.testing.assert_allclose(got["value"].to_numpy(), want["value"].to_numpy(), rtol=0, atol=1e-9)
+    member0 = era5.era5_to_observations(era5.read_era5_temperature(ens, member=0), (850, 500), strategy="random",
+                                        count=7, rng=np.random.default_rng(3), times=["2020-01-01T06:00"])
+    np.testing.assert_allclose(got["value"].to_numpy(), member0["value"].to_numpy() + 1.0, rtol=0, atol=1e-9)
+    assert "exists" in one_line_error(runner.invoke(app, [*base, "--member", "1"]))
+    text = tmp_path / "text.nc"
+    text.write_text("no")
+    line = one_line_error(runner.invoke(app, ["era5-obs", str(text), "--out", str(tmp_path / "o2.csv"), "--count", "3"]))
+    assert "text.nc" in line and "NetCDF or GRIB" in line
+    assert not (tmp_path / "o2.csv").exists()

@@ -18,6 +18,7 @@ from scipy.interpolate import RegularGridInterpolator
 
 from conftest import require_module
 from jaxguide import conditioning as C
+from jaxguide import grid_sampling as G
 from jaxguide import healpix as H
 
 NSIDE = 64
@@ -180,8 +181,17 @@ def test_sst_360_day_invalid_date(tmp_path):
 def test_missing_variable(tmp_path):
     path = tmp_path / "x.nc"
     xr.Dataset({"tos": (("time", "lat", "lon"), np.zeros((1, 2, 2)))}).to_netcdf(path)
-    with pytest.raises(KeyError, match="tosbcs"):
+    with pytest.raises(ValueError, match=r"SST file .*x\.nc.* no variable 'tosbcs'"):
         C.read_amip_sst(path)
+    # not NetCDF, a directory, missing: each named, with the option
+    text = tmp_path / "sst.csv"
+    text.write_text("time,lat,lon,tosbcs\n")
+    with pytest.raises(ValueError, match=r"SST file .*sst\.csv.*not a NetCDF file"):
+        C.read_amip_sst(text)
+    with pytest.raises(IsADirectoryError, match=r"SST file .*is a directory"):
+        C.read_amip_sst(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no such SST file.*nope\.nc"):
+        C.read_amip_sst(tmp_path / "nope.nc")
 
 
 # ---------------------------------------------------------------- real land mask
@@ -215,7 +225,7 @@ def test_real_land_mask_sst_condition_and_land_only(tmp_path, land_1deg):
     plon, plat = H.lonlat(NSIDE, "net")
 
     def pixel(lat, lon):
-        return H.ang2pix(NSIDE, lon, lat, "net")
+        return G.ang2pix(NSIDE, lon, lat, "net")
 
     assert land[pixel(23.0, 10.0)] and land[pixel(45.0, 90.0)] and land[pixel(-25.0, 135.0)]  # Sahara, Asia, Australia
     assert not land[pixel(0.0, 220.0)] and not land[pixel(-40.0, 330.0)]  # Pacific, Atlantic

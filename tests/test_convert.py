@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert import (
+from jaxguide.convert import (
     ExpertMismatchError,
     LegacyCheckpointError,
     MissingMemberError,
@@ -19,7 +19,7 @@ from convert import (
     UnknownArchitectureError,
     convert_checkpoints,
 )
-from convert.checkpoint import CheckpointError
+from jaxguide.convert.checkpoint import CheckpointError
 from jaxguide.model import ModelLoadError, load_model, sha256_file
 
 
@@ -197,7 +197,7 @@ def test_load_errors(tmp_path, tiny_model_dir):
 
 def test_round_trip_writer(tmp_path, tiny_model):
     """write_cbottle_checkpoint (used for full-size checkpoints) inverts the converter exactly."""
-    from convert import read_checkpoint, write_cbottle_checkpoint
+    from jaxguide.convert import read_checkpoint, write_cbottle_checkpoint
 
     path = write_cbottle_checkpoint(
         tmp_path / "rt.checkpoint", tiny_model.config, tiny_model.batch_info, tiny_model.params[0]
@@ -207,3 +207,34 @@ def test_round_trip_writer(tmp_path, tiny_model):
 
     for a, b in zip(jax.tree_util.tree_leaves(back.params), jax.tree_util.tree_leaves(tiny_model.params[0])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_importing_jaxguide_does_not_import_torch():
+    """The converter lives in jaxguide.convert (optional extra); the library and CLI import torch only on `convert`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jaxguide, jaxguide.cli, jaxguide.pipeline, jaxguide.model, jaxguide.network; "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'jaxguide.convert' not in sys.modules; "
+        "import jaxguide.convert; assert 'torch' not in sys.modules, 'jaxguide.convert imports torch eagerly'"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_checkpoint_with_noise_dependent_dropout_config(tmp_path, tiny):
+    """A model.json that sets the (training-only) dropout dict converts, loads and keeps the dict (issue 11 item 5)."""
+    from jaxguide.config import ModelConfig
+    from jaxguide.model import graphdef_and_shapes
+
+    dropout = {"sigma_breaks": [0.1, 10.0], "p": {"low": 0.0, "high": 0.2}}
+    ck = _rewrite(tiny, tmp_path / "d.checkpoint", replace={"model.json": _model_json(tiny, noise_dependent_dropout_config=dropout)})
+    model = load_model(convert_checkpoints([ck], tmp_path / "out"))
+    assert model.config.noise_dependent_dropout_config == dropout
+    assert model.config.to_dict()["noise_dependent_dropout_config"] == dropout
+    assert json.loads(json.dumps(model.config.to_dict()))["noise_dependent_dropout_config"] == dropout
+    same = ModelConfig.from_dict(model.config.to_dict())
+    assert same == model.config and hash(same) == hash(model.config)
+    assert graphdef_and_shapes(same) is graphdef_and_shapes(model.config)  # one cache entry

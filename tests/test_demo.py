@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import one_line_error
 
-from jaxguide import demo, gaussian, io
+from jaxguide import demo, gaussian, io, schema
 from jaxguide.cli import app
 
 SMALL = dict(nside=8, lmax=12, length_scale_km=1500.0, members=32, steps=16, obs_count=120, cg_iters=8)
@@ -40,8 +40,8 @@ def test_files_written_and_cf(small_run):
     assert [s[0] for s in stages] == list(range(len(demo.STAGES)))
     for name in ("truth.nc", "prior_ensemble.nc", "analysis_mmps.nc", "analysis_regression.nc"):
         ds = io.read_analysis(out / name)
-        assert io.check_cf(ds) == [], name
-        assert set(io.channel_variables(ds)) == {"T850", "T500", "T300"}
+        assert schema.check_cf(ds) == [], name
+        assert set(schema.channel_variables(ds)) == {"T850", "T500", "T300"}
         assert ds.attrs["model_sha256"] == summary["model_sha256"] and len(summary["model_sha256"]) == 64
         assert "gaussian-prior" in ds.attrs["model"]
     ds = io.read_analysis(out / "analysis_mmps.nc")

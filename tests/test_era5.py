@@ -177,3 +177,214 @@ def test_regional_grid_rejected():
     lat, lon = np.array([0.0, 1.0]), np.array([10.0, 11.0, 12.0])
     with pytest.raises(ValueError, match="global"):
         E.bilinear_latlon(np.zeros((2, 3)), lat, lon, np.array([0.5]), np.array([10.5]))
+
+
+# --------------------------------------------------------------------------------------
+# cfgrib-written NetCDF, ensembles, forecasts (valid_time = time + step), GRIB
+
+
+def _cfgrib_like(members=(0,), times=TIMES, steps=None, pack=True, data=None):
+    """A NetCDF as cfgrib + xarray write it: dims [number,] time, [step,] isobaricInhPa,
+    latitude (descending), longitude; valid_time over time (x step); t packed in int16.
+
+    Member k holds ``_kelvin() + k``; with ``steps`` (a list of timedeltas), the field of
+    (init i, step s) is the field of the valid time ``times[i] + s`` (shifted 0.5 K per 6 h)."""
+    lead = pd.to_timedelta(steps) if steps is not None else pd.to_timedelta([0], unit="h")
+    n_members = len(members)
+    valid = np.asarray(times)[:, None] + np.asarray(lead)[None, :]  # (time, step)
+    hours = (pd.DatetimeIndex(valid.ravel()) - TIMES[0]) / pd.Timedelta("6h")
+    base = _kelvin(times=range(1))[0]  # (level, lat, lon) at TIMES[0]
+    field = base[None] + 0.5 * np.asarray(hours).reshape(valid.shape)[..., None, None, None]  # (time, step, lev, lat, lon)
+    field = field[None] + np.asarray(members, float)[:, None, None, None, None, None]  # (number, ...)
+    if data is not None:
+        field = data
+    dims = ["number", "time", "step", "isobaricInhPa", "latitude", "longitude"]
+    coords = {
+        "number": ("number", np.asarray(members, np.int64), {"long_name": "ensemble member numerical id"}),
+        "time": times,
+        "step": ("step", np.asarray(lead)),
+        "isobaricInhPa": ("isobaricInhPa", LEVELS.astype(np.float64), {"units": "hPa"}),
+        "latitude": ("latitude", LAT_DESC, {"units": "degrees_north"}),
+        "longitude": ("longitude", LON, {"units": "degrees_east"}),
+        "valid_time": (("time", "step"), valid),
+    }
+    ds = xr.Dataset({"t": (dims, field, {"units": "K", "GRIB_shortName": "t"})}, coords=coords)
+    if steps is None:  # analysis type: step is a scalar coordinate, valid_time lies along time
+        ds = ds.isel(step=0)
+    if n_members == 1 and members == (0,):
+        ds = ds.isel(number=0)  # scalar 'number', as cfgrib writes a deterministic file
+    enc = {"t": {"dtype": "int16", "scale_factor": SCALE, "add_offset": OFFSET, "_FillValue": np.int16(-32767)}} if pack else {}
+    return ds, enc
+
+
+def test_cfgrib_netcdf_analysis_matches_cds_layout(tmp_path):
+    ds, enc = _cfgrib_like()
+    ds.to_netcdf(tmp_path / "cfgrib.nc", encoding=enc)
+    with xr.open_dataset(tmp_path / "cfgrib.nc", mask_and_scale=False) as raw:  # the layout is what we meant
+        assert raw["t"].dtype == np.int16 and raw["t"].dims == ("time", "isobaricInhPa", "latitude", "longitude")
+        assert "valid_time" in raw.coords and "time" in raw.dims and raw["latitude"].values[0] == 90.0
+    _current().to_netcdf(tmp_path / "cds.nc")
+    xr.testing.assert_identical(E.read_era5_temperature(tmp_path / "cfgrib.nc"), E.read_era5_temperature(tmp_path / "cds.nc"))
+
+
+def test_valid_time_not_time_for_forecasts(tmp_path):
+    # scalar nonzero step: the observation time is valid_time = time + 12 h, not time
+    ds, enc = _cfgrib_like(steps=["12h"])
+    ds.isel(step=0).to_netcdf(tmp_path / "fc1.nc", encoding=enc)
+    got = E.read_era5_temperature(tmp_path / "fc1.nc")
+    np.testing.assert_array_equal(got["time"].values, (TIMES + pd.Timedelta("12h")).values)
+    ref = _kelvin(times=range(6))[2:]  # valid at TIMES + 12 h = 2 x 6 h later: +1 K
+    np.testing.assert_array_equal(got["t"].values[:, ::-1, ::-1], ref)
+    # time x step: one axis of distinct valid times, each holding its own field
+    init = pd.DatetimeIndex(["2020-01-01T00", "2020-01-01T12"])
+    ds, enc = _cfgrib_like(times=init, steps=["0h", "6h"])
+    assert ds["valid_time"].dims == ("time", "step")
+    ds.to_netcdf(tmp_path / "fc2.nc", encoding=enc)
+    got = E.read_era5_temperature(tmp_path / "fc2.nc")
+    want_times = pd.DatetimeIndex(["2020-01-01T00", "2020-01-01T06", "2020-01-01T12", "2020-01-01T18"])
+    np.testing.assert_array_equal(got["time"].values, want_times.values)
+    np.testing.assert_array_equal(got["t"].values[:, ::-1, ::-1], _kelvin())
+    # one initialisation time saved alone (scalar time, step dimension), and one analysis time alone
+    ds.isel(time=0).to_netcdf(tmp_path / "fc_one_init.nc", encoding=enc)
+    got = E.read_era5_temperature(tmp_path / "fc_one_init.nc")
+    np.testing.assert_array_equal(got["time"].values, want_times[:2].values)
+    np.testing.assert_array_equal(got["t"].values[:, ::-1, ::-1], _kelvin()[:2])
+    ds, enc = _cfgrib_like()
+    ds.isel(time=2).to_netcdf(tmp_path / "one_time.nc", encoding=enc)
+    got = E.read_era5_temperature(tmp_path / "one_time.nc")
+    np.testing.assert_array_equal(got["time"].values, TIMES[2:3].values)
+    np.testing.assert_array_equal(got["t"].values[:, ::-1, ::-1], _kelvin()[2:3])
+    # overlapping forecasts (00 + 12 h and 06 + 6 h are both valid at 12 h): refused, named
+    ds, enc = _cfgrib_like(times=pd.DatetimeIndex(["2020-01-01T00", "2020-01-01T06"]), steps=["6h", "12h"])
+    ds.to_netcdf(tmp_path / "fc3.nc", encoding=enc)
+    with pytest.raises(E.ERA5FormatError, match=r"fc3\.nc.*valid"):
+        E.read_era5_temperature(tmp_path / "fc3.nc")
+
+
+def test_ensemble_member_selection(tmp_path):
+    ds, enc = _cfgrib_like(members=(0, 1, 2, 3))
+    assert ds["t"].dims[0] == "number"
+    ds.to_netcdf(tmp_path / "ens.nc", encoding=enc)
+    with pytest.raises(E.ERA5FormatError, match=r"ens\.nc.*4 members.*'number'.*--member") as err:
+        E.read_era5_temperature(tmp_path / "ens.nc")
+    assert "member=" in str(err.value)
+    for k in (0, 2):
+        got = E.read_era5_temperature(tmp_path / "ens.nc", member=k)
+        np.testing.assert_array_equal(got["t"].values[:, ::-1, ::-1], _kelvin() + k)
+    with pytest.raises(E.ERA5FormatError, match=r"no ensemble member number 7.*\[0, 1, 2, 3\]"):
+        E.read_era5_temperature(tmp_path / "ens.nc", member=7)
+    # a deterministic file asked for a member
+    _current().to_netcdf(tmp_path / "det.nc")
+    E.read_era5_temperature(tmp_path / "det.nc", member=0)  # CDS writes number = 0: that member
+    with pytest.raises(E.ERA5FormatError, match=r"det\.nc.*member=3.*only member 0"):
+        E.read_era5_temperature(tmp_path / "det.nc", member=3)
+    # a one-member copy of the ensemble (number kept as a length-1 dimension) needs no choice
+    ds.isel(number=[2]).to_netcdf(tmp_path / "one.nc", encoding=enc)
+    np.testing.assert_array_equal(E.read_era5_temperature(tmp_path / "one.nc")["t"].values[:, ::-1, ::-1], _kelvin() + 2)
+
+
+def test_bad_files_name_the_file_and_expectation(tmp_path):
+    (tmp_path / "text.nc").write_text("not a netcdf file\n")
+    with pytest.raises(E.ERA5FormatError, match=r"text\.nc.*not a readable NetCDF or GRIB"):
+        E.read_era5_temperature(tmp_path / "text.nc")
+    with pytest.raises(FileNotFoundError, match="missing.nc"):
+        E.read_era5_temperature(tmp_path / "missing.nc")
+    celsius = _current()
+    celsius["t"].attrs["units"] = "degC"
+    celsius.to_netcdf(tmp_path / "c.nc")
+    with pytest.raises(E.ERA5FormatError, match=r"c\.nc.*units 'degC'.*expected K"):
+        E.read_era5_temperature(tmp_path / "c.nc")
+    flat = _current().isel(latitude=0, drop=True)
+    flat.to_netcdf(tmp_path / "flat.nc")
+    with pytest.raises(E.ERA5FormatError, match=r"flat\.nc.*latitude"):
+        E.read_era5_temperature(tmp_path / "flat.nc")
+    nolev = _current().isel(pressure_level=0, drop=True)
+    nolev.to_netcdf(tmp_path / "nolev.nc")
+    with pytest.raises(E.ERA5FormatError, match=r"nolev\.nc.*pressure level"):
+        E.read_era5_temperature(tmp_path / "nolev.nc")
+
+
+def _write_grib(path, members, inits, steps, levels=(850, 500)):
+    """GRIB2 temperature on pressure levels from eccodes' own sample; member k, init i,
+    step s, level l holds ``250 + k + 0.25 i + s / 24 + l / 1000 + 0.125 * cell``."""
+    eccodes = _require("eccodes")
+    lat = np.arange(90.0, -90.1, -30.0)
+    lon = np.arange(0.0, 360.0, 60.0)
+    expect = {}
+    with open(path, "wb") as fh:
+        for k in members:
+            for i, t0 in enumerate(inits):
+                for s in steps:
+                    for lv in levels:
+                        h = eccodes.codes_grib_new_from_samples("regular_ll_pl_grib2")
+                        keys = dict(Ni=lon.size, Nj=lat.size, latitudeOfFirstGridPointInDegrees=90.0,
+                                    latitudeOfLastGridPointInDegrees=-90.0, longitudeOfFirstGridPointInDegrees=0.0,
+                                    longitudeOfLastGridPointInDegrees=300.0, iDirectionIncrementInDegrees=60.0,
+                                    jDirectionIncrementInDegrees=30.0, discipline=0, parameterCategory=0,
+                                    parameterNumber=0, typeOfFirstFixedSurface=100, level=lv,
+                                    dataDate=int(t0.strftime("%Y%m%d")), dataTime=int(t0.strftime("%H%M")),
+                                    bitsPerValue=24)
+                        if len(members) > 1:
+                            keys.update(productDefinitionTemplateNumber=1, typeOfEnsembleForecast=3,
+                                        perturbationNumber=k, numberOfForecastsInEnsemble=len(members))
+                        for key, v in keys.items():
+                            eccodes.codes_set(h, key, v)
+                        eccodes.codes_set(h, "forecastTime", s)  # hours
+                        vals = 250.0 + k + 0.25 * i + s / 24 + lv / 1000 + 0.125 * np.arange(lat.size * lon.size)
+                        eccodes.codes_set_values(h, vals)
+                        eccodes.codes_write(h, fh)
+                        eccodes.codes_release(h)
+                        expect[(k, t0 + pd.Timedelta(hours=s), lv)] = vals.reshape(lat.size, lon.size)
+    return lat, lon, expect
+
+
+def _require(name):
+    from conftest import require_module
+
+    return require_module(name)
+
+
+def test_grib_through_cfgrib(tmp_path):
+    _require("cfgrib")
+    inits = [pd.Timestamp("2020-01-01T00"), pd.Timestamp("2020-01-01T12")]
+    lat, lon, expect = _write_grib(tmp_path / "ens.grib", members=(0, 1, 2), inits=inits, steps=(0, 6))
+    with pytest.raises(E.ERA5FormatError, match=r"ens\.grib.*3 members.*'number'"):
+        E.read_era5_temperature(tmp_path / "ens.grib")
+    got = E.read_era5_temperature(tmp_path / "ens.grib", member=1)
+    times = pd.DatetimeIndex(got["time"].values)
+    assert list(times) == [pd.Timestamp(x) for x in ("2020-01-01T00", "2020-01-01T06", "2020-01-01T12", "2020-01-01T18")]
+    assert got["level"].values.tolist() == [500, 850]
+    np.testing.assert_array_equal(got["lat"].values, lat[::-1])
+    for (k, vt, lv), vals in expect.items():
+        if k == 1:
+            # GRIB simple packing with 24 bits: error <= range / 2**24 (~1e-6 K here)
+            np.testing.assert_allclose(got["t"].sel(time=vt, level=lv).values, vals[::-1], rtol=0, atol=1e-4)
+    # deterministic GRIB without a suffix is recognised by its GRIB magic; analysis times only
+    _write_grib(tmp_path / "det", members=(0,), inits=inits, steps=(0,))
+    det = E.read_era5_temperature(tmp_path / "det")
+    assert det["t"].shape == (2, 2, lat.size, lon.size)
+
+
+def test_legacy_expver_merged(tmp_path):
+    """Legacy CDS files that reach into ERA5T carry expver (1, 5); each field is in one."""
+    ds, enc = _legacy()
+    both = xr.concat([ds, ds], dim=xr.DataArray([1, 5], dims="expver", name="expver")).transpose("time", "expver", ...)
+    both["t"][:2, 1] = np.nan  # ERA5 for the first two times,
+    both["t"][2:, 0] = np.nan  # ERA5T after
+    both.to_netcdf(tmp_path / "expver.nc", encoding=enc)
+    _write_legacy(tmp_path / "plain.nc")
+    xr.testing.assert_identical(E.read_era5_temperature(tmp_path / "expver.nc"), E.read_era5_temperature(tmp_path / "plain.nc"))
+    clash = both.copy(deep=True)
+    clash["t"][0, 1] = clash["t"][0, 0]
+    clash.to_netcdf(tmp_path / "clash.nc", encoding=enc)
+    with pytest.raises(E.ERA5FormatError, match=r"clash\.nc.*expver"):
+        E.read_era5_temperature(tmp_path / "clash.nc")
+
+
+def test_grib_without_cfgrib_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "x.grib").write_bytes(b"GRIB" + bytes(100))
+    monkeypatch.setitem(sys.modules, "cfgrib", None)  # as if the 'grib' extra were not installed
+    with pytest.raises(E.ERA5FormatError, match=r"x\.grib.*GRIB.*jaxguide\[grib\]"):
+        E.read_era5_temperature(tmp_path / "x.grib")

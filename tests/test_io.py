@@ -13,7 +13,7 @@ import pytest
 import xarray as xr
 
 from conftest import require_module
-from jaxguide import healpix, io
+from jaxguide import grid_sampling, healpix, io, schema
 
 REPO = Path(__file__).resolve().parents[1]
 NSIDE = 4
@@ -42,12 +42,12 @@ def make_ensemble(m=3, seed=0):
 def make_ds(**kw):
     args = dict(channels=CHANNELS, center=CENTER, scale=SCALE, times=["2021-06-01T12:00"], provenance=PROV)
     args.update(kw)
-    return io.analysis_to_dataset(kw.pop("ensemble", make_ensemble()), **{k: v for k, v in args.items() if k != "ensemble"})
+    return schema.analysis_to_dataset(kw.pop("ensemble", make_ensemble()), **{k: v for k, v in args.items() if k != "ensemble"})
 
 
 def test_dataset_layout_units_and_nest_order():
     x = make_ensemble()
-    ds = io.analysis_to_dataset(x, channels=CHANNELS, center=CENTER, scale=SCALE, times=["2021-06-01T12:00"], provenance=PROV, prior=x[:2])
+    ds = schema.analysis_to_dataset(x, channels=CHANNELS, center=CENTER, scale=SCALE, times=["2021-06-01T12:00"], provenance=PROV, prior=x[:2])
     assert ds["T850"].dims == ("member", "time", "pixel") and ds["T850"].dtype == np.float32
     # physical units, NEST order: value at nest pixel p is the net value at the same location
     nest_to_net = healpix.permutation(NSIDE, "net", "nest")
@@ -60,7 +60,7 @@ def test_dataset_layout_units_and_nest_order():
     lon, lat = hp.pix2ang(NSIDE, np.arange(NPIX), nest=True, lonlat=True)
     np.testing.assert_allclose(ds["lat"].values, lat, atol=1e-9)
     np.testing.assert_allclose(ds["lon"].values, lon, atol=1e-9)
-    assert ds["T850"].attrs["standard_name"] == "air_temperature" and ds["T850"].attrs["level"] == 850
+    assert ds["T850"].attrs["standard_name"] == "air_temperature" and float(ds["plev850"]) == 85000.0
     assert ds["pres_msl"].attrs["units"] == "Pa" and ds["rlut"].attrs["units"] == "W m-2" and ds["tas"].attrs["units"] == "K"
     assert ds["crs"].attrs["grid_mapping_name"] == "healpix" and ds["crs"].attrs["refinement_level"] == 2
 
@@ -79,10 +79,10 @@ def test_roundtrip_and_cf_check(tmp_path, fmt, name):
     if fmt == "zarr":
         require_module("zarr")
     ds = make_ds()
-    assert io.check_cf(ds) == []
+    assert schema.check_cf(ds) == []
     path = io.write_dataset(ds, tmp_path / name, format=fmt)
     back = io.read_analysis(path)
-    assert io.check_cf(back) == []
+    assert schema.check_cf(back) == []
     np.testing.assert_array_equal(back["tas"].values, ds["tas"].values)
     assert back.attrs["method"] == "mmps" and int(back.attrs["n_obs"]) == 12
     assert back["crs"].attrs["healpix_order"] == "nest" and back["crs"].attrs["indexing_scheme"] == "nested"
@@ -103,6 +103,9 @@ def test_cf_check_finds_problems(tmp_path):
     bad.attrs.pop("Conventions")
     cases.append((bad, "Conventions"))
     bad = good.copy(deep=True)
+    bad.attrs["Conventions"] = "CF-1.11"
+    cases.append((bad, "needs CF-1.13"))
+    bad = good.copy(deep=True)
     bad = bad.assign_coords(lat=("pixel", good["lat"].values[::-1], good["lat"].attrs))
     cases.append((bad, "NEST pixel centres"))
     bad = good.copy(deep=True)
@@ -112,16 +115,16 @@ def test_cf_check_finds_problems(tmp_path):
     del bad.attrs["model_sha256"]
     cases.append((bad, "model_sha256"))
     for ds, needle in cases:
-        problems = io.check_cf(ds)
+        problems = schema.check_cf(ds)
         assert any(needle in p for p in problems), (needle, problems)
     # a broken file read back from disk too
     bad = good.copy(deep=True)
     del bad["T850"].attrs["grid_mapping"]
     back = io.read_analysis(io.write_dataset(bad, tmp_path / "bad.nc"))
-    assert any("grid_mapping" in p for p in io.check_cf(back))
+    assert any("grid_mapping" in p for p in schema.check_cf(back))
     # unknown channel: no units known
     odd = make_ds(channels=["T850", "tas", "pres_msl", "mystery"])
-    assert any("mystery: no units" in p for p in io.check_cf(odd))
+    assert any("mystery: no units" in p for p in schema.check_cf(odd))
 
 
 def test_write_refuses_overwrite_and_bad_dirs(tmp_path):
@@ -203,45 +206,94 @@ def test_killed_writer_leaves_no_destination(tmp_path):
         proc.wait()
     assert not dest.exists()
     assert not any(p.name == "a.nc" for p in dest.parent.rglob("*") if p.parent == dest.parent)
-
-
-def test_regrid_nearest_and_bilinear():
-    nside = 8
-    lon_p, lat_p = healpix.lonlat(nside, "nest")
-    # nearest: brute force over all pixels
-    grid = io.LatLonGrid(9, 18, "nearest")
-    glat, glon = grid.coords()
-    lon2, lat2 = np.meshgrid(glon, glat)
-    idx = io.nearest_pixels(nside, lon2, lat2)
-    vp = io._unit_vectors(lon_p, lat_p)
-    vt = io._unit_vectors(lon2, lat2).reshape(-1, 3)
-    brute = np.argmax(vt @ vp.T, axis=1).reshape(lon2.shape)
-    vt2 = io._unit_vectors(lon2, lat2)
-    # same angular distance as the brute-force nearest (ties allowed), and mostly the same pixel
-    np.testing.assert_allclose(np.sum(vp[idx] * vt2, -1), np.sum(vp[brute] * vt2, -1), rtol=0, atol=1e-12)
-    assert np.mean(idx == brute) > 0.9
-    out = io.regrid_to_latlon(np.arange(lon_p.size, dtype=np.float64), grid)
-    assert out.shape == (9, 18)
-    # bilinear: exact for a field linear in latitude (between the outermost rings)
-    grid_b = io.LatLonGrid(20, 40, "bilinear")
-    b = io.regrid_to_latlon(lat_p[None, :], grid_b)[0]
-    glat_b, glon_b = grid_b.coords()
-    inside = np.abs(glat_b) < lat_p.max()
-    np.testing.assert_allclose(b[inside], np.broadcast_to(glat_b[:, None], b.shape)[inside], atol=1e-9)
-    # smooth field: bilinear beats nearest
-    f = np.cos(np.radians(lat_p)) * np.sin(np.radians(2 * lon_p))
-    g_lon, g_lat = np.meshgrid(glon_b, glat_b)
-    truth = np.cos(np.radians(g_lat)) * np.sin(np.radians(2 * g_lon))
-    err_b = np.abs(io.regrid_to_latlon(f, grid_b) - truth).max()
-    err_n = np.abs(io.regrid_to_latlon(f, io.LatLonGrid(20, 40, "nearest")) - truth).max()
-    assert err_b < 0.05 and err_b < 0.5 * err_n
-    _, w = io.bilinear_weights(nside, g_lon, g_lat)
-    np.testing.assert_allclose(w.sum(-1), 1.0)
+    # the killed writer's hidden temporary is removed by the next write of the same target
+    left = [p.name for p in dest.parent.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".a.nc.") and f"-{proc.pid}." in left[0]
+    (dest.parent / "b.nc").write_text("another target, untouched")
+    io.write_dataset(make_ds(), dest)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["a.nc", "b.nc"]
+    io.read_analysis(dest)
 
 
 def test_regridded_dataset(tmp_path):
-    ds = make_ds(regrid_latlon=io.LatLonGrid(6, 12, "bilinear"), prior=make_ensemble(2, seed=9))
+    ds = make_ds(regrid_latlon=grid_sampling.LatLonGrid(6, 12, "bilinear"), prior=make_ensemble(2, seed=9))
     assert ds["tas"].dims == ("member", "time", "lat", "lon") and "crs" not in ds
     assert ds["tas_prior_mean"].dims == ("time", "lat", "lon")
     back = io.read_analysis(io.write_dataset(ds, tmp_path / "r.nc"))
-    assert io.check_cf(back) == []
+    assert schema.check_cf(back) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_keep_umask_permissions(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")  # what a normal write gives
+        want = os.stat(plain).st_mode & 0o777
+        assert want == 0o666 & ~umask
+        nc = io.write_dataset(make_ds(), tmp_path / "a.nc")
+        js = io.write_json_atomic(tmp_path / "a.json", {"a": 1})
+        png = io.atomic_write(tmp_path / "a.bin", lambda p: p.write_bytes(b"1"))
+        for p in (nc, js, png):
+            assert os.stat(p).st_mode & 0o777 == want, (p, oct(os.stat(p).st_mode & 0o777))
+        try:
+            import zarr  # noqa: F401
+        except ImportError:
+            return
+        z = io.write_dataset(make_ds(), tmp_path / "a.zarr", format="zarr")
+        assert os.stat(z).st_mode & 0o777 == 0o777 & ~umask
+        inner = [p for p in z.rglob("*") if p.is_file()]
+        assert inner and all(os.stat(p).st_mode & 0o777 == want for p in inner)
+    finally:
+        os.umask(old)
+
+
+def test_netcdf_is_compressed_and_coordinates_have_no_fill_value(tmp_path):
+    import netCDF4
+
+    path = io.write_dataset(make_ds(prior=make_ensemble(2, seed=1)), tmp_path / "a.nc")
+    with netCDF4.Dataset(path) as nc:
+        for name in ("T850", "tas", "T850_prior_mean"):
+            assert nc[name].filters()["zlib"] and nc[name].filters()["shuffle"], name
+        for name in ("member", "time", "pixel", "lat", "lon", "plev850", "height2m", "crs"):
+            assert "_FillValue" not in nc[name].ncattrs(), name
+
+
+def test_file_and_directory_mixups_are_named(tmp_path):
+    ds = make_ds()
+    (tmp_path / "dir.nc").mkdir()
+    with pytest.raises(IsADirectoryError, match="dir.nc.*is a directory"):
+        io.write_dataset(ds, tmp_path / "dir.nc", overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        io.write_dataset(ds, tmp_path / "file" / "a.nc")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        io.check_writable_dir(tmp_path / "file")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        io.write_json_atomic(tmp_path / "dir.nc", {})
+    (tmp_path / "text.nc").write_text("not netcdf")
+    with pytest.raises(ValueError, match="text.nc.*not a readable NetCDF"):
+        io.read_analysis(tmp_path / "text.nc")
+
+
+def test_stale_temporary_rules(tmp_path):
+    """Only temporaries of dead writers on this host (or legacy ones over an hour old) go."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    host = io._writer_tag().rsplit("-", 1)[0]
+    names = {
+        f".m.json.{host}-{dead_pid}.abcd1234.tmp": False,  # dead writer, this host: removed
+        f".m.json.{host}-{dead_pid}.old": False,
+        f".m.json.{host}-{os.getpid()}.abcd1234.tmp": True,  # a live writer (this process): kept
+        f".m.json.otherhost-{dead_pid}.abcd1234.tmp": True,  # another machine on a shared disk: kept
+        ".m.json.q1w2e3r4.tmp": False,  # legacy name, two hours old: removed
+        ".m.json.zzzzzzzz.tmp": True,  # legacy name, fresh: kept (maybe an old version still writing)
+        f".m.json.x.{host}-{dead_pid}.abcd1234.tmp": True,  # the temporary of target "m.json.x": kept
+        "m.json.bak": True,
+    }
+    for n in names:
+        (tmp_path / n).write_text("x")
+    old = time.time() - 7200
+    os.utime(tmp_path / ".m.json.q1w2e3r4.tmp", (old, old))
+    io.write_json_atomic(tmp_path / "m.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.json", *(n for n, keep in names.items() if keep)])

@@ -103,3 +103,159 @@ def test_summarize_and_errors():
         metrics.summarize(ens, obs[:10])
     with pytest.raises(ValueError):
         metrics.rmse(ens[:, :0], obs[:0])
+
+
+# --------------------------------------------------------------------------------------
+# noisy observations, energy and variogram scores
+
+
+def _perfect_posterior_case(rng, m, n, s=1.0, sigma_o=1.0):
+    """Members and truth exchangeable draws of N(0, s^2) per point; y = truth + N(0, sigma_o^2)."""
+    truth = rng.normal(0.0, s, size=n)
+    ens = rng.normal(0.0, s, size=(m, n))
+    y = truth + rng.normal(0.0, sigma_o, size=n)
+    return ens, y
+
+
+def test_rank_histogram_with_observation_noise_is_flat():
+    """A perfect posterior ranked against noisy observations: flat once the members carry
+    the observation noise (summarize with obs_sigma), U-shaped without it (the old
+    summarize ranked the bare members: this test failed on it)."""
+    rng = np.random.default_rng(11)
+    m, n = 9, 20000
+    ens, y = _perfect_posterior_case(rng, m, n)
+    expected = n / (m + 1)
+    chi2_crit = 27.88  # chi^2, 9 dof, p = 0.001
+    flat = np.asarray(metrics.summarize(ens, y, obs_sigma=1.0, seed=0)["rank_histogram"])
+    assert flat.sum() == n
+    assert np.sum((flat - expected) ** 2 / expected) < chi2_crit
+    bare = metrics.rank_histogram(ens, y, seed=0)
+    assert np.sum((bare - expected) ** 2 / expected) > 20 * chi2_crit  # measured 2264 at this seed
+    assert min(bare[0], bare[-1]) > 1.5 * expected > 2 * bare[m // 2]  # U shape
+    # deterministic in the seed, different for another seed
+    again = metrics.summarize(ens, y, obs_sigma=1.0, seed=0)["rank_histogram"]
+    assert again == flat.tolist() and metrics.summarize(ens, y, obs_sigma=1.0, seed=1)["rank_histogram"] != again
+
+
+def test_crps_with_observation_noise_matches_gaussian_closed_form():
+    """Perfect N(mu, s^2) ensemble, y ~ N(mu, s^2 + sigma_o^2): the CRPS summarize reports
+    is the CRPS of the predictive N(mu, s^2 + sigma_o^2), per observation, for large M."""
+    rng = np.random.default_rng(12)
+    mu, s, sigma_o, m = 0.5, 1.2, 0.9, 4000
+    y = np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 2.5, 4.0])
+    ens = rng.normal(mu, s, size=(m, 1)) * np.ones((1, y.size))
+    got = metrics.crps_ensemble(metrics.perturb(ens, sigma_o, 0), y)
+    np.testing.assert_allclose(got, _gauss_crps(mu, math.hypot(s, sigma_o), y), rtol=0.03, atol=0.01)
+    # and through summarize, averaged over many observations of a sharp posterior
+    s = 0.3
+    ens, yy = _perfect_posterior_case(rng, 200, 5000, s, sigma_o)
+    got_mean = metrics.summarize(ens + mu, yy + mu, obs_sigma=sigma_o, seed=3)["crps"]
+    want_mean = _gauss_crps(mu, math.hypot(s, sigma_o), yy + mu).mean()
+    assert abs(got_mean - want_mean) < 0.01
+    bare_mean = float(metrics.crps_ensemble(ens, yy).mean())  # what the old summarize reported
+    assert bare_mean - want_mean > 0.05
+
+
+def test_crps_uses_scoringrules_and_matches_brute_force():
+    sr = pytest.importorskip("scoringrules")
+    rng = np.random.default_rng(13)
+    ens = rng.normal(size=(6, 40))
+    y = rng.normal(size=40)
+    np.testing.assert_allclose(metrics.crps_ensemble(ens, y), sr.crps_ensemble(y, ens.T, estimator="fair", backend="numpy"), atol=1e-12)
+
+
+def test_energy_score_closed_form_and_bias():
+    """E[ES] of a perfect N(0, s^2 I_d) ensemble (fair estimator) is
+    s * Gamma((d + 1) / 2) / Gamma(d / 2) (half the mean distance between two draws);
+    a biased ensemble scores worse; in 1-D the energy score is the CRPS."""
+    rng = np.random.default_rng(14)
+    d, m, reps, s = 16, 8, 3000, 1.3
+    want = s * math.exp(math.lgamma((d + 1) / 2) - math.lgamma(d / 2))
+    perfect, biased = [], []
+    for _ in range(reps):
+        ens = rng.normal(0, s, size=(m, d))
+        y = rng.normal(0, s, size=d)
+        perfect.append(metrics.energy_score(ens, y))
+        biased.append(metrics.energy_score(ens + 0.5 * s, y))
+    perfect, biased = np.array(perfect), np.array(biased)
+    se = perfect.std() / math.sqrt(reps)
+    assert abs(perfect.mean() - want) < 4 * se, (perfect.mean(), want, se)
+    assert biased.mean() - perfect.mean() > 10 * se
+    ens, y = rng.normal(size=(7, 1)), rng.normal(size=1)
+    for fair in (True, False):
+        assert metrics.energy_score(ens, y, fair=fair) == pytest.approx(float(metrics.crps_ensemble(ens, y, fair=fair)[0]), abs=1e-12)
+
+
+def test_energy_score_with_observation_noise_closed_form():
+    """With noisy observations the predictive ensemble is N(0, (s^2 + sigma_o^2) I): summarize's
+    energy score has expectation sqrt(s^2 + sigma_o^2) Gamma((d+1)/2) / Gamma(d/2)."""
+    rng = np.random.default_rng(15)
+    d, m, reps, s, sigma_o = 12, 6, 2000, 1.0, 0.8
+    want = math.hypot(s, sigma_o) * math.exp(math.lgamma((d + 1) / 2) - math.lgamma(d / 2))
+    got = np.array([
+        metrics.summarize(*_perfect_posterior_case(rng, m, d, s, sigma_o), obs_sigma=sigma_o, seed=i)["energy_score"]
+        for i in range(reps)
+    ])
+    assert abs(got.mean() - want) < 4 * got.std() / math.sqrt(reps)
+
+
+def test_energy_and_variogram_scores_match_scoringrules():
+    sr = pytest.importorskip("scoringrules")
+    rng = np.random.default_rng(16)
+    ens = rng.normal(size=(5, 30))
+    y = rng.normal(size=30)
+    assert metrics.energy_score(ens, y, fair=True) == pytest.approx(float(sr.es_ensemble(y, ens, estimator="fair", backend="numpy")), rel=1e-12)
+    assert metrics.energy_score(ens, y, fair=False) == pytest.approx(float(sr.es_ensemble(y, ens, estimator="nrg", backend="numpy")), rel=1e-12)
+    w = rng.uniform(size=(30, 30))
+    for p in (0.5, 1.0):
+        want = float(sr.vs_ensemble(y, ens, w=np.ones((30, 30)), p=p, backend="numpy"))
+        assert metrics.variogram_score(ens, y, p=p, chunk=7) == pytest.approx(want, rel=1e-12)
+        want_w = float(sr.vs_ensemble(y, ens, w=w, p=p, backend="numpy"))
+        assert metrics.variogram_score(ens, y, p=p, weights=w, chunk=64) == pytest.approx(want_w, rel=1e-12)
+
+
+def test_variogram_score_sees_correlation():
+    """Members with the right correlation between points beat members with none, at the
+    same marginals (which CRPS cannot tell apart)."""
+    rng = np.random.default_rng(17)
+    n, m, reps = 10, 20, 300
+    c = 0.9 * np.ones((n, n)) + 0.1 * np.eye(n)
+    L = np.linalg.cholesky(c)
+    right, wrong = [], []
+    for _ in range(reps):
+        y = L @ rng.normal(size=n)
+        right.append(metrics.variogram_score((L @ rng.normal(size=(n, m))).T, y))
+        wrong.append(metrics.variogram_score(rng.normal(size=(m, n)), y))
+    assert np.mean(right) < 0.5 * np.mean(wrong)
+
+
+def test_spread_skill_ensemble_size_correction_and_obs_noise():
+    """sqrt((M+1)/M) spread / RMSE is 1 for small calibrated ensembles (not sqrt(M/(M+1)));
+    with noisy observations, the version with sigma_o is 1."""
+    rng = np.random.default_rng(18)
+    m, n = 3, 100000
+    ens, y = _perfect_posterior_case(rng, m, n, 1.0, 0.7)
+    s = metrics.summarize(ens, y, obs_sigma=0.7, seed=0)
+    assert abs(s["spread_skill_obs"] - 1) < 0.02
+    assert s["spread_skill"] < 0.9
+    truth = rng.normal(size=n)
+    ens = rng.normal(size=(m, n))
+    assert abs(metrics.spread_skill_ratio(ens, truth) - 1) < 0.02
+    assert metrics.spread_skill_ratio(ens, y, obs_sigma=0.7) == pytest.approx(metrics.summarize(ens, y, 0.7)["spread_skill_obs"])
+
+
+def test_perturb_and_summarize_keys():
+    rng = np.random.default_rng(19)
+    ens = rng.normal(size=(4, 50))
+    a = metrics.perturb(ens, np.full(50, 2.0), 5)
+    np.testing.assert_array_equal(a, metrics.perturb(ens, 2.0, np.random.default_rng(5)))
+    assert 1.5 < np.std(a - ens) < 2.5
+    np.testing.assert_array_equal(metrics.perturb(ens, 0.0, 1), ens)
+    with pytest.raises(ValueError):
+        metrics.perturb(ens, np.ones(3), 0)
+    with pytest.raises(ValueError):
+        metrics.perturb(ens, -1.0, 0)
+    s = metrics.summarize(ens, rng.normal(size=50), obs_sigma=0.5, variogram=True)
+    assert s["obs_noise_in_scores"] and s["energy_score"] > 0 and s["variogram_score"] > 0 and s["variogram_p"] == 0.5
+    t = metrics.summarize(ens, rng.normal(size=50))
+    assert not t["obs_noise_in_scores"] and "variogram_score" not in t and "spread_skill_obs" not in t

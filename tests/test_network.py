@@ -76,7 +76,7 @@ def test_activations_match_pytorch(forward_with_activations, den, torch_name):
     _, acts = forward_with_activations
     ref = den["act__" + torch_name]
     stride = int(den["act_stride__" + torch_name])
-    mine = np.transpose(np.asarray(acts[ACTIVATIONS[torch_name]]), (0, 2, 1))[:, :, None, ::stride]
+    mine = np.transpose(np.asarray(acts[ACTIVATIONS[torch_name]]), (0, 3, 1, 2))[..., ::stride]  # (B, T, X, C) -> (B, C, T, X)
     maxabs, rms = rel_errors(mine, ref)
     assert maxabs <= 5e-4 and rms <= 2e-5, (maxabs, rms)
 
@@ -94,16 +94,39 @@ def test_embedding_layers_match(tiny_model, den):
     np.testing.assert_allclose(lab, den["act__model.map_label"], rtol=0, atol=1e-5)
 
 
+def _calendar_variants(legacy):
+    """The embedding as eager, jitted and vmapped code: (B, T) -> (B, T, X, 32)."""
+    jitted = jax.jit(lambda s, d: calendar_embedding(s, d, legacy=legacy))
+    vmapped = jax.jit(jax.vmap(lambda s, d: calendar_embedding(s[None], d[None], legacy=legacy)[0]))
+    return {"eager": lambda s, d: calendar_embedding(s, d, legacy=legacy), "jit": jitted, "vmap": vmapped}
+
+
+# sin/cos of the same float32 argument differ by at most 1-2 ulp of the result between libms;
+# one ulp of the argument (a division rounded differently) would show as up to 4e-6.
+CALENDAR_ATOL = 1.2e-7
+
+
 def test_calendar_embedding(fixtures_dir):
     cal = np.load(fixtures_dir / "calendar.npz")
     np.testing.assert_array_equal(lon_shift_seconds(), cal["lon_shift_seconds"])
     np.testing.assert_array_equal(healpix.lonlat(64, "net")[0].astype(np.float32), cal["lon_net_f32"])
     pix = cal["pixels"]
     for legacy, key in ((True, "embedding_legacy_sub"), (False, "embedding_fixed_sub")):
-        emb = calendar_embedding(jnp.asarray(cal["second_of_day"]), jnp.asarray(cal["day_of_year"]), legacy=legacy)
-        mine = np.transpose(np.asarray(emb), (0, 2, 1))[:, :, None, pix]
-        # sin/cos of float32 arguments up to 2*pi*8*1: libm differences are a few ulp
-        np.testing.assert_allclose(mine, cal[key], rtol=0, atol=2e-5)
+        for how, f in _calendar_variants(legacy).items():
+            emb = f(jnp.asarray(cal["second_of_day"]), jnp.asarray(cal["day_of_year"]))  # (12, 1, X, 32)
+            mine = np.transpose(np.asarray(emb), (0, 3, 1, 2))[..., pix]
+            np.testing.assert_allclose(mine, cal[key], rtol=0, atol=CALENDAR_ATOL, err_msg=f"{key} {how}")
+
+
+def test_calendar_embedding_video_frames(fixtures_dir):
+    """Per-frame embedding, legacy = false, times with minutes (issue 11 item 8): exact to round-off."""
+    d = np.load(fixtures_dir / "video" / "video_denoiser.npz")
+    ref = d["act__model.embed_calendar"]  # (3, 32, 4, 384)
+    stride = int(d["act_stride__model.embed_calendar"])
+    for how, f in _calendar_variants(False).items():
+        emb = f(jnp.asarray(d["second_of_day"]), jnp.asarray(d["day_of_year"]))  # (3, 4, X, 32)
+        mine = np.transpose(np.asarray(emb), (0, 3, 1, 2))[..., ::stride]
+        np.testing.assert_allclose(mine, ref, rtol=0, atol=CALENDAR_ATOL, err_msg=how)
 
 
 def test_groupnorm(fixtures_dir):
@@ -120,7 +143,7 @@ def test_groupnorm(fixtures_dir):
 
 
 def test_mixture_of_experts(fixtures_dir, tmp_path):
-    from convert import convert_checkpoints
+    from jaxguide.convert import convert_checkpoints
     import jaxguide
 
     moe = np.load(fixtures_dir / "moe_denoiser.npz")
@@ -216,7 +239,7 @@ def _parse_state_dict_txt(path):
 )
 def test_key_mapping_covers_state_dict(fixtures_dir, name, config):
     """Every key and shape of the real state dicts (tiny and the released coarse model)."""
-    from convert.mapping import key_map, to_torch
+    from jaxguide.convert.mapping import key_map, to_torch
 
     rows = _parse_state_dict_txt(fixtures_dir / name)
     mapping, buffers = key_map(config)
@@ -239,7 +262,8 @@ def test_released_config_builds():
     "changes,match",
     [
         (dict(architecture="unet_hpx1024_patch"), "unet_hpx1024_patch"),
-        (dict(time_length=12), "video"),
+        (dict(time_length=4, model_channels=8), "0 heads"),  # cBottle's video model: 64 channels per head
+        (dict(time_length=0), "time_length"),
         (dict(architecture="mystery_net"), "mystery_net"),
     ],
 )

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from jaxguide import grid_sampling as G
 from jaxguide import healpix as H
 from jaxguide import observations as O
 
@@ -148,10 +149,70 @@ def test_times_outside_data():
     with pytest.raises(O.BadObservationsError, match="bad_time"):
         O.validate_observations(t, CHANNELS)
     t = _table(3).astype({"time": object})
-    t.loc[0, "time"] = "not a time"
-    t.loc[1, "time"] = "2020-01-01T06:00:00+01:00"  # mixed formats still parse
+    t.loc[0, "time"] = ""
+    t.loc[1, "time"] = "2020-01-01T06:00:00+01:00"  # ISO with an offset, among ISO without
+    t.loc[2, "time"] = "2020-01-01T12:00Z"
     clean, counts = O.validate_observations(t, CHANNELS, drop_bad=True)
-    assert counts == {"bad_time": 1} and clean["time"][0] == pd.Timestamp("2020-01-01 05:00")
+    assert counts == {"bad_time": 1} and clean["time"].tolist() == [pd.Timestamp("2020-01-01 05:00"),
+                                                                    pd.Timestamp("2020-01-01 12:00")]
+
+
+def test_window_miss_names_the_window_and_how_to_widen_it():
+    t = _table(4)  # 00, 06, 12, 18 h
+    with pytest.raises(O.BadObservationsError) as e:
+        O.validate_observations(t, CHANNELS, time_window=(pd.Timestamp("2020-01-02 09:00"), pd.Timestamp("2020-01-02 15:00")))
+    msg = str(e.value)
+    assert "2020-01-02T09:00 to 2020-01-02T15:00" in msg and "+- 3 h" in msg and "--window-hours" in msg
+    assert "2020-01-01T00:00 to 2020-01-01T18:00" in msg  # where the rejected times are
+    with pytest.raises(O.EmptyTableError, match="window_hours"):
+        O.validate_observations(t, CHANNELS, time_window=(pd.Timestamp("2020-01-02 09:00"), pd.Timestamp("2020-01-02 15:00")),
+                                drop_bad=True)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2020-01-20T06:00", "2020-01-20 06:00"), ("2020-01-20T06:00:00Z", "2020-01-20 06:00"),
+    ("2020-01-20T08:00+02:00", "2020-01-20 06:00"), ("2020-01-20 06:00", "2020-01-20 06:00"),
+    ("2020-01-20", "2020-01-20 00:00"), ("2020-01-20T06:00:00.500", "2020-01-20 06:00:00.5"),
+])
+def test_parse_time_accepts_iso(text, expected):
+    assert O.parse_time(text) == pd.Timestamp(expected)
+
+
+@pytest.mark.parametrize("text", ["05/01/2020", "01.05.2020", "2020-1-5", "20200105", "Jan 5 2020", "2020-13-01T00:00"])
+def test_non_iso_times_are_named_errors(text, tmp_path):
+    with pytest.raises(O.TimeFormatError, match=r"--time .*expected YYYY-MM-DD.*ISO 8601"):
+        O.parse_time(text, "--time")
+    # in a table too, whatever drop_bad says: a date format is not a bad row to drop silently
+    path = tmp_path / "obs.csv"
+    path.write_text(f"time,lat,lon,variable,value,sigma\n2020-01-05T00:00,0,0,T850,280,1\n{text},0,10,T850,280,1\n")
+    if text == "2020-13-01T00:00":  # ISO-shaped but no such month: unreadable rows stay bad_time
+        with pytest.raises(O.BadObservationsError, match="bad_time"):
+            O.validate_observations(O.read_observations(path), CHANNELS)
+        return
+    with pytest.raises(O.TimeFormatError, match=rf"1 of 2 observation times are not ISO 8601 \(first: '{text}'\)"):
+        O.read_observations(path)
+    with pytest.raises(O.TimeFormatError):
+        O.make_table([text], [0.0], [0.0], ["T850"], [280.0], [1.0])
+
+
+def test_implausible_values_name_variable_count_and_unit_mistake():
+    base = dict(time="2020-01-01", lat=[0.0, 10.0, 20.0, 30.0], lon=0.0, sigma=1.0)
+    ok = O.make_table(**base, variable=["T850", "T850", "tas", "pres_msl"], value=[250.0, 300.0, 310.0, 99000.0])
+    assert O.check_plausible(ok, CHANNELS, CENTER, SCALE) == {}
+    celsius = ok.assign(value=[-23.0, 27.0, 310.0, 99000.0])  # two T850 in deg C
+    with pytest.raises(O.ImplausibleObservationsError) as e:
+        O.check_plausible(celsius, CHANNELS, CENTER, SCALE)
+    assert e.value.counts == {"T850": 2}
+    assert "T850: 2 of 2 values" in str(e.value) and "degrees Celsius" in str(e.value) and "--allow-implausible" in str(e.value)
+    hpa = ok.assign(value=[250.0, 300.0, 310.0, 990.0])
+    with pytest.raises(O.ImplausibleObservationsError, match=r"pres_msl: 1 of 1 .*look like hPa"):
+        O.check_plausible(hpa, CHANNELS, CENTER, SCALE)
+    # just inside / outside 8 scales of T850
+    edge = O.make_table(time="2020-01-01", lat=[0.0, 1.0], lon=0.0, sigma=1.0, variable="T850",
+                        value=[CENTER[0] + 7.99 * SCALE[0], CENTER[0] - 8.01 * SCALE[0]])
+    with pytest.raises(O.ImplausibleObservationsError) as e:
+        O.check_plausible(edge, CHANNELS, CENTER, SCALE)
+    assert e.value.counts == {"T850": 1} and "degrees Celsius" not in str(e.value)  # no unit fix explains it
 
 
 def test_normalise():
@@ -304,10 +365,10 @@ def test_sample_observations_noise_split_and_units():
 
 def test_uniform_strategy_is_near_equal_area():
     lon, lat = S.sample_locations("uniform", 3000, np.random.default_rng(1))
-    counts = np.bincount(H.ang2pix(4, lon, lat, "net"), minlength=192)  # 192 equal-area cells
+    counts = np.bincount(G.ang2pix(4, lon, lat, "net"), minlength=192)  # 192 equal-area cells
     assert counts.min() >= 10 and counts.max() <= 22  # mean 15.6; random points would spread ~ +-4 sigma = 8..32
     rlon, rlat = S.sample_locations("random", 3000, np.random.default_rng(1))
-    assert np.bincount(H.ang2pix(4, rlon, rlat, "net"), minlength=192).std() > 2 * counts.std()
+    assert np.bincount(G.ang2pix(4, rlon, rlat, "net"), minlength=192).std() > 2 * counts.std()
 
 
 def test_land_only_with_mask_and_errors():
@@ -315,7 +376,7 @@ def test_land_only_with_mask_and_errors():
     lon, lat = H.lonlat(16, "net")
     mask = (lat > 20) & (lon < 90)  # a synthetic "continent"
     plon, plat = S.sample_locations("land_only", 500, np.random.default_rng(2), land_mask=mask)
-    assert plon.size == 500 and mask[H.ang2pix(16, plon, plat, "net")].all()
+    assert plon.size == 500 and mask[G.ang2pix(16, plon, plat, "net")].all()
     with pytest.raises(ValueError, match="no land"):
         S.sample_locations("land_only", 5, 0, land_mask=np.zeros(npix, bool))
     with pytest.raises(ValueError, match="land_mask"):

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from conftest import one_line_error
 
-from jaxguide import healpix, io
+from jaxguide import healpix, io, schema
 from jaxguide.cli import app
 
 TIME = "2020-01-20T00:00"
@@ -83,11 +83,20 @@ def test_replacement_end_to_end(case):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "analysis RMSE" in res.stdout
-    assert "analysis (sampler steps)" in res.stdout and "2/2" in res.stdout  # progress bars ran to the end
+    # what it is doing, in order, from the first second: loading, validating, compiling, sampling, writing
+    err = " ".join(res.stderr.split())
+    marks = ["reading", f"validated {N_OBS} observations", "analysis: compiling the sampler for 2 members",
+             "analysis: compiled in", "prior: compiling the sampler for 1 members", "prior: compiled in", "writing"]
+    at = [err.find(m) for m in marks]
+    assert all(i >= 0 for i in at) and at == sorted(at), (at, err)
+    assert "compilation cache off" in err  # the tests run without the cache: the bar counts denoiser calls
+    assert "analysis: done" in err and "3/3" in err  # 2 steps = 3 denoiser calls
+    assert "time: total" in res.stdout and "compile" in res.stdout
 
     ds = io.read_analysis(out)
-    assert io.check_cf(ds) == []
+    assert schema.check_cf(ds) == []
     assert ds.attrs["method"] == "replacement" and ds.attrs["n_obs"] == N_OBS and ds.attrs["steps"] == 2
+    assert ds.attrs["observation_operator"] == "nearest"  # what evaluate samples with
     meta = json.loads((case["model"] / "jaxguide.json").read_text())
     assert ds.attrs["model_sha256"] == meta["sources"][0]["sha256"]
     assert ds.sizes["member"] == 2 and "T850_prior_mean" in ds
@@ -102,6 +111,7 @@ def test_replacement_end_to_end(case):
 
     summary = json.loads((tmp / "s.json").read_text())
     assert summary["n_obs"] == N_OBS and summary["prior_members"] == 1
+    assert 0 < summary["seconds_compile"] < summary["seconds_analysis"] + summary["seconds_prior"]
     assert all(v["rmse"] < 2e-3 for v in summary["analysis"].values())
     assert all(v["rmse"] > 1.0 for v in summary["prior"].values())
 
@@ -138,6 +148,19 @@ def test_assimilate_bad_inputs(case, tmp_path):
     assert "exists" in error()
     assert "members" in error("--members", "0", out=tmp_path / "b.nc")
     assert "sigma-y" in error("--sigma-y", "x", out=tmp_path / "b.nc")
+    # typer's own parsing errors: one line naming the option and the expected form
+    line = error("--members", "two", out=tmp_path / "b.nc")
+    assert "--members" in line and "int" in line
+    # file-format errors name the option and the file
+    no_var = tmp_path / "sst_no_tosbcs.nc"
+    xr.open_dataset(case["sst"]).rename(tosbcs="sst").to_netcdf(no_var)
+    line = error(sst=no_var, out=tmp_path / "b.nc")
+    assert line.startswith("error: --sst") and "sst_no_tosbcs.nc" in line and "tosbcs" in line
+    assert "missing key" not in line
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 8)
+    line = error(obs=binary, out=tmp_path / "b.nc")
+    assert line.startswith("error: --obs") and "binary.csv" in line and "CSV" in line
     assert not (tmp_path / "b.nc").exists()
 
 
@@ -152,3 +175,55 @@ def test_convert_bad_inputs(case, fixtures_dir, tmp_path):
     line = one_line_error(runner.invoke(app, ["convert", str(fixtures_dir / "tiny.checkpoint"), "--out", str(tmp_path / "m"),
                                                "--sigma-thresholds", "ten"]))
     assert "sigma-thresholds" in line
+
+
+def test_assimilate_names_the_right_thing(case, fixtures_dir, tmp_path):
+    """Unit mistakes, non-ISO times and file mix-ups end in one line naming the cause,
+    before anything compiles."""
+    runner = CliRunner()
+    out = tmp_path / "a.nc"
+
+    def error(*extra, **replace) -> str:
+        return one_line_error(runner.invoke(app, _assimilate_args(case, out, *extra, **replace)))
+
+    line = error(model=fixtures_dir / "tiny.checkpoint")
+    assert "cBottle checkpoint" in line and "jaxguide convert" in line
+    assert "is a directory" in error(obs=tmp_path)
+    assert "--sst" in error(sst=tmp_path) and "is a directory" in error(sst=tmp_path)
+    not_nc = tmp_path / "sst.csv"
+    not_nc.write_text("a,b\n1,2\n")
+    line = error(sst=not_nc)
+    assert "--sst" in line and "sst.csv" in line and "not a NetCDF file" in line
+    no_var = tmp_path / "tos.nc"
+    xr.Dataset({"tos": (("time", "lat", "lon"), np.zeros((1, 2, 2)))}).to_netcdf(no_var)
+    line = error(sst=no_var)
+    assert "--sst" in line and "tos.nc" in line and "'tosbcs'" in line
+    line = error("--sigma-y", "T850:1")
+    assert "'T850=1'" in line
+    line = error(time="05/01/2020")
+    assert "--time '05/01/2020'" in line and "ISO 8601" in line
+    us_dates = tmp_path / "us.csv"
+    case["table"].assign(time="01/20/2020 00:00").to_csv(us_dates, index=False)
+    assert "not ISO 8601 (first: '01/20/2020 00:00')" in error(obs=us_dates)
+    celsius = tmp_path / "celsius.csv"
+    case["table"].assign(value=case["table"]["value"] - 273.15).to_csv(celsius, index=False)
+    line = error(obs=celsius)
+    assert "degrees Celsius" in line and "T850: 4 of 4" in line and "--allow-implausible" in line
+    (tmp_path / "dir.nc").mkdir()
+    assert "is a directory" in error("--overwrite", out=tmp_path / "dir.nc")
+    line = error(time="2020-01-22T00:00")
+    assert "2020-01-21T21:00 to 2020-01-22T03:00" in line and "--window-hours" in line
+    assert not out.exists()
+
+
+def test_plausibility_check_can_be_overridden(case):
+    from jaxguide import pipeline
+    from jaxguide.model import load_model
+    from jaxguide.observations import ImplausibleObservationsError, read_observations
+
+    model = load_model(case["model"])
+    table = read_observations(case["obs"]).assign(value=lambda t: t["value"] - 273.15)
+    with pytest.raises(ImplausibleObservationsError):
+        pipeline.observation_inputs(table, model, TIME)
+    oi = pipeline.observation_inputs(table, model, TIME, check_plausibility=False)
+    assert oi.y.shape == (N_OBS,)

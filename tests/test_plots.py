@@ -58,3 +58,52 @@ def test_plot_rank_histogram(tmp_path):
     assert png_size(out) == (200, 140)
     with pytest.raises(ValueError):
         plots.plot_rank_histogram(tmp_path / "r2.png", [3])
+
+
+def _captured(monkeypatch):
+    """Record the figures plots would save (to read titles, legends and markers)."""
+    figs = []
+    real = plots._save_atomic
+
+    def save(fig, path, dpi):
+        figs.append(fig)
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "_save_atomic", save)
+    return figs
+
+
+def test_maps_title_legend_and_markers(tmp_path, monkeypatch):
+    figs = _captured(monkeypatch)
+    nside = 8
+    lon, lat = healpix.lonlat(nside, "nest")
+    ens = 280 + 10 * np.cos(np.radians(lat)) + np.random.default_rng(0).normal(size=(3, lon.size))
+    plots.plot_maps(tmp_path / "m.png", ens, prior=ens - 1.0, obs_lon=[10.0, 200.0], obs_lat=[45.0, -30.0],
+                    held_out_lon=[100.0], held_out_lat=[0.0], name="T850", units="K",
+                    valid_time="2020-01-20T06:00", figsize=(12, 4), dpi=40)
+    fig = figs[-1]
+    assert "2020-01-20 06:00 UTC" in fig._suptitle.get_text()
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert labels == ["assimilated (2)", "held out (1)"]
+    # every panel draws both station sets with a dark edge around a light or bright face
+    for ax in [a for a in fig.axes if a.name == "mollweide"]:
+        sets = ax.collections[1:]  # [0] is the field
+        assert len(sets) == 2
+        for s in sets:
+            assert np.allclose(s.get_edgecolor()[0][:3], 0.0) and s.get_facecolor()[0][:3].max() == 1.0
+    assert fig.get_layout_engine() is not None  # constrained layout: nothing overlaps or is cut
+
+
+def test_rank_bins_follow_the_number_of_observations(tmp_path, monkeypatch):
+    assert plots.rank_bins(9, 1000).tolist() == list(range(10))  # enough data: one bar per rank
+    edges = plots.rank_bins(65, 23)  # 64 members, 23 observations: 4 bins of ~16 ranks
+    assert len(edges) == 5 and edges[0] == 0 and edges[-1] == 65 and np.ptp(np.diff(edges)) <= 1
+    assert len(plots.rank_bins(65, 3)) == 3  # never fewer than 2 bins
+    figs = _captured(monkeypatch)
+    counts = np.zeros(65, int)
+    counts[[0, 10, 30, 64]] = [5, 6, 7, 5]
+    plots.plot_rank_histogram(tmp_path / "r.png", counts, dpi=40)
+    ax = figs[-1].axes[0]
+    bars = [p for p in ax.patches if hasattr(p, "get_height")]
+    assert len(bars) == 4 and sum(b.get_height() for b in bars) == counts.sum()
+    assert "n = 23" in ax.get_title()

@@ -64,22 +64,28 @@ def _linear(prefix: str, path: Path, out: dict) -> None:
     out[prefix + ".bias"] = (path + ("bias",), "copy")
 
 
-def _block(prefix: str, path: Path, cin: int, cout: int, resample, attention: bool, out: dict, buffers: set):
+def _block(prefix: str, path: Path, spec, out: dict, buffers: set):
     _norm(prefix + ".norm0", path + ("norm0",), out)
     _conv(prefix + ".conv0", path + ("conv0",), 3, out)
     _linear(prefix + ".affine", path + ("affine",), out)
     _norm(prefix + ".norm1", path + ("norm1",), out)
     _conv(prefix + ".conv1", path + ("conv1",), 3, out)
-    if cin != cout or resample is not None:
+    if spec.cin != spec.cout or spec.resample is not None:
         _conv(prefix + ".skip", path + ("skip",), 1, out)
-    if resample is not None:
+    if spec.resample is not None:
         buffers.add(prefix + ".conv0.resample_filter")
         buffers.add(prefix + ".skip.resample_filter")
-    if attention:
+    if spec.attention:
         a = prefix + ".attn.attention"
         _norm(a + ".norm2", path + ("attn", "norm2"), out)
         _conv(a + ".qkv", path + ("attn", "qkv"), 1, out)
         _conv(a + ".proj", path + ("attn", "proj"), 1, out)
+    if spec.temporal:
+        t = prefix + ".temporal_attention"
+        _norm(t + ".norm2", path + ("tattn", "norm2"), out)
+        _conv(t + ".qkv", path + ("tattn", "qkv"), 1, out)  # a plain torch Conv2d 1x1: same layout
+        _conv(t + ".proj", path + ("tattn", "proj"), 1, out)
+        out[t + ".positional_embedding"] = (path + ("tattn", "positional_embedding"), "copy")  # (heads, 2T)
 
 
 def key_map(config: ModelConfig) -> tuple[dict[str, tuple[Path, str]], set[str]]:
@@ -92,13 +98,13 @@ def key_map(config: ModelConfig) -> tuple[dict[str, tuple[Path, str]], set[str]]
         _linear("model.map_label", ("map_label",), out)
     _linear("model.map_layer0", ("map_layer0",), out)
     _linear("model.map_layer1", ("map_layer1",), out)
-    for name, cin, cout, resample, attn in encoder_layout(config):
-        if name.endswith("_conv_embed"):
-            _conv(f"model.enc.{name}", ("enc", name), 3, out)
+    for spec in encoder_layout(config):
+        if spec.name.endswith("_conv_embed"):
+            _conv(f"model.enc.{spec.name}", ("enc", spec.name), 3, out)
         else:
-            _block(f"model.enc.{name}", ("enc", name), cin, cout, resample, attn, out, buffers)
-    for name, cin, cout, resample, attn in decoder_layout(config):
-        _block(f"model.dec.{name}", ("dec", name), cin, cout, resample, attn, out, buffers)
+            _block(f"model.enc.{spec.name}", ("enc", spec.name), spec, out, buffers)
+    for spec in decoder_layout(config):
+        _block(f"model.dec.{spec.name}", ("dec", spec.name), spec, out, buffers)
     _norm("model.dec.64x64_aux_norm", ("aux_norm",), out)
     _conv("model.dec.64x64_aux_conv", ("aux_conv",), 3, out)
     if config.enable_classifier:
@@ -106,3 +112,29 @@ def key_map(config: ModelConfig) -> tuple[dict[str, tuple[Path, str]], set[str]]
         _norm("model.low_res_classifier.2", ("classifier_norm",), out)
         _conv("model.low_res_classifier.4", ("classifier_conv1",), 1, out)
     return out, buffers
+
+
+def channels_per_head_from_state(state: dict) -> int | None:
+    """The video model's channels per attention head, read from a state dict.
+
+    cBottle does not record it in model.json (``SongUNetHPX64Video`` hard-codes 64);
+    every temporal attention stores ``positional_embedding`` (heads, 2T) beside its
+    ``norm2.weight`` (C,). Returns None when the state has no temporal attention;
+    raises ValueError when blocks disagree.
+    """
+    found = {}
+    suffix = ".temporal_attention.positional_embedding"
+    for key, value in state.items():
+        if key.endswith(suffix):
+            heads = int(value.shape[0])
+            norm = state.get(key[: -len("positional_embedding")] + "norm2.weight")
+            channels = None if norm is None else int(norm.shape[0])
+            ok = channels is not None and heads > 0 and channels % heads == 0
+            found[key] = channels // heads if ok else None
+    if not found:
+        return None
+    values = set(found.values())
+    if None in values or len(values) != 1:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(found.items())[:4])
+        raise ValueError(f"the temporal attention blocks do not share one channels-per-head ({detail})")
+    return values.pop()

@@ -7,12 +7,12 @@ read with ``torch.load(weights_only=True)``: no arbitrary code is ever unpickled
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
-from convert.mapping import RESAMPLE_FILTER, key_map, to_flax, to_torch
+from jaxguide.convert.mapping import RESAMPLE_FILTER, channels_per_head_from_state, key_map, to_flax, to_torch
 from jaxguide import __version__
+from jaxguide.io import temp_beside
 from jaxguide.config import BatchInfo, ModelConfig, UnsupportedArchitectureError
 from jaxguide.model import FORMAT_VERSION, METADATA_FILE, PARAMS_DIR, graphdef_and_shapes, sha256_file
 
@@ -140,7 +141,7 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
             raise CheckpointError(f"{path}: unsupported cBottle checkpoint version {meta.get('version')!r} (known: 1)")
         config = ModelConfig.from_dict(_read_json(zf, "model.json", path))
         try:
-            config.check_supported()
+            config.check_architecture()
         except UnsupportedArchitectureError as e:
             raise UnknownArchitectureError(f"{path}: {e}") from None
         batch_info = BatchInfo.from_dict(_read_json(zf, "batch_info.json", path))
@@ -149,6 +150,18 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointContents:
                 f"{path}: batch_info.json lists {len(batch_info.channels)} channels, model.json has out_channels={config.out_channels}"
             )
         state = _load_state_dict(zf, path)
+    if config.is_video:
+        # cBottle does not write the heads to model.json: read them from the weights
+        try:
+            per_head = channels_per_head_from_state(state)
+        except ValueError as e:
+            raise StateDictMismatchError(f"{path}: {e}") from None
+        if per_head is not None:
+            config = dataclasses.replace(config, channels_per_head=per_head)
+    try:
+        config.check_supported()
+    except UnsupportedArchitectureError as e:
+        raise UnknownArchitectureError(f"{path}: {e}") from None
     mapping, buffers = key_map(config)
     _, shapes = graphdef_and_shapes(config)
     flat_shapes = {}
@@ -254,7 +267,7 @@ def convert_checkpoints(
         "pixel_order": "earth2grid HEALPIX_PAD_XY (jaxguide.healpix order 'net'), HEALPix level 6",
         "layout": "(batch, channel, time, pixel)",
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = temp_beside(out, directory=True)  # also removes what a killed earlier conversion left
     try:
         ocp.PyTreeCheckpointer().save(tmp / PARAMS_DIR, tree)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1))

@@ -1,6 +1,9 @@
-"""Convert cBottle PyTorch checkpoints into jaxguide model directories (needs the `convert` extra: torch)."""
+"""Convert cBottle PyTorch checkpoints into jaxguide model directories (needs the `convert` extra: torch).
 
-from convert.checkpoint import (
+Imported on demand (`jaxguide convert`, `import jaxguide.convert`): `import jaxguide` never imports torch.
+"""
+
+from jaxguide.convert.checkpoint import (
     CheckpointError,
     ExpertMismatchError,
     LegacyCheckpointError,

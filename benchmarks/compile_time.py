@@ -1,0 +1,148 @@
+"""Where XLA spends its time compiling the ensemble program (issue 12, item 1).
+
+For each variant of the program that ``jaxguide assimilate`` compiles (the ensemble of
+``sample_ensemble``: a ``lax.scan`` over denoiser calls, vmapped over members), prints
+and records:
+
+- ``stablehlo_kchars``: size of the lowered (unoptimised) program text, thousands of characters;
+- ``hlo_instructions``: instructions in the optimised HLO;
+- ``convolutions`` and ``network_copies``: convolutions in the optimised HLO, and that
+  count divided by the convolutions of ONE unguided denoiser call (so a forward pass
+  counts 1, a VJP about 1 more: the network-sized pieces XLA has to optimise);
+- ``lower_s`` / ``compile_s``: wall seconds of ``jit(...).lower`` and ``.compile()``.
+
+Variants: unguided (the prior program) vs MMPS with cg_iters 1 and 3, CG unrolled
+(the default) vs kept as a loop, the ERA5 label (two passes batched, the default) vs
+one pass (ICON label), members by ``vmap`` (default) vs ``lax.map`` (``chunk_size=1``).
+
+Parameters are abstract (``jax.ShapeDtypeStruct``): nothing is allocated, so the
+released configuration (68 M parameters) compiles on a laptop.
+
+    PYTHONPATH=. python benchmarks/compile_time.py --model /tmp/model --json compile_fixture.json
+    PYTHONPATH=. python benchmarks/compile_time.py --config released --variants unguided,mmps1
+
+Compile seconds depend on the machine and its load; compare variants of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxguide import ensemble
+from jaxguide.config import BatchInfo, ModelConfig
+from jaxguide.model import CBottleModel, graphdef_and_shapes, load_model
+from jaxguide.network import NPIX
+from jaxguide.observations import PointObservationOperator
+from jaxguide.pipeline import guided_denoiser_fn
+from jaxguide.sampler import sample
+
+CONFIGS = {
+    # the released coarse cBottle model (68,361,901 parameters), as benchmarks/perf.py
+    "released": ModelConfig(model_channels=128, label_dim=1024, out_channels=45, condition_channels=1),
+}
+
+# name -> (method, cg_iters, cg_unroll, label, chunk_size)
+VARIANTS = {
+    "unguided": (None, 0, True, "era5", None),
+    "mmps1": ("mmps", 1, True, "era5", None),
+    "mmps3": ("mmps", 3, True, "era5", None),
+    "mmps3_loop": ("mmps", 3, False, "era5", None),
+    "mmps1_one_pass": ("mmps", 1, True, "icon", None),
+    "mmps1_lax_map": ("mmps", 1, True, "era5", 1),
+}
+
+
+def abstract(tree):
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), tree)
+
+
+def model_for(args) -> CBottleModel:
+    if args.model:
+        m = load_model(args.model)
+        return CBottleModel(m.config, m.batch_info, m.sigma_thresholds, abstract(m.params), m.metadata)
+    config = CONFIGS[args.config]
+    # 42 anonymous channels + the three ERA5 lacks, so the ERA5 label takes two passes as in use
+    chans = tuple(f"c{i}" for i in range(config.out_channels - 3)) + ("rlut", "rsut", "rsds")
+    _, shapes = graphdef_and_shapes(config)
+    return CBottleModel(config, BatchInfo(channels=chans), (), (abstract(shapes),))
+
+
+def operands_for(model: CBottleModel, n_obs: int):
+    A = PointObservationOperator(
+        jax.ShapeDtypeStruct((n_obs,), jnp.int32), jax.ShapeDtypeStruct((n_obs, 4), jnp.int32),
+        jax.ShapeDtypeStruct((n_obs, 4), jnp.float32))
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    cond = f32(1, 1, 1, NPIX) if model.config.condition_channels else None
+    return (model.params, cond, f32(1), f32(1), A, f32(n_obs), f32(n_obs))
+
+
+def hlo_stats(text: str) -> dict:
+    return {
+        "hlo_instructions": sum(1 for line in text.splitlines() if re.match(r"\s+(ROOT )?%?[\w.\-]+ = ", line)),
+        "convolutions": len(re.findall(r"= [^=]*\bconvolution\(", text)),
+    }
+
+
+def measure(fn_jit, *args) -> dict:
+    t0 = time.perf_counter()
+    lowered = fn_jit.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    out = {"stablehlo_kchars": round(len(lowered.as_text()) / 1e3, 1), "lower_s": round(t1 - t0, 2),
+           "compile_s": round(t2 - t1, 2)}
+    out.update(hlo_stats(compiled.as_text()))
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="converted model directory (e.g. the fixture's); else --config")
+    ap.add_argument("--config", default="released", choices=sorted(CONFIGS))
+    ap.add_argument("--members", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--n-obs", type=int, default=60)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated, of {list(VARIANTS)}")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    model = model_for(args)
+    ops = operands_for(model, args.n_obs)
+    member_shape = (model.config.out_channels, 1, NPIX)
+    kwargs = ensemble._freeze({"num_steps": args.steps, "sigma_min": 0.02, "sigma_max": 200.0, "rho": 7.0})
+    result = {"config": args.model or args.config, "members": args.members, "steps": args.steps, "n_obs": args.n_obs,
+              "machine": f"{platform.node()} {jax.devices()[0].platform} cores={__import__('os').cpu_count()}",
+              "jax": jax.__version__, "variants": {}}
+
+    # one unguided denoiser call: the unit of "network copies"
+    one = guided_denoiser_fn(model, None, label="era5")
+    x = jax.ShapeDtypeStruct(member_shape, jnp.float32)
+    unit = measure(jax.jit(one), x, jax.ShapeDtypeStruct((), jnp.float32), *ops)
+    result["one_denoiser_call"] = unit
+    print(f"one unguided denoiser call: {unit}", flush=True)
+
+    for name in args.variants.split(","):
+        method, cg, unroll, label, chunk = VARIANTS[name]
+        options = {"cg_iters": cg, "cg_unroll": unroll} if method == "mmps" else {}
+        fn = guided_denoiser_fn(model, method, label=label, options=options)
+        program = ensemble._build(fn, sample, member_shape, args.members, kwargs, (), False, chunk)
+        stats = measure(program, jax.random.key(0), ops)
+        stats["network_copies"] = round(stats["convolutions"] / max(unit["convolutions"], 1), 2)
+        result["variants"][name] = stats
+        print(f"{name:16s} {stats}", flush=True)
+        if args.json:  # after every variant: a long run that is stopped keeps what it measured
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
