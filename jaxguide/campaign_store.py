@@ -1,6 +1,6 @@
 """The zarr store of a campaign: one analysis per time, written time by time, resumable.
 
-Layout: the dataset of :func:`jaxguide.io.analysis_to_dataset` (dims ``(member, time,
+Layout: the dataset of :func:`jaxguide.schema.analysis_to_dataset` (dims ``(member, time,
 pixel)`` per channel, CF and HEALPix metadata, provenance attributes) with the full
 ``time`` axis of the campaign, created up front, plus per time
 
@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from jaxguide.io import _require_zarr
+from jaxguide.io import _output_parent, _remove, _require_zarr, _writer_tag, temp_beside
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +106,7 @@ class CampaignStore:
         """Create the store for all ``times`` (nothing analysed yet), atomically.
 
         template: the dataset of ONE time as it will be written (e.g. from
-          :func:`jaxguide.io.analysis_to_dataset`); its variables without a ``time``
+          :func:`jaxguide.schema.analysis_to_dataset`); its variables without a ``time``
           dimension (coordinates, ``crs``) and its attributes are written now, the
           per-time ones are allocated (NaN / 0) for every time.
         settings: JSON-friendly mapping stored in the ``jaxguide_campaign`` attribute and
@@ -126,9 +124,7 @@ class CampaignStore:
         names = _time_vars(template)
         if not names:
             raise CampaignStoreError("the template has no variable with a time dimension")
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise FileNotFoundError(f"output directory {str(parent)!r} does not exist")
+        parent = _output_parent(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{str(path)!r} exists (pass --resume to continue that campaign, or --overwrite)")
 
@@ -158,7 +154,7 @@ class CampaignStore:
                 enc["_FillValue"] = np.nan
             encoding[name] = enc
 
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+        tmp = temp_beside(path, directory=True)  # also removes those of killed earlier creations
         target = tmp / path.name
         try:
             ds.to_zarr(target, mode="w", consolidated=False, encoding=encoding)
@@ -170,14 +166,14 @@ class CampaignStore:
                 arr.resize(tuple(shape))
             group["time"][:] = times.asi8 // 1_000_000_000
             if path.exists():
-                old = parent / f".{path.name}.old-{os.getpid()}"
+                old = parent / f".{path.name}.{_writer_tag()}.old"
                 os.replace(path, old)
                 os.replace(target, path)
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
             else:
                 os.replace(target, path)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
         logger.info("created campaign store %s: %d times", path, len(times))
         return cls(path, times, settings, tuple(names))
 

@@ -8,7 +8,7 @@ A campaign reads, for each analysis time, the rows within its window. Two source
   (``obs/2020-01-01T00.parquet``). Each file's time range is read from its footer (or
   its ``time`` column, or the partition value when the files have no ``time`` column),
   so a window opens only the files that can hold rows in it. An unreadable file is a
-  :class:`ObservationFileError` naming the file, raised when the directory is opened.
+  :class:`PartitionFileError` naming the file, raised when the directory is opened.
 
 Both accept jaxguide's table layout (:mod:`jaxguide.observations`) and earth2studio's
 observation frame layout (``DataFrameSource`` such as ``earth2studio.data.ISD``:
@@ -37,7 +37,7 @@ from jaxguide.observations import (
     COLUMNS,
     EmptyTableError,
     MissingColumnsError,
-    ObservationError,
+    ObservationFileError,
     _coerce,  # the one place where table columns get their types
     _format,
 )
@@ -59,8 +59,8 @@ EARTH2STUDIO_VARIABLES: dict[str, str] = {
 _E2S_LEVEL = re.compile(r"([tuvzq])(\d+)")  # t850 -> T850, z500 -> Z500 (geopotential, m2 s-2)
 
 
-class ObservationFileError(ObservationError):
-    """One file of an observation directory cannot be read; ``path`` names it."""
+class PartitionFileError(ObservationFileError):
+    """One file of an observation directory cannot be used; ``path`` names it."""
 
     def __init__(self, message: str, path: Path):
         super().__init__(message)
@@ -177,7 +177,7 @@ def _partition_time(path: Path, root: Path) -> pd.Timestamp | None:
     stem = urllib.parse.unquote(path.name.split(".")[0])
     try:
         return _label_time(stem, path)
-    except ObservationFileError:
+    except PartitionFileError:
         return None
 
 
@@ -185,9 +185,9 @@ def _label_time(text: str, path: Path) -> pd.Timestamp:
     try:
         t = pd.Timestamp(text)
     except ValueError:
-        raise ObservationFileError(f"observation file {str(path)!r}: partition time {text!r} is not an ISO 8601 time", path) from None
+        raise PartitionFileError(f"observation file {str(path)!r}: partition time {text!r} is not an ISO 8601 time", path) from None
     if t is pd.NaT:
-        raise ObservationFileError(f"observation file {str(path)!r}: empty partition time", path)
+        raise PartitionFileError(f"observation file {str(path)!r}: empty partition time", path)
     return t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t
 
 
@@ -201,7 +201,7 @@ def _time_range(path: Path, root: Path) -> _Part:
         if "time" not in names:
             label = _partition_time(path, root)
             if label is None:
-                raise ObservationFileError(
+                raise PartitionFileError(
                     f"observation file {str(path)!r} has no 'time' column and no time in its path "
                     "(expected .../time=2020-01-01T00:00:00/part.parquet or 2020-01-01T00.parquet)", path)
             return _Part(path, label, label, label)
@@ -220,10 +220,10 @@ def _time_range(path: Path, root: Path) -> _Part:
             if t.notna().sum() == 0:
                 return _Part(path, pd.Timestamp.max, pd.Timestamp.min, None)  # empty: never in a window
             tmin, tmax = t.min(), t.max()
-    except ObservationFileError:
+    except PartitionFileError:
         raise
     except (OSError, pa.ArrowException, ValueError) as e:
-        raise ObservationFileError(f"observation file {str(path)!r} is not a readable Parquet file ({e})", path) from None
+        raise PartitionFileError(f"observation file {str(path)!r} is not a readable Parquet file ({e})", path) from None
     utc = [v.tz_convert("UTC").tz_localize(None) if v.tzinfo is not None else v for v in (tmin, tmax)]
     return _Part(path, utc[0], utc[1], None)
 
@@ -232,7 +232,7 @@ def _coerce_times(t: pd.Series, path: Path) -> pd.Series:
     out = pd.to_datetime(t, utc=True, errors="coerce", format="ISO8601")
     bad = out.isna() & t.notna()
     if bad.any():
-        raise ObservationFileError(f"observation file {str(path)!r}: time {t[bad].iloc[0]!r} is not an ISO 8601 time", path)
+        raise PartitionFileError(f"observation file {str(path)!r}: time {t[bad].iloc[0]!r} is not an ISO 8601 time", path)
     return out.dt.tz_localize(None)
 
 
@@ -265,7 +265,7 @@ class PartitionedSource:
             try:
                 raw = pd.read_parquet(part.path)
             except Exception as e:  # noqa: BLE001 - any reader failure names the file
-                raise ObservationFileError(f"observation file {str(part.path)!r} cannot be read ({type(e).__name__}: {e})",
+                raise PartitionFileError(f"observation file {str(part.path)!r} cannot be read ({type(e).__name__}: {e})",
                                            part.path) from None
             if "time" not in raw.columns:
                 raw = raw.assign(time=part.time_value)

@@ -16,7 +16,7 @@ from jaxguide.campaign_store import (
     read_campaign,
 )
 from jaxguide.campaign_times import parse_times
-from jaxguide.io import REQUIRED_PROVENANCE, analysis_to_dataset, check_cf
+from jaxguide.schema import REQUIRED_PROVENANCE, analysis_to_dataset, check_cf
 
 require_module("zarr")
 

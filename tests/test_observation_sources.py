@@ -8,7 +8,7 @@ import pytest
 
 from jaxguide.observation_sources import (
     EARTH2STUDIO_VARIABLES,
-    ObservationFileError,
+    PartitionFileError,
     PartitionedSource,
     TableSource,
     earth2studio_channel,
@@ -93,19 +93,19 @@ def test_malformed_file_is_named(tmp_path):
     write_hive(tmp_path, t, keep_time_column=True)
     bad = sorted(tmp_path.glob("time=*"))[2] / "part-1.parquet"
     bad.write_bytes(b"PAR1 this is not a parquet file")
-    with pytest.raises(ObservationFileError, match="part-1.parquet") as e:
+    with pytest.raises(PartitionFileError, match="part-1.parquet") as e:
         open_observations(tmp_path)
     assert e.value.path == bad
     bad.unlink()
     # a file whose times are not ISO 8601 text
     pd.DataFrame({"time": ["01/02/2020"], "lat": [0.0], "lon": [0.0], "variable": ["tas"], "value": [280.0],
                   "sigma": [1.0]}).to_parquet(tmp_path / "2020-01-02T00.parquet")
-    with pytest.raises(ObservationFileError, match="2020-01-02T00.parquet.*01/02/2020"):
+    with pytest.raises(PartitionFileError, match="2020-01-02T00.parquet.*01/02/2020"):
         open_observations(tmp_path)
     (tmp_path / "2020-01-02T00.parquet").unlink()
     # no time column and no time in the path
     t.drop(columns="time").to_parquet(tmp_path / "stations.parquet")
-    with pytest.raises(ObservationFileError, match="stations.parquet.*no 'time' column"):
+    with pytest.raises(PartitionFileError, match="stations.parquet.*no 'time' column"):
         open_observations(tmp_path)
 
 
