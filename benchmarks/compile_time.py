@@ -37,12 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide import ensemble
+from jaxguide import ensemble, guidance
 from jaxguide.config import BatchInfo, ModelConfig
 from jaxguide.model import CBottleModel, graphdef_and_shapes, load_model
 from jaxguide.network import NPIX
 from jaxguide.observations import PointObservationOperator
-from jaxguide.pipeline import guided_denoiser_fn
+from jaxguide.denoiser import CBottleDenoiser
+from jaxguide.guided import guided_denoiser
 from jaxguide.sampler import sample
 
 CONFIGS = {
@@ -81,8 +82,10 @@ def operands_for(model: CBottleModel, n_obs: int):
         jax.ShapeDtypeStruct((n_obs,), jnp.int32), jax.ShapeDtypeStruct((n_obs, 4), jnp.int32),
         jax.ShapeDtypeStruct((n_obs, 4), jnp.float32))
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
-    cond = f32(1, 1, 1, NPIX) if model.config.condition_channels else None
-    return (model.params, cond, f32(1), f32(1), A, f32(n_obs), f32(n_obs))
+    cond = {"second_of_day": f32(1, 1), "day_of_year": f32(1, 1)}
+    if model.config.condition_channels:
+        cond["condition"] = f32(1, 1, 1, NPIX)
+    return model.params, cond, guidance.Observations(A, f32(n_obs), f32(n_obs))
 
 
 def hlo_stats(text: str) -> dict:
@@ -116,7 +119,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     model = model_for(args)
-    ops = operands_for(model, args.n_obs)
+    params, cond, obs = operands_for(model, args.n_obs)
     member_shape = (model.config.out_channels, 1, NPIX)
     kwargs = ensemble._freeze({"num_steps": args.steps, "sigma_min": 0.02, "sigma_max": 200.0, "rho": 7.0})
     result = {"config": args.model or args.config, "members": args.members, "steps": args.steps, "n_obs": args.n_obs,
@@ -124,18 +127,18 @@ def main(argv=None) -> dict:
               "jax": jax.__version__, "variants": {}}
 
     # one unguided denoiser call: the unit of "network copies"
-    one = guided_denoiser_fn(model, None, label="era5")
+    one = guided_denoiser(CBottleDenoiser(model, "era5"))
     x = jax.ShapeDtypeStruct(member_shape, jnp.float32)
-    unit = measure(jax.jit(one), x, jax.ShapeDtypeStruct((), jnp.float32), *ops)
+    unit = measure(jax.jit(one), x, jax.ShapeDtypeStruct((), jnp.float32), params, cond, None, None)
     result["one_denoiser_call"] = unit
     print(f"one unguided denoiser call: {unit}", flush=True)
 
     for name in args.variants.split(","):
         method, cg, unroll, label, chunk = VARIANTS[name]
-        options = {"cg_iters": cg, "cg_unroll": unroll} if method == "mmps" else {}
-        fn = guided_denoiser_fn(model, method, label=label, options=options)
-        program = ensemble._build(fn, sample, member_shape, args.members, kwargs, (), False, chunk)
-        stats = measure(program, jax.random.key(0), ops)
+        m = None if method is None else guidance.MMPS(cg_iters=cg, cg_unroll=unroll)
+        fn = guided_denoiser(CBottleDenoiser(model, label))
+        program = ensemble._build(fn, sample, member_shape, args.members, kwargs, (), chunk)
+        stats = measure(program, jax.random.key(0), (params, cond, m, None if m is None else obs))
         stats["network_copies"] = round(stats["convolutions"] / max(unit["convolutions"], 1), 2)
         result["variants"][name] = stats
         print(f"{name:16s} {stats}", flush=True)

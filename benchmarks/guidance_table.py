@@ -90,7 +90,7 @@ def run(args) -> list[dict]:
             elif method == "exact":
                 den = prior.posterior_denoiser(H, y, sigma_y)
             else:
-                den = guidance.apply(method, prior.denoiser, A, y, sigma_y, **opts)
+                den = guidance.make(method, **opts)(prior.denoiser, guidance.Observations(A, y, sigma_y))
             one = lambda k: sampler.sample(den, k, prior.shape, num_steps=args.steps,  # noqa: E731
                                            sigma_min=0.002, sigma_max=args.sigma_max)
             return jax.vmap(one)(keys)

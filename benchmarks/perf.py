@@ -50,7 +50,7 @@ CONFIGS = {
 }
 SECTIONS = ("forward", "bf16", "guided", "memory", "ensemble", "sampler", "torch")
 GUIDED = ("regression", "dps", "sda", "mmps1", "mmps2", "mmps5")
-# diagnosis only (not in "all"): MMPS with the CG iterations as a fori_loop (guidance.mmps's
+# diagnosis only (not in "all"): MMPS with the CG iterations as a fori_loop (guidance.MMPS's
 # cg_unroll=False) instead of unrolled (the default since the diagnosis below)
 EXTRA_GUIDED = ("mmps1_loop", "mmps2_loop", "mmps5_loop")
 SIGMA = 2.0  # noise level of the timed denoiser calls
@@ -237,11 +237,11 @@ def guided_fn(method: str, model, problem: Problem, remat: str | None = None):
         if remat == "net":
             den = jax.checkpoint(den)
         if method in cg:
-            g = guidance.mmps(den, problem.A, y, SIGMA_Y, cg_iters=cg[method], cg_unroll=not looped)
+            g = guidance.MMPS(cg_iters=cg[method], cg_unroll=not looped)(den, guidance.Observations(problem.A, y, SIGMA_Y))
         elif method == "regression":
-            g = guidance.regression(den, problem.A, y, SIGMA_Y, scale=SIGMA_Y**2)
+            g = guidance.Regression(scale=SIGMA_Y**2)(den, guidance.Observations(problem.A, y, SIGMA_Y))
         else:
-            g = guidance.apply(method, den, problem.A, y, SIGMA_Y)
+            g = guidance.make(method)(den, guidance.Observations(problem.A, y, SIGMA_Y))
         return g(x, jnp.float32(SIGMA))
 
     return step
@@ -500,7 +500,7 @@ def run(args) -> dict:
         if "guided" in sections and "dps" in T:
             def samp_dps(p, key, y):
                 den = make_den(model, p, prob.cond)
-                g = guidance.dps(den, prob.A, y, SIGMA_Y)
+                g = guidance.DPS()(den, guidance.Observations(prob.A, y, SIGMA_Y))
                 return sample(g, key, prob.shape, num_steps=args.steps, sigma_min=0.02, sigma_max=80.0,
                               solver="euler")
 

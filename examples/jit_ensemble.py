@@ -3,9 +3,10 @@
 Why: an operational cycle assimilates a new batch of observations every few hours with
 the same model. Compiling the guided sampler costs far more than running it at small
 sizes, so the ensemble program must be compiled ONCE and re-run on new data. This
-example writes the guided denoiser as a function of its data (network parameters,
-conditioning, observation operator, y, sigma_y): those are traced ``operands`` of
-:func:`jaxguide.ensemble.sample_ensemble`, so a second analysis with a different set of
+example builds the guided denoiser once as a function of its data
+(:func:`jaxguide.guided.guided_denoiser`: network parameters, conditioning, the guidance
+method, the observations): those are traced ``operands`` of one
+:class:`jaxguide.ensemble.EnsembleSampler`, so a second analysis with a different set of
 observations reuses the compiled program. It shows that by counting XLA compilations
 (``jax.monitoring``) and timing the first call against the second.
 
@@ -17,7 +18,7 @@ Steps:
      compiled program) is the "truth";
   3. draw ERA5-style point observations of T850/T500/T300 from the truth (radiosonde-like
      error ``--obs-sigma`` K) through the observation-table API
-     (:func:`jaxguide.strategies.sample_observations`, :func:`assimilation_inputs`);
+     (:func:`jaxguide.strategies.sample_observations`, :func:`jaxguide.observations.prepare`);
   4. run the guided ensemble (MMPS by default), then again with a NEW observation network
      (other stations, other noise): no recompilation;
   5. print the observation-space RMSE (K) of the prior and of the analysis ensemble mean,
@@ -44,7 +45,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,44 +53,14 @@ import numpy as np
 import pandas as pd
 
 import jaxguide
-from jaxguide import conditioning, ensemble, healpix, observations, pipeline, strategies
+from jaxguide import conditioning, ensemble, guidance, guided, healpix, observations, strategies, units
+from jaxguide.denoiser import CBottleDenoiser
 from jaxguide.model import CBottleModel
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 200.0  # cBottle's CBottle3d sampler settings
 OBS_VARIABLES = ("T850", "T500", "T300")
 # Tweedie-weighted methods (scale 1 is meaningful); regression needs a tuned scale
 METHODS = ("mmps", "sda", "dps", "pigdm")
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-# --------------------------------------------------------------------------------------
-# compile accounting
-
-
-class CompileCounter:
-    """Counts XLA backend compilations process-wide (one ``jax.monitoring`` listener).
-
-    JAX has no public way to remove a listener, so one module-level instance is
-    registered lazily and read as a running count (take differences).
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
-        if event == BACKEND_COMPILE_EVENT:
-            self.count += 1
-
-
-_COUNTER: CompileCounter | None = None
-
-
-def compile_counter() -> CompileCounter:
-    global _COUNTER
-    if _COUNTER is None:
-        _COUNTER = CompileCounter()
-    return _COUNTER
 
 
 # --------------------------------------------------------------------------------------
@@ -119,32 +90,14 @@ def build_conditioning(when: pd.Timestamp, sst_path: str | None, nside: int = 64
 
 
 # --------------------------------------------------------------------------------------
-# denoisers written as functions of their data (operands)
+# the guided denoiser, written as a function of its data (operands)
 
 
-def make_denoiser_fns(model: CBottleModel, method: str, cg_iters: int) -> tuple[Callable, Callable]:
-    """``(prior_fn, guided_fn)`` for :func:`sample_ensemble`, data passed as operands.
-
-    Both are :func:`jaxguide.pipeline.guided_denoiser_fn`:
-    ``fn(x, sigma, params, condition, second_of_day, day_of_year, A, y, sigma_y)``, x
-    (C, 1, npix) normalised, net order; A a
-    :class:`~jaxguide.observations.PointObservationOperator` (a pytree), y and sigma_y
-    (n,) normalised. Nothing observation-dependent is closed over, so the compiled
-    ensemble program (cached by function identity and operand shapes) serves every
-    observation set of the same size. Build these ONCE and reuse them. The prior
-    (``method=None``) ignores A, y, sigma_y.
-    """
+def make_method(method: str, cg_iters: int) -> guidance.Method:
+    """The guidance method object (its array hyperparameters are traced operands)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    options: dict[str, Any] = {"mmps": {"cg_iters": int(cg_iters)}, "sda": {"gamma": 1e-2}}.get(method, {})
-    return pipeline.guided_denoiser_fn(model, None), pipeline.guided_denoiser_fn(model, method, options=options)
-
-
-def placeholder_observations(model: CBottleModel) -> tuple:
-    """(A, y, sigma_y) of one observation: operands for the prior program, which ignores them."""
-    table = observations.make_table(time=pd.Timestamp("2000-01-01"), lat=0.0, lon=0.0, variable=model.channels[0],
-                                    value=model.batch_info.center[0], sigma=1.0)
-    return observations.assimilation_inputs(table, model.channels, model.batch_info.center, model.batch_info.scales)
+    return guidance.make(method, **({"cg_iters": int(cg_iters)} if method == "mmps" else {}))
 
 
 # --------------------------------------------------------------------------------------
@@ -170,10 +123,10 @@ def synthesise_observations(
 def obs_rmse_k(members: jax.Array, table: pd.DataFrame, model: CBottleModel) -> float:
     """RMSE (K) of the ensemble mean of ``members`` (M, C, 1, npix) at the table's rows."""
     bi = model.batch_info
-    A, y, _ = observations.assimilation_inputs(table, model.channels, bi.center, bi.scales)
-    at_obs = np.asarray(jax.vmap(A)(jnp.asarray(members)), np.float64).mean(axis=0)  # (n,)
-    scale = np.asarray(bi.scales, np.float64)[np.asarray(A.channel)]
-    return float(np.sqrt(np.mean(((at_obs - np.asarray(y, np.float64)) * scale) ** 2)))
+    obs = observations.prepare(table, model.channels, bi.center, bi.scales).obs
+    at_obs = np.asarray(jax.vmap(obs.A)(jnp.asarray(members)), np.float64).mean(axis=0)  # (n,)
+    err_k = units.unnormalise(at_obs - np.asarray(obs.y, np.float64), 0.0, bi.scales, channel=np.asarray(obs.A.channel))
+    return float(np.sqrt(np.mean(err_k**2)))
 
 
 # --------------------------------------------------------------------------------------
@@ -202,7 +155,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the example; returns the key numbers (times in s, RMSEs in K)."""
     args = parse_args(argv)
-    counter = compile_counter()
     model = jaxguide.load_model(args.model)
     bi = model.batch_info
     when = pd.Timestamp(args.time)
@@ -210,22 +162,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     member_shape = (len(model.channels), 1, int(cond["condition"].shape[-1]))
     sampler_kwargs = {"num_steps": args.steps, "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX,
                       "solver": args.solver}
-    prior_fn, guided_fn = make_denoiser_fns(model, args.method, args.cg_iters)
-    base_ops = (model.params, cond["condition"], cond["second_of_day"], cond["day_of_year"])
+    # built ONCE: the denoiser function and the sampler that owns the compiled programs
+    fn = guided.guided_denoiser(CBottleDenoiser(model, label="era5"))
+    programs = ensemble.EnsembleSampler()
+    method = make_method(args.method, args.cg_iters)
 
-    def run(fn, key, ops) -> tuple[jax.Array, float, int]:
+    def run(method, obs, key) -> tuple[jax.Array, float, int]:
         """One ensemble; returns (members, wall s, backend compiles during the call)."""
-        c0, t0 = counter.count, time.perf_counter()
-        out = ensemble.sample_ensemble(fn, key, member_shape, args.members,
-                                       sampler_kwargs=sampler_kwargs, operands=ops)
-        out = jax.block_until_ready(out)
-        return out, time.perf_counter() - t0, counter.count - c0
+        t0 = time.perf_counter()
+        with ensemble.count_compiles() as compiles:
+            out = programs(fn, key, member_shape, args.members, sampler_kwargs=sampler_kwargs,
+                           operands=(model.params, cond, method, obs))
+            out = jax.block_until_ready(out)
+        return out, time.perf_counter() - t0, len(compiles)
 
     key_truth, key_prior, key_a, key_b = jax.random.split(jax.random.PRNGKey(args.seed), 4)
-    # prior program: compiled once, run for the truth and for the prior ensemble
-    no_obs = placeholder_observations(model)
-    truth_ens, t_prior_first, _ = run(prior_fn, key_truth, base_ops + no_obs)
-    prior, t_prior_second, _ = run(prior_fn, key_prior, base_ops + no_obs)
+    # prior program (method None): compiled once, run for the truth and for the prior ensemble
+    truth_ens, t_prior_first, _ = run(None, None, key_truth)
+    prior, t_prior_second, _ = run(None, None, key_prior)
     truth = np.asarray(truth_ens[0])
     print(f"prior ensemble ({args.members} members, {args.steps} steps): "
           f"first call {t_prior_first:.1f}s (compile + run), second {t_prior_second:.1f}s")
@@ -233,10 +187,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     for i, key in enumerate((key_a, key_b)):
         assim, held = synthesise_observations(truth, model, when, args.n_obs, args.obs_sigma, args.seed + 1 + i)
-        A, y, sigma_y = observations.assimilation_inputs(assim, model.channels, bi.center, bi.scales)
-        analysis, wall, n_comp = run(guided_fn, key, base_ops + (A, y, sigma_y))
+        prepared = observations.prepare(assim, model.channels, bi.center, bi.scales, pad_to="bucket")
+        analysis, wall, n_comp = run(method, prepared.obs, key)
         res = {
-            "wall_s": wall, "n_compiles": n_comp, "n_assimilated": int(y.shape[0]), "n_heldout": len(held),
+            "wall_s": wall, "n_compiles": n_comp, "n_assimilated": prepared.n_obs, "n_heldout": len(held),
             "finite": bool(np.all(np.isfinite(np.asarray(analysis)))),
             "shape": tuple(analysis.shape),
             "prior_rmse_k": obs_rmse_k(prior, assim, model),

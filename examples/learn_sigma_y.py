@@ -98,8 +98,8 @@ def guided_ensemble(theta: dict[str, jax.Array], prob: dict[str, Any], key: jax.
     theta: {"log_sigma_y": (), "log_scale": ()}; differentiable in both.
     """
     prior, obs = prob["prior"], prob["sets"]["assim"]
-    den = guidance.mmps(prior.denoiser, obs["A"], obs["y"], jnp.exp(theta["log_sigma_y"]),
-                        cg_iters=cg_iters, scale=jnp.exp(theta["log_scale"]))
+    method = guidance.MMPS(cg_iters=cg_iters, scale=jnp.exp(theta["log_scale"]))
+    den = method(prior.denoiser, guidance.Observations(obs["A"], obs["y"], jnp.exp(theta["log_sigma_y"])))
     keys = jax.random.split(key, members)
     return jax.vmap(lambda k: sampler.sample(den, k, prior.shape, num_steps=num_steps,
                                              sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX))(keys)

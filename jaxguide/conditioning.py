@@ -262,3 +262,33 @@ def sst_at(ds: xr.Dataset, time, nside: int = 64, offset: float = 0.0) -> np.nda
 def land_mask_from_sst(sst_k: np.ndarray) -> np.ndarray:
     """Where the SST condition is missing (NaN): cBottle treats these pixels as land."""
     return np.isnan(np.asarray(sst_k))
+
+
+# --------------------------------------------------------------------------------------
+# Assembly
+
+
+def assemble(time, *, nside: int = 64, sst_channels: int = 0, sst_path=None, sst_offset: float = 0.0,
+             sst_data: xr.Dataset | None = None) -> dict[str, np.ndarray]:
+    """The conditioning pytree of cBottle for one analysis time.
+
+    Returns ``{"second_of_day": (1, 1), "day_of_year": (1, 1)}`` float32, plus
+    ``"condition"``: the encoded AMIP SST (1, 1, 1, npix) net order when the model has
+    ``sst_channels > 0`` (then ``sst_path`` (an input4MIPs ``tosbcs`` NetCDF) or an
+    already read ``sst_data`` is required). Same structure and shapes for every time, so
+    one compiled program serves them all. ``sst_offset`` (K) as in :func:`sst_at`.
+    """
+    sod, doy = calendar_inputs([time])
+    cond = {"second_of_day": sod.reshape(1, 1), "day_of_year": doy.reshape(1, 1)}
+    if sst_channels > 0:
+        if sst_data is None:
+            if sst_path is None:
+                raise ValueError(
+                    "this model is conditioned on sea-surface temperature: pass --sst FILE "
+                    "(an input4MIPs/AMIP 'tosbcs' NetCDF covering the analysis time)"
+                )
+            sst_data = read_amip_sst(sst_path)  # names a missing file, a directory, a non-NetCDF file
+        cond["condition"] = sst_at(sst_data, time, nside=nside, offset=sst_offset)
+    elif sst_path is not None or sst_data is not None:
+        logger.warning("the model has no condition channel; ignoring the SST input %s", sst_path or "")
+    return cond

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxguide import ensemble, gaussian, guidance, healpix, io, metrics, observations, plots, schema, strategies
+from jaxguide import ensemble, gaussian, guidance, guided, healpix, io, metrics, observations, plots, schema, strategies, units
 
 logger = logging.getLogger(__name__)
 
@@ -143,66 +143,16 @@ def climatology_k(config: DemoConfig, lat_deg: np.ndarray) -> np.ndarray:
     return base[None, :] - np.asarray(config.offset_k)[:, None]
 
 
-def harmonic_basis(nside: int, length_scale_km: float, lmax: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Leading spatial modes of the squared-exponential chord-distance kernel, analytically.
-
-    Why: ``gaussian.make_prior`` diagonalises the dense (npix, npix) kernel, ~10 s at
-    nside 16 on two cores; the kernel is isotropic, so its eigenfunctions are the
-    spherical harmonics and its eigenvalues are known in closed form. With
-    ``kappa = (R / length)^2``, ``exp(-d_chord^2 / (2 length^2)) = sum_l 4 pi a_l
-    sum_m Y_lm Y_lm`` with ``a_l = exp(-kappa) i_l(kappa)`` (modified spherical Bessel),
-    so the pixel-sampled kernel has eigenvalue ``npix a_l`` for each of the 2l + 1 modes
-    of degree l.
-
-    Returns (vecs (npix, (lmax+1)^2) orthonormal columns in net order, vals (same
-    count,), floor): the real harmonics of degree <= lmax sampled at the pixel centres
-    and orthonormalised (symmetric, i.e. the nearest orthonormal set; pixel sums are
-    only nearly orthogonal), and the constant variance of the complement that keeps
-    the total variance npix (unit variance per pixel). ``vecs diag(vals) vecs^T +
-    floor (I - vecs vecs^T)`` is then a valid covariance within ~0.3% (Frobenius) of the
-    dense kernel at nside 16, 1200 km, lmax 19.
-    """
-    from scipy import special
-
-    lon, lat = healpix.lonlat(nside, "net")
-    theta, phi = np.deg2rad(90.0 - np.asarray(lat, np.float64)), np.deg2rad(np.asarray(lon, np.float64))
-    kappa = (gaussian.EARTH_RADIUS_KM / length_scale_km) ** 2
-    npix = theta.size
-    cols, vals = [], []
-    for ell in range(lmax + 1):
-        a = np.sqrt(np.pi / (2.0 * kappa)) * special.ive(ell + 0.5, kappa)  # exp(-kappa) i_l(kappa)
-        for m in range(ell + 1):
-            y = special.sph_harm_y(ell, m, theta, phi)
-            cols += [y.real] if m == 0 else [np.sqrt(2.0) * y.real, np.sqrt(2.0) * y.imag]
-            vals += [a] if m == 0 else [a, a]
-    Y = np.stack(cols, axis=1) * np.sqrt(4.0 * np.pi / npix)
-    w, v = np.linalg.eigh(Y.T @ Y)
-    vecs = Y @ (v / np.sqrt(w)) @ v.T
-    vals = npix * np.asarray(vals)
-    if vals.size >= npix:
-        raise ValueError(f"lmax={lmax} gives {vals.size} modes, more than the {npix} pixels of nside {nside}")
-    floor = float((npix - vals.sum()) / (npix - vals.size))
-    if not floor > 0:
-        raise ValueError(f"no variance left for the complement (lmax={lmax}, length {length_scale_km} km)")
-    return vecs, vals, floor
-
-
 def build_prior(config: DemoConfig) -> gaussian.GaussianPrior:
     """The Gaussian prior in normalised units, (C, 1, npix) net order.
 
-    Covariance ``(S R S) kron K`` as ``gaussian.make_prior`` builds it, with K from
-    :func:`harmonic_basis`; mean the climatology of :func:`climatology_k`, normalised.
+    :func:`jaxguide.gaussian.harmonic_prior` with the normalised stds and the climatology
+    of :func:`climatology_k`, normalised.
     """
-    stds = np.asarray(config.std_k) / config.scale
-    corr = np.asarray(config.channel_corr, np.float64)
-    lc, qc = np.linalg.eigh(stds[:, None] * corr * stds[None, :])
-    if lc.min() <= 0:
-        raise ValueError("channel_corr must be positive definite")
-    vecs, vals, floor = harmonic_basis(config.nside, config.length_scale_km, config.lmax)
     _, lat = healpix.lonlat(config.nside, "net")
-    mu = (climatology_k(config, lat) - config.center[:, None]) / config.scale[:, None]
-    return gaussian.GaussianPrior(mu=mu[:, None, :], chan_vecs=qc, chan_vals=lc, space_vecs=vecs,
-                                  space_vals=vals, space_floor=np.asarray(floor))
+    mu = units.normalise(climatology_k(config, lat), config.center, config.scale, axis=-2)
+    return gaussian.harmonic_prior(config.nside, mu, np.asarray(config.std_k) / config.scale, config.channel_corr,
+                                   config.length_scale_km, config.lmax)
 
 
 def prior_sha256(prior: gaussian.GaussianPrior) -> str:
@@ -213,69 +163,13 @@ def prior_sha256(prior: gaussian.GaussianPrior) -> str:
     return h.hexdigest()
 
 
-def dense_operator(op: observations.PointObservationOperator, shape: tuple[int, int, int]) -> np.ndarray:
-    """The point operator as a dense (n_obs, C*npix) float64 matrix (flattened (C, 1, npix))."""
-    _, _, npix = shape
-    ch = np.asarray(op.channel, np.int64)
-    pix = np.asarray(op.pixel, np.int64)
-    w = np.asarray(op.weight, np.float64)
-    H = np.zeros((ch.size, int(np.prod(shape))))
-    np.add.at(H, (np.arange(ch.size)[:, None], ch[:, None] * npix + pix), w)
-    return H
-
-
-def pointwise_std(prior: gaussian.GaussianPrior) -> np.ndarray:
-    """Prior pointwise std (C, 1, npix) float64, = ``prior.std()`` without its dense
-    (npix, npix) spatial matrix (O(npix r) instead of O(npix^2 r))."""
-    qc = np.asarray(prior.chan_vecs, np.float64)
-    qk = np.asarray(prior.space_vecs, np.float64)
-    vc = (qc**2) @ np.asarray(prior.chan_vals, np.float64)
-    q2 = qk**2
-    vk = q2 @ np.maximum(np.asarray(prior.space_vals, np.float64), 0.0) + float(prior.space_floor) * (1.0 - q2.sum(1))
-    return np.sqrt(np.outer(vc, vk))[:, None, :]
-
-
-def kalman_marginals(prior: gaussian.GaussianPrior, H: np.ndarray, y, sigma_y) -> tuple[np.ndarray, np.ndarray]:
-    """Exact posterior mean and pointwise std, each (C, 1, npix) float64.
-
-    Same update as ``GaussianPrior.posterior`` but without the dense (N, N) covariance
-    (N = C npix, 9216 at nside 16): Sigma H^T comes from the prior's spectral form
-    (float32), the (n_obs, n_obs) solve is float64.
-    """
-    H = np.asarray(H, np.float64)
-    y = np.asarray(y, np.float64)
-    n = H.shape[0]
-    r = np.broadcast_to(np.asarray(sigma_y, np.float64) ** 2, y.shape)
-    rows = jnp.asarray(H.reshape(n, *prior.shape), jnp.float32)
-    sht = np.asarray(prior.apply_cov(rows), np.float64).reshape(n, -1).T  # (N, n)
-    mu = np.asarray(prior.mu, np.float64).reshape(-1)
-    s = H @ sht
-    s = 0.5 * (s + s.T) + np.diag(r)
-    mean = mu + sht @ np.linalg.solve(s, y - H @ mu)
-    var = pointwise_std(prior).reshape(-1) ** 2 - np.sum(sht * np.linalg.solve(s, sht.T).T, axis=1)
-    return mean.reshape(prior.shape), np.sqrt(np.maximum(var, 0.0)).reshape(prior.shape)
-
-
 # --------------------------------------------------------------------------------------
-# ensembles (module-level denoisers so that compiled programs are reused across runs)
+# ensembles
 
 
-def _prior_denoiser(x, sigma, prior):
-    return prior.denoiser(x, sigma)
-
-
-@functools.lru_cache(maxsize=8)
-def _mmps_denoiser(cg_iters: int):
-    """One function object per CG count (static), so ``sample_ensemble`` caches its program."""
-
-    def den(x, sigma, prior, A, y, sigma_y):
-        return guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=cg_iters)(x, sigma)
-
-    return den
-
-
-def _regression_denoiser(x, sigma, prior, A, y, sigma_y, scale):
-    return guidance.regression(prior.denoiser, A, y, sigma_y, scale=scale)(x, sigma)
+def model_of(config: DemoConfig, prior: gaussian.GaussianPrior) -> gaussian.GaussianModel:
+    """The prior as a denoiser model (channels, K center/scale, grid)."""
+    return gaussian.GaussianModel(prior, tuple(config.channels), config.center, config.scale, config.nside)
 
 
 def regression_scale(config: DemoConfig, sigma_n) -> float:
@@ -289,23 +183,26 @@ def regression_scale(config: DemoConfig, sigma_n) -> float:
 
 
 def sample_method(method: str, config: DemoConfig, prior: gaussian.GaussianPrior, key: jax.Array,
-                  A: observations.PointObservationOperator | None = None, y=None, sigma_y=None,
-                  scale: float | None = None) -> np.ndarray:
+                  obs: guidance.Observations | None = None, scale: float | None = None,
+                  programs: ensemble.EnsembleSampler | None = None, fn=None) -> np.ndarray:
     """(M, C, 1, npix) ensemble, normalised net order, float32, for one method.
 
-    y, sigma_y: (n_obs,) normalised; A, y, sigma_y are unused for "prior", scale is
-    the regression scale."""
+    obs: the assimilated observations (normalised; unused for "prior"); scale: the
+    regression scale. ``programs`` and ``fn`` (:func:`jaxguide.guided.guided_denoiser`
+    of :func:`model_of`): pass the same ones to every call to reuse compiled programs."""
     kwargs = dict(num_steps=config.steps, sigma_min=config.sigma_min, sigma_max=config.sigma_max)
     if method == "prior":
-        fn, operands = _prior_denoiser, (prior,)
+        m, obs = None, None
     elif method == "mmps":
-        fn, operands = _mmps_denoiser(int(config.cg_iters)), (prior, A, y, sigma_y)
+        m = guidance.MMPS(cg_iters=int(config.cg_iters))
     elif method == "regression":
-        fn, operands = _regression_denoiser, (prior, A, y, sigma_y, jnp.asarray(scale, jnp.float32))
+        m = guidance.Regression(scale=jnp.asarray(scale, jnp.float32))
     else:
         raise ValueError(f"unknown demo method {method!r}; expected one of {METHODS}")
-    ens = ensemble.sample_ensemble(fn, key, prior.shape, config.members, sampler_kwargs=kwargs, operands=operands,
-                                   devices=jax.devices()[:1])
+    programs = programs if programs is not None else ensemble.EnsembleSampler()
+    fn = fn if fn is not None else guided.guided_denoiser(model_of(config, prior))
+    ens = programs(fn, key, prior.shape, config.members, sampler_kwargs=kwargs, operands=(prior, {}, m, obs),
+                   devices=jax.devices()[:1])
     return np.asarray(ens)
 
 
@@ -317,8 +214,7 @@ def at_observations(ens: np.ndarray, op: observations.PointObservationOperator, 
     """Ensemble (M, C, 1, npix) normalised -> (M, n_obs) physical at the observations,
     through the observation operator itself (bilinear, as the observations were made)."""
     vals = np.asarray(jax.vmap(op)(jnp.asarray(ens, jnp.float32)), np.float64)
-    ch = np.asarray(op.channel)
-    return vals * np.asarray(scale)[ch] + np.asarray(center)[ch]
+    return units.unnormalise(vals, center, scale, channel=np.asarray(op.channel))
 
 
 def observation_scores(ens_obs: np.ndarray, table: pd.DataFrame, seed: int) -> dict[str, dict]:
@@ -431,7 +327,7 @@ def _plots(out: Path, config: DemoConfig, ens_mmps, prior_mean, truth, assim: pd
 
     ens_mmps (M, C, 1, npix), prior_mean and truth (C, 1, npix): normalised, net order."""
     phys = lambda x: healpix.reorder(  # noqa: E731  (..., C, npix) normalised net -> K nest
-        np.asarray(x, np.float64) * config.scale[:, None] + config.center[:, None], "net", "nest")
+        units.unnormalise(x, config.center, config.scale, axis=-2), "net", "nest")
     mm, pm, tt = phys(ens_mmps[:, :, 0]), phys(prior_mean[:, 0]), phys(truth[:, 0])
     paths = []
     for i, c in enumerate(config.channels):
@@ -489,30 +385,33 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
         truth, channels, channels, time=config.time, strategy=config.strategy, count=config.obs_count,
         rng=np.random.default_rng(config.seed), sigma=config.sigma_obs_k, holdout_fraction=config.holdout_fraction,
         center=center, scale=scale)
-    A, y, sigma_y = observations.assimilation_inputs(assim, channels, center, scale, nside=config.nside)
-    A_held, _, _ = observations.assimilation_inputs(held, channels, center, scale, nside=config.nside)
+    obs = observations.prepare(assim, channels, center, scale, nside=config.nside).obs
+    A, sigma_y = obs.A, obs.sigma_y
+    A_held = observations.prepare(held, channels, center, scale, nside=config.nside).obs.A
 
     stage(2)
-    post_mean, post_std = kalman_marginals(prior, dense_operator(A, prior.shape), y, sigma_y)
-    prior_std = pointwise_std(prior)
+    post_mean, post_std = gaussian.kalman_marginals(prior, A.dense(prior.shape), obs.y, sigma_y)
+    prior_std = gaussian.pointwise_std(prior)
 
     # common random numbers: the three ensembles start from the same noise
     scale_reg = regression_scale(config, sigma_y)
+    programs, fn = ensemble.EnsembleSampler(), guided.guided_denoiser(model_of(config, prior))
+    run = functools.partial(sample_method, config=config, prior=prior, key=k_ens, programs=programs, fn=fn)
     ens = {}
     stage(3)
-    ens["prior"] = sample_method("prior", config, prior, k_ens)
+    ens["prior"] = run("prior")
     stage(4)
-    ens["mmps"] = sample_method("mmps", config, prior, k_ens, A, y, sigma_y)
+    ens["mmps"] = run("mmps", obs=obs)
     stage(5)
-    ens["regression"] = sample_method("regression", config, prior, k_ens, A, y, sigma_y, scale_reg)
+    ens["regression"] = run("regression", obs=obs, scale=scale_reg)
 
     stage(6)
-    truth_k = truth[:, 0] * scale[:, None] + center[:, None]
+    truth_k = units.unnormalise(truth[:, 0], center, scale, axis=-2)
     results: dict[str, dict] = {}
     for method, e in ens.items():
         if not np.all(np.isfinite(e)):
             raise FloatingPointError(f"the {method} ensemble has non-finite values")
-        e_k = e[:, :, 0] * scale[None, :, None] + center[None, :, None]
+        e_k = units.unnormalise(e[:, :, 0], center, scale, axis=-2)
         results[method] = {
             "held_out": observation_scores(at_observations(e, A_held, center, scale), held, config.seed),
             "assimilated": observation_scores(at_observations(e, A, center, scale), assim, config.seed),

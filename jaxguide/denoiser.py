@@ -1,28 +1,67 @@
-"""From a loaded cBottle model to the ``denoiser(x, sigma) -> x0_hat`` that guidance and
-the sampler use, with the conditioning bound (time, SST, dataset label) and cBottle's
-ERA5 channel masking; plus the post-processing to NEST order and physical units.
+"""The denoiser contract and cBottle's model behind it.
 
-A member's state is ``(C, T, npix)``: channels, frames (T = the model's time_length, 1
-for the image model), pixels in the network's order, normalised units. ``vmap`` over
-members for ensembles.
+Contract (what :mod:`jaxguide.guidance`, the ensemble programs and
+:func:`jaxguide.pipeline.assimilate` use): a :class:`DenoiserModel` exposes its channel
+names, normalisation (center/scale, physical units), HEALPix grid (nside, member shape,
+pixels in "net" order) and parameters, a pure ``denoise(params, x, sigma, cond) ->
+x0_hat`` for one member, and ``conditioning(time, ...) -> cond`` (a pytree of arrays
+with the same structure for every time). :class:`CBottleDenoiser` is cBottle's model
+in that form; :class:`jaxguide.gaussian.GaussianModel` is the exact Gaussian prior in it.
+
+A member's state is ``(C, 1, npix)``: channels, time, pixels in the network's order,
+normalised units. ``vmap`` over members for ensembles.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import os
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide import healpix
+from jaxguide import conditioning as conditioning_lib
+from jaxguide import healpix, units
 from jaxguide.conditioning import label_one_hot
 from jaxguide.model import CBottleModel
+from jaxguide.network import NPIX, NSIDE
 
-Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
+Denoiser = Callable[..., jax.Array]  # (x, sigma, cond) -> x0_hat
 
 # Channels the ERA5 label never trained on: cBottle fills them from an ICON-label pass.
 ERA5_MISSING_CHANNELS = ("rlut", "rsut", "rsds")
+
+
+@runtime_checkable
+class DenoiserModel(Protocol):
+    """What the pipeline needs of a model (see the module doc)."""
+
+    channels: tuple[str, ...]
+    center: np.ndarray  # (C,) physical units
+    scale: np.ndarray  # (C,) physical units
+    nside: int
+    member_shape: tuple[int, int, int]  # (C, T, 12 nside^2); T = 1 for single-time models
+    params: Any
+
+    def denoise(self, params, x: jax.Array, sigma, cond) -> jax.Array: ...
+
+    def conditioning(self, time, *, sst_path=None, sst_offset: float = 0.0) -> Any: ...
+
+
+def check_model(model) -> None:
+    """Raise TypeError naming what a would-be :class:`DenoiserModel` lacks."""
+    missing = [n for n in ("channels", "center", "scale", "nside", "member_shape", "params", "denoise",
+                           "conditioning") if not hasattr(model, n)]
+    if missing:
+        raise TypeError(f"{type(model).__name__} is not a denoiser model: it lacks {missing} "
+                        "(see jaxguide.denoiser.DenoiserModel)")
+    shape = tuple(model.member_shape)
+    if len(shape) != 3 or shape[0] != len(model.channels) or shape[1] < 1 or shape[2] != 12 * model.nside**2:
+        raise ValueError(f"member_shape {shape} is not (C={len(model.channels)}, T, 12 nside^2) at nside {model.nside}")
+    if np.shape(model.center) != (len(model.channels),) or np.shape(model.scale) != (len(model.channels),):
+        raise ValueError("center and scale must have one value per channel")
 
 
 def channel_mask(channels: tuple[str, ...], label: str) -> np.ndarray:
@@ -30,6 +69,98 @@ def channel_mask(channels: tuple[str, ...], label: str) -> np.ndarray:
     if label.lower() == "era5":
         return np.array([c not in ERA5_MISSING_CHANNELS for c in channels])
     return np.ones(len(channels), bool)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CBottleDenoiser:
+    """cBottle's model as a :class:`DenoiserModel`, sampling as ``CBottle3d`` does.
+
+    With the ERA5 label, channels ERA5 lacks (rlut, rsut, rsds) come from a second pass
+    with the ICON label: ``D = where(mask, net(where(mask, x, 0), ERA5), net(x, ICON))``
+    (two network evaluations, run as one batch of two); otherwise one pass.
+    ``compute_dtype``: the network's dtype (bfloat16 for ``--bf16``); D is returned in
+    x's dtype. ``remat``: recompute each U-Net block in reverse mode (less memory for the
+    guidance VJPs, see :func:`jaxguide.network.call_block`). ``label``, ``compute_dtype`` and
+    ``remat`` are static (part of compiled programs). Video models (time_length T > 1) take
+    members of T frames; T = 1 is the image model.
+    """
+
+    model: CBottleModel
+    label: str = "era5"
+    compute_dtype: Any = jnp.float32
+    remat: bool = False
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return tuple(self.model.channels)
+
+    @property
+    def center(self) -> np.ndarray:
+        return self._norm("center")
+
+    @property
+    def scale(self) -> np.ndarray:
+        return self._norm("scales")
+
+    def _norm(self, name) -> np.ndarray:
+        v = getattr(self.model.batch_info, name)
+        if v is None:
+            raise ValueError(f"the model's batch_info has no {name}; cannot convert to physical units")
+        return np.asarray(v, np.float64)
+
+    nside: int = dataclasses.field(default=NSIDE, init=False)
+
+    @property
+    def member_shape(self) -> tuple[int, int, int]:
+        return (self.model.config.out_channels, self.model.config.time_length, NPIX)
+
+    @property
+    def params(self):
+        return self.model.params
+
+    @property
+    def metadata(self) -> dict:
+        return self.model.metadata
+
+    def conditioning(self, time, *, sst_path: str | os.PathLike | None = None, sst_offset: float = 0.0):
+        """Calendar inputs and (for SST-conditioned models) the AMIP SST at ``time``."""
+        return conditioning_lib.assemble(time, nside=NSIDE, sst_channels=self.model.config.condition_channels,
+                                         sst_path=sst_path, sst_offset=sst_offset)
+
+    def denoise(self, params, x: jax.Array, sigma, cond) -> jax.Array:
+        """x (C, T, npix), sigma scalar, cond from :meth:`conditioning` -> (C, T, npix).
+
+        cond: ``second_of_day``/``day_of_year`` per frame ((T,) or scalars for T = 1) and,
+        for conditioned models, ``condition`` (condition_channels, T, npix): the encoded SST
+        (image model) or ``[target * mask, SST, mask]`` per frame (video model).
+        """
+        cfg = self.model.config
+        frames = cfg.time_length
+        if cfg.label_dim == 0:
+            labels_main = labels_fill = None
+            mask = np.ones(cfg.out_channels, bool)
+        else:
+            labels_main = label_one_hot(self.label, cfg.label_dim)[None]
+            labels_fill = label_one_hot("icon", cfg.label_dim)[None]
+            mask = channel_mask(self.channels, self.label)
+        two_pass = not mask.all()
+        sst = cond.get("condition")
+        kw = dict(
+            condition=None if sst is None else jnp.asarray(sst, jnp.float32).reshape(1, -1, frames, np.shape(sst)[-1]),
+            second_of_day=jnp.asarray(cond["second_of_day"], jnp.float32).reshape(1, frames),
+            day_of_year=jnp.asarray(cond["day_of_year"], jnp.float32).reshape(1, frames),
+            compute_dtype=self.compute_dtype,
+            remat=self.remat,
+        )
+        if two_pass:
+            # both passes as one batch of two: one copy of the network in the compiled graph
+            mask_b = jnp.asarray(mask)[:, None, None]
+            xb = jnp.stack([jnp.where(mask_b, x, 0), x])
+            d = self.model.apply(params, xb, sigma, class_labels=np.concatenate([labels_main, labels_fill]), **kw)
+            out = jnp.where(mask_b, d[0], d[1])
+        else:
+            out = self.model.apply(params, x[None], sigma, class_labels=labels_main, **kw)[0]
+        return out.astype(x.dtype)
 
 
 def make_denoiser(
@@ -43,70 +174,25 @@ def make_denoiser(
     compute_dtype=jnp.float32,
     remat: bool = False,
 ) -> Denoiser:
-    """A denoiser for one member, as cBottle's ``CBottle3d`` samples.
+    """``D(x, sigma, cond=None)`` of one member with this conditioning bound (``cond`` ignored).
 
-    With the ERA5 label, channels ERA5 lacks (rlut, rsut, rsds) come from a second pass
-    with the ICON label: ``D = where(mask, net(where(mask, x, 0), ERA5), net(x, ICON))``
-    (two network evaluations, run as one batch of two); otherwise one pass.
-
-    Args:
-      condition: (1, condition_channels, T, npix): the encoded SST (image model), or
-        ``[target * mask, SST, mask]`` per frame (video model); None for models without it.
-      second_of_day, day_of_year: per frame, (T,) or (1, T) float32 (scalars for T = 1).
-      params: the expert parameters (default: ``model.params``); pass them explicitly to
-        differentiate with respect to them.
-      compute_dtype: precision of the network's convolutions and matmuls (bfloat16 for speed).
-      remat: recompute each U-Net block in reverse mode (less memory for guidance VJPs).
-    Returns ``denoiser(x (C, T, npix), sigma scalar) -> (C, T, npix)`` in x's dtype.
+    Shorthand for :class:`CBottleDenoiser` when the conditioning is fixed. condition:
+    (1, condition_channels, T, npix) (encoded SST, or ``[target * mask, SST, mask]`` per
+    frame for video models) or None; second_of_day, day_of_year: per frame, (T,) or
+    (1, T) (scalars for T = 1); params: the expert parameters (default ``model.params``;
+    pass them to differentiate); remat: see :class:`CBottleDenoiser`.
     """
-    if model.config.label_dim == 0:
-        labels_main = labels_fill = None
-        mask = np.ones(model.config.out_channels, bool)
-    else:
-        labels_main = label_one_hot(label, model.config.label_dim)[None]
-        labels_fill = label_one_hot("icon", model.config.label_dim)[None]
-        mask = channel_mask(model.channels, label)
-    two_pass = not mask.all()
-    labels_both = None if labels_main is None else np.concatenate([labels_main, labels_fill])
-    mask_b = jnp.asarray(mask)[None, :, None, None]
-    # --- video (T frames): per-frame calendar and condition; T = 1 is the image model
-    frames = model.config.time_length
-    sod = jnp.asarray(second_of_day, jnp.float32).reshape(1, frames)
-    doy = jnp.asarray(day_of_year, jnp.float32).reshape(1, frames)
-    cond = None if condition is None else jnp.asarray(condition, jnp.float32).reshape(1, -1, frames, healpix_npix(condition))
-    # ---
+    den = CBottleDenoiser(model, label, compute_dtype, remat)
+    cond = {"second_of_day": second_of_day, "day_of_year": day_of_year}
+    if condition is not None:
+        cond["condition"] = condition
 
-    def denoise(x: jax.Array, sigma) -> jax.Array:
-        p = model.params if params is None else params
-        kw = dict(condition=cond, second_of_day=sod, day_of_year=doy, compute_dtype=compute_dtype, remat=remat)
-        if two_pass:
-            # both passes as one batch of two: one copy of the network in the compiled graph
-            xb = jnp.stack([jnp.where(mask_b[0], x, 0), x])
-            d = model.apply(p, xb, sigma, class_labels=labels_both, **kw)
-            out = jnp.where(mask_b[0], d[0], d[1])
-        else:
-            out = model.apply(p, x[None], sigma, class_labels=labels_main, **kw)[0]
-        return out.astype(x.dtype)
+    def denoise(x, sigma, _cond=None):
+        return den.denoise(model.params if params is None else params, x, sigma, cond)
 
     return denoise
 
 
-def healpix_npix(a) -> int:
-    return int(np.shape(a)[-1])
-
-
 def postprocess(x, center, scale) -> np.ndarray:
     """Network state (..., C, T, npix) normalised, net order -> physical units, NEST order (float64)."""
-    x = np.asarray(x, np.float64)
-    x = healpix.reorder(x, "net", "nest")
-    c = np.asarray(center, np.float64)[:, None, None]
-    s = np.asarray(scale, np.float64)[:, None, None]
-    return x * s + c
-
-
-def normalise(x_phys_nest, center, scale) -> np.ndarray:
-    """Inverse of :func:`postprocess`: physical units, NEST -> normalised, net order (float32)."""
-    x = np.asarray(x_phys_nest, np.float64)
-    c = np.asarray(center, np.float64)[:, None, None]
-    s = np.asarray(scale, np.float64)[:, None, None]
-    return healpix.reorder((x - c) / s, "nest", "net").astype(np.float32)
+    return units.unnormalise(healpix.reorder(np.asarray(x, np.float64), "net", "nest"), center, scale)

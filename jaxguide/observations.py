@@ -32,13 +32,15 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxguide import grid_sampling
+from jaxguide import grid_sampling, units
+from jaxguide.guidance import Observations
 from jaxguide.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -464,8 +466,8 @@ def normalise(
         raise ValueError(f"center/scale must have shape ({len(channels)},), got {center.shape}, {scale.shape}")
     idx = channel_index(table["variable"].tolist(), channels)
     out = table.copy()
-    out["value_n"] = (out["value"].to_numpy(np.float64) - center[idx]) / scale[idx]
-    out["sigma_n"] = out["sigma"].to_numpy(np.float64) / scale[idx]
+    out["value_n"] = units.normalise(out["value"].to_numpy(np.float64), center, scale, channel=idx)
+    out["sigma_n"] = units.normalise(out["sigma"].to_numpy(np.float64), 0.0, scale, channel=idx)
     return out
 
 
@@ -498,6 +500,15 @@ class PointObservationOperator:
     def num_obs(self) -> int:
         return self.channel.shape[0]
 
+    def dense(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """The operator as a dense (n_obs, C*npix) float64 matrix on flattened (C, 1, npix) states."""
+        _, _, npix = shape
+        ch = np.asarray(self.channel, np.int64)
+        pix = np.asarray(self.pixel, np.int64)
+        H = np.zeros((ch.size, int(np.prod(shape))))
+        np.add.at(H, (np.arange(ch.size)[:, None], ch[:, None] * npix + pix), np.asarray(self.weight, np.float64))
+        return H
+
 
 jax.tree_util.register_dataclass(
     PointObservationOperator, data_fields=["channel", "pixel", "weight"], meta_fields=[]
@@ -509,6 +520,7 @@ def build_operator(
     channels: Sequence[str],
     nside: int = 64,
     method: grid_sampling.Method = "bilinear",
+    as_numpy: bool = False,
 ) -> PointObservationOperator:
     """Operator for the rows of a table (or a mapping with ``lat``, ``lon``, ``variable``).
 
@@ -516,6 +528,7 @@ def build_operator(
     Row order is kept: element ``i`` of ``A(x)`` is row ``i``. ``method`` is a
     :mod:`jaxguide.grid_sampling` scheme: "bilinear" (HEALPix interpolation) or
     "nearest" (the containing pixel); ``jaxguide evaluate`` samples with the same one.
+    ``as_numpy``: NumPy leaves instead of JAX arrays.
     """
     src = table_or_arrays
     missing = [k for k in ("lat", "lon", "variable") if k not in src]
@@ -533,24 +546,128 @@ def build_operator(
     if not (lat.shape == lon.shape == ch.shape and lat.ndim == 1):
         raise ValueError(f"lat, lon, variable must be 1-D of equal length, got {lat.shape}, {lon.shape}, {ch.shape}")
     pix, w = grid_sampling.stencil(nside, lon, lat, method, "net")
-    return PointObservationOperator(jnp.asarray(ch), jnp.asarray(pix.astype(np.int32)), jnp.asarray(w.astype(np.float32)))
+    pix, w = pix.astype(np.int32), w.astype(np.float32)
+    if as_numpy:
+        return PointObservationOperator(ch, pix, w)
+    return PointObservationOperator(jnp.asarray(ch), jnp.asarray(pix), jnp.asarray(w))
 
 
-def assimilation_inputs(
+def override_sigma(table: pd.DataFrame, sigma_y) -> pd.DataFrame:
+    """Replace the table's ``sigma`` (physical units): one value for every row, or a
+    mapping variable -> value; None keeps it. Names without observations are an error."""
+    if sigma_y is None:
+        return table
+    out = table.copy()
+    if isinstance(sigma_y, Mapping):
+        unknown = sorted(set(sigma_y) - set(out["variable"]))
+        if unknown:
+            raise ValueError(f"--sigma-y names variables with no observations: {unknown}")
+        for var, val in sigma_y.items():
+            out.loc[out["variable"] == var, "sigma"] = float(val)
+    else:
+        out["sigma"] = float(sigma_y)
+    bad = ~(out["sigma"].to_numpy(np.float64) > 0)
+    if bad.any():
+        raise ValueError(f"sigma_y must be > 0, got {sigma_y}")
+    return out
+
+
+def bucket_size(n: int, minimum: int = 32) -> int:
+    """The padded observation count for ``n`` rows: the next power of two >= max(n, minimum)."""
+    return max(int(minimum), 1 << max(int(n) - 1, 0).bit_length())
+
+
+def pad(obs: Observations, size: int) -> Observations:
+    """``obs`` with zero rows appended up to ``size`` (weight 0, y 0, sigma_y 1).
+
+    A zero-weight row adds exactly nothing to any guidance method (see
+    :mod:`jaxguide.guidance`), so counts padded to one size share one compiled program.
+    The concatenation runs in NumPy: no JAX operation on the unpadded shapes (each new
+    shape would compile a small program).
+    """
+    A = obs.A
+    if not isinstance(A, PointObservationOperator):
+        raise TypeError("pad needs a PointObservationOperator")
+    y = np.asarray(obs.y, np.float32)
+    n = y.shape[0]
+    if size < n:
+        raise ValueError(f"cannot pad {n} observations to {size}")
+    k = size - n
+
+    def cat(a, fill=0):
+        a = np.asarray(a)
+        return jnp.asarray(np.concatenate([a, np.full((k, *a.shape[1:]), fill, a.dtype)]))
+
+    return Observations(
+        A=PointObservationOperator(cat(A.channel), cat(A.pixel), cat(A.weight)),
+        y=cat(y),
+        sigma_y=cat(np.broadcast_to(np.asarray(obs.sigma_y, np.float32), (n,)), 1),
+        cov_factor=None if obs.cov_factor is None else cat(obs.cov_factor),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedObservations:
+    """Observations ready for guidance, in the network's units.
+
+    obs: :class:`~jaxguide.guidance.Observations` (A on (C, 1, npix) net-order states;
+      y, sigma_y (n_padded,) float32 normalised); rows >= ``n_obs`` are padding.
+    table: the clean rows (physical units plus ``value_n`` / ``sigma_n``), row i = y[i].
+    dropped: rows rejected per reason (only with ``drop_bad``).
+    """
+
+    obs: Observations
+    table: pd.DataFrame
+    dropped: dict[str, int]
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.table)
+
+
+def prepare(
     table: pd.DataFrame,
     channels: Sequence[str],
     center: Sequence[float],
     scale: Sequence[float],
     *,
+    time=None,
+    window_hours: float = 3.0,
+    drop_bad: bool = False,
+    sigma_y=None,
     nside: int = 64,
-    method: grid_sampling.Method = "bilinear",
-) -> tuple[PointObservationOperator, jax.Array, jax.Array]:
-    """``(A, y_n (n,) float32, sigma_n (n,) float32)`` in normalised units, validated."""
-    clean, _ = validate_observations(table, channels)
+    interpolation: grid_sampling.Method = "bilinear",
+    pad_to: int | Literal["bucket"] | None = None,
+    check_plausibility: bool = True,
+) -> PreparedObservations:
+    """Validate, override sigma, check plausibility, normalise, locate and (optionally)
+    pad a table.
+
+    time: the analysis time; rows outside ``+- window_hours`` are rejected (None: no
+      time check). drop_bad: drop rejected rows instead of raising (see
+      :func:`validate_observations`). sigma_y: see :func:`override_sigma` (physical
+      units, applied before normalising). center/scale: the model's (C,) normalisation.
+      pad_to: None (no padding), a size, or ``"bucket"`` (:func:`bucket_size`).
+      check_plausibility: refuse values far from the model's climatology
+      (:func:`check_plausible`; a unit mistake).
+    """
+    window = None
+    if time is not None:
+        t = parse_time(time, "analysis time")
+        window = (t - pd.Timedelta(hours=window_hours), t + pd.Timedelta(hours=window_hours))
+    clean, dropped = validate_observations(table, channels, time_window=window, drop_bad=drop_bad)
+    clean = override_sigma(clean, sigma_y)
+    if check_plausibility:
+        check_plausible(clean, channels, center, scale)
     norm = normalise(clean, channels, center, scale)
-    op = build_operator(norm, channels, nside=nside, method=method)
-    return (
-        op,
-        jnp.asarray(norm["value_n"].to_numpy(np.float32)),
-        jnp.asarray(norm["sigma_n"].to_numpy(np.float32)),
+    # NumPy leaves until padded (see :func:`pad`)
+    obs = Observations(
+        A=build_operator(norm, channels, nside=nside, method=interpolation, as_numpy=True),
+        y=norm["value_n"].to_numpy(np.float32),
+        sigma_y=norm["sigma_n"].to_numpy(np.float32),
     )
+    if pad_to is None:
+        obs = jax.tree_util.tree_map(jnp.asarray, obs)
+    else:
+        obs = pad(obs, bucket_size(len(norm)) if pad_to == "bucket" else int(pad_to))
+    return PreparedObservations(obs=obs, table=norm, dropped=dict(dropped))

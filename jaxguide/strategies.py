@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from jaxguide import grid_sampling, healpix
+from jaxguide import grid_sampling, healpix, units
 from jaxguide.observations import channel_index, make_table
 
 STRATEGIES: tuple[str, ...] = ("random", "uniform", "land_only")
@@ -135,7 +135,7 @@ def sample_observations(
     if (center is None) != (scale is None):
         raise ValueError("give both center and scale (normalised truth) or neither (physical truth)")
     if center is not None:
-        truth = truth * np.asarray(scale, np.float64)[:, None, None] + np.asarray(center, np.float64)[:, None, None]
+        truth = units.unnormalise(truth, center, scale)
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     nside = healpix.nside_of_npix(truth.shape[-1])

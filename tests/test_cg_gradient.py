@@ -23,7 +23,7 @@ def test_mmps_gradient_finite_after_cg_convergence():
     x = jnp.asarray(rng.standard_normal(prior.shape), jnp.float32)
 
     def f(log_sy, sigma):
-        den = guidance.mmps(prior.denoiser, A, y, jnp.exp(log_sy), cg_iters=16)
+        den = guidance.MMPS(cg_iters=16)(prior.denoiser, guidance.Observations(A, y, jnp.exp(log_sy)))
         return jnp.sum(den(x, sigma) ** 2)
 
     for sigma in (0.01, 0.5, 5.0):

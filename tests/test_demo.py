@@ -91,18 +91,18 @@ def test_kalman_marginals_match_dense_posterior():
     H[np.arange(n), rng.choice(H.shape[1], n, replace=False)] = 1.0
     y = H @ np.asarray(prior.mu).reshape(-1) + rng.normal(size=n) * 0.2
     sigma_y = 0.05 + 0.05 * rng.random(n)
-    mean, std = demo.kalman_marginals(prior, H, y, sigma_y)
+    mean, std = gaussian.kalman_marginals(prior, H, y, sigma_y)
     ref_mean, ref_cov = prior.posterior(H, y, sigma_y)
     ref_std = np.sqrt(np.diag(ref_cov)).reshape(prior.shape)
     pstd = prior.std()
-    np.testing.assert_allclose(demo.pointwise_std(prior), pstd, rtol=1e-10)
+    np.testing.assert_allclose(gaussian.pointwise_std(prior), pstd, rtol=1e-10)
     assert np.max(np.abs(mean - ref_mean) / pstd) < 1e-4  # float32 Sigma H^T
     assert np.max(np.abs(std - ref_std) / pstd) < 1e-4
     assert np.min(ref_std / pstd) < 0.7  # the observations matter
 
 
 def test_harmonic_basis_approximates_dense_kernel():
-    vecs, vals, floor = demo.harmonic_basis(8, 1500.0, 12)
+    vecs, vals, floor = gaussian.harmonic_basis(8, 1500.0, 12)
     np.testing.assert_allclose(vecs.T @ vecs, np.eye(vals.size), atol=1e-10)
     K = gaussian.kernel_matrix(8, 1500.0)
     approx = (vecs * vals) @ vecs.T + floor * (np.eye(K.shape[0]) - vecs @ vecs.T)

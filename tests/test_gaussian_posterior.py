@@ -54,7 +54,7 @@ def test_mmps_equals_exact_posterior_denoiser(problem, solver, iters):
     prior, A, H, y, sigma_y, truth = problem
     with jax.enable_x64(True):
         exact = jax.jit(prior.posterior_denoiser(H, y, sigma_y))
-        guided = jax.jit(guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=iters, solver=solver))
+        guided = jax.jit(guidance.MMPS(cg_iters=iters, solver=solver)(prior.denoiser, guidance.Observations(A, y, sigma_y)))
         for i, s in enumerate([0.02, 0.3, 1.0, 5.0, 80.0]):
             x_t = truth + s * np.asarray(jax.random.normal(jax.random.PRNGKey(i), truth.shape, jnp.float64))
             a, b = np.asarray(guided(x_t, s)), np.asarray(exact(x_t, s))
@@ -71,7 +71,7 @@ def test_mmps_without_network_jacobian_is_not_exact(problem):
     with jax.enable_x64(True):
         x_t = truth + 5.0 * np.asarray(jax.random.normal(jax.random.PRNGKey(0), truth.shape, jnp.float64))
         b = np.asarray(prior.posterior_denoiser(H, y, sigma_y)(x_t, 5.0))
-        a = np.asarray(guidance.dps(prior.denoiser, A, y, sigma_y)(jnp.asarray(x_t), 5.0))
+        a = np.asarray(guidance.DPS()(prior.denoiser, guidance.Observations(A, y, sigma_y))(jnp.asarray(x_t), 5.0))
         assert np.linalg.norm(a - b) / np.linalg.norm(b) > 1e-2
 
 
@@ -90,7 +90,7 @@ def test_ensemble_matches_kalman_posterior(problem):
 
     @jax.jit
     def ensemble(keys, prior, y):
-        den = guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=4)
+        den = guidance.MMPS(cg_iters=4)(prior.denoiser, guidance.Observations(A, y, sigma_y))
         run = lambda k: sampler.sample(den, k, prior.shape, num_steps=32, sigma_min=0.002,  # noqa: E731
                                        sigma_max=SIGMA_MAX)
         return jax.vmap(run)(keys)

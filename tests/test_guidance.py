@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxguide import gaussian, guidance, sampler
-from jaxguide.guidance import GuidanceInputError
+from jaxguide.guidance import DPS, MMPS, SDA, GuidanceInputError, Observations, PiGDM, Regression, Replacement
 
 NSIDE = 4
 OPTIONS = {
@@ -45,7 +45,7 @@ def _x(prior, key, sigma, dtype=jnp.float32):
 @pytest.mark.parametrize("method", guidance.METHODS)
 def test_jit_vmap_grad_shapes(prob, method):
     prior, A, H, y, sigma_y, *_ = prob
-    den = guidance.apply(method, prior.denoiser, A, y, sigma_y, **OPTIONS[method])
+    den = guidance.make(method, **OPTIONS[method])(prior.denoiser, Observations(A, y, sigma_y))
     xs = jnp.stack([_x(prior, k, 2.0) for k in range(3)])
     out = jax.jit(den)(xs[0], 2.0)
     assert out.shape == xs[0].shape and out.dtype == jnp.float32
@@ -66,28 +66,28 @@ def test_regression_hand_formula(prob):
         D = np.asarray(prior.denoiser(x, 1.5)).reshape(-1)
         w = (H @ D - y) / sigma_y**2
         # J = I (gradient w.r.t. D only): D - scale H^T (H D - y) / sigma_y^2
-        a = guidance.regression(prior.denoiser, A, y, sigma_y, scale=0.03, no_network_grad=True)(x, 1.5)
+        a = Regression(scale=0.03, no_network_grad=True)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         np.testing.assert_allclose(np.asarray(a).reshape(-1), D - 0.03 * H.T @ w, rtol=1e-12, atol=1e-12)
         # through the network: J = Sigma (Sigma + sigma^2 I)^-1 (symmetric)
         S = prior.dense_cov()
         J = S @ np.linalg.inv(S + 1.5**2 * np.eye(S.shape[0]))
-        b = guidance.regression(prior.denoiser, A, y, sigma_y, scale=0.03)(x, 1.5)
+        b = Regression(scale=0.03)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         np.testing.assert_allclose(np.asarray(b).reshape(-1), D - 0.03 * J.T @ H.T @ w, rtol=1e-10, atol=1e-10)
         # norm matching: the step has norm scale * sigma * ||(x - D) / sigma||
-        c = guidance.regression(prior.denoiser, A, y, sigma_y, scale=0.5, norm_matching=True)(x, 1.5)
+        c = Regression(scale=0.5, norm_matching=True)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         step = np.linalg.norm(np.asarray(c).reshape(-1) - D)
         want = 0.5 * 1.5 * np.linalg.norm((np.asarray(x).reshape(-1) - D) / 1.5)
         assert abs(step - want) < 1e-10 * want
         # DPS = regression with scale sigma^2 = SDA with gamma 0
-        d1 = guidance.dps(prior.denoiser, A, y, sigma_y, scale=0.7)(x, 1.5)
-        d2 = guidance.regression(prior.denoiser, A, y, sigma_y, scale=0.7 * 1.5**2)(x, 1.5)
-        d3 = guidance.sda(prior.denoiser, A, y, sigma_y, gamma=0.0, scale=0.7)(x, 1.5)
+        d1 = DPS(scale=0.7)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        d2 = Regression(scale=0.7 * 1.5**2)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        d3 = SDA(gamma=0.0, scale=0.7)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         np.testing.assert_allclose(d1, d2, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(d1, d3, rtol=1e-12, atol=1e-12)
         # SDA / PiGDM hand formula (selection: A A^T = I)
         for den, v in [
-            (guidance.sda(prior.denoiser, A, y, sigma_y, gamma=0.02), 0.02 * 1.5**2),
-            (guidance.pigdm(prior.denoiser, A, y, sigma_y, data_std=0.8), 1.5**2 * 0.64 / (1.5**2 + 0.64)),
+            (SDA(gamma=0.02)(prior.denoiser, Observations(A, y, sigma_y)), 0.02 * 1.5**2),
+            (PiGDM(data_std=0.8)(prior.denoiser, Observations(A, y, sigma_y)), 1.5**2 * 0.64 / (1.5**2 + 0.64)),
         ]:
             want = D + 1.5**2 * J.T @ H.T @ ((y - H @ D) / (sigma_y**2 + v))
             np.testing.assert_allclose(np.asarray(den(x, 1.5)).reshape(-1), want, rtol=1e-10, atol=1e-10)
@@ -103,10 +103,9 @@ def test_low_rank_obs_covariance(prob):
         S = prior.dense_cov()
         P = S @ np.linalg.inv(S + 0.49 * np.eye(S.shape[0])) * 0.49  # sigma^2 J
         want = D + P @ H.T @ np.linalg.solve(R + H @ P @ H.T, y - H @ D)
-        got = guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=10, obs_cov_factor=U)(x, 0.7)
+        got = MMPS(cg_iters=10)(prior.denoiser, Observations(A, y, sigma_y, U))(x, 0.7)
         np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=1e-9, atol=1e-9)
-        got2 = guidance.regression(prior.denoiser, A, y, sigma_y, obs_cov_factor=U, scale=0.02,
-                                   no_network_grad=True)(x, 0.7)
+        got2 = Regression(scale=0.02, no_network_grad=True)(prior.denoiser, Observations(A, y, sigma_y, U))(x, 0.7)
         np.testing.assert_allclose(np.asarray(got2).reshape(-1),
                                    D - 0.02 * H.T @ np.linalg.solve(R, H @ D - y), rtol=1e-10, atol=1e-10)
 
@@ -115,8 +114,8 @@ def test_gmres_equals_cg_when_converged(prob):
     prior, A, H, y, sigma_y, *_ = prob
     with jax.enable_x64(True):
         x = _x(prior, 2, 3.0, jnp.float64)
-        a = guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=10)(x, 3.0)
-        b = guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=10, solver="gmres")(x, 3.0)
+        a = MMPS(cg_iters=10)(prior.denoiser, Observations(A, y, sigma_y))(x, 3.0)
+        b = MMPS(cg_iters=10, solver="gmres")(prior.denoiser, Observations(A, y, sigma_y))(x, 3.0)
         ex = prior.posterior_denoiser(H, y, sigma_y)(x, 3.0)
         np.testing.assert_allclose(a, ex, rtol=1e-8, atol=1e-8)
         np.testing.assert_allclose(b, ex, rtol=1e-6, atol=1e-6)
@@ -127,8 +126,8 @@ def test_cg_loop_equals_unrolled(prob):
     prior, A, H, y, sigma_y, *_ = prob
     with jax.enable_x64(True):
         x = _x(prior, 4, 1.5, jnp.float64)
-        a = guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=3)(x, 1.5)
-        b = jax.jit(guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=3, cg_unroll=False))(x, 1.5)
+        a = MMPS(cg_iters=3)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        b = jax.jit(MMPS(cg_iters=3, cg_unroll=False)(prior.denoiser, Observations(A, y, sigma_y)))(x, 1.5)
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
         assert not np.allclose(a, prior.denoiser(x, 1.5))  # the guidance did something
 
@@ -136,7 +135,7 @@ def test_cg_loop_equals_unrolled(prob):
 def test_replacement_puts_y_at_observed_pixels(prob):
     prior, A, H, y, sigma_y, ch, px = prob
     x = _x(prior, 3, 1.0)
-    out = guidance.replacement(prior.denoiser, A, y, sigma_y)(x, 1.0)
+    out = Replacement()(prior.denoiser, Observations(A, y, sigma_y))(x, 1.0)
     np.testing.assert_allclose(np.asarray(out)[ch, 0, px], y, rtol=1e-6, atol=1e-6)
     D = np.asarray(prior.denoiser(x, 1.0))
     mask = np.ones(D.shape, bool)
@@ -166,7 +165,7 @@ def test_grad_of_sample_matches_finite_differences(prob):
                     o["gamma"] = gamma
                 if method != "replacement":
                     o["scale"] = scale
-                den = guidance.apply(method, prior.denoiser, nonlin, jnp.tanh(y), sigma_y * sy_scale, **o)
+                den = guidance.make(method, **o)(prior.denoiser, Observations(nonlin, jnp.tanh(y), sigma_y * sy_scale))
                 return jnp.sum(w * sampler.sample(den, jax.random.PRNGKey(0), None, **kw))
             return f
 
@@ -187,7 +186,7 @@ def test_gaussian_evidence_exact_and_gradients(prob):
     with jax.enable_x64(True):
         x = _x(prior, 4, 1.2, jnp.float64)
         s = 1.2
-        ev = guidance.gaussian_evidence(prior.denoiser, A, y, sigma_y, x, s)
+        ev = guidance.gaussian_evidence(prior.denoiser, Observations(A, y, sigma_y), x, s)
         # exact: y | x_t ~ N(H D, R + H P H^T), P = sigma^2 J
         S = prior.dense_cov()
         P = S @ np.linalg.inv(S + s**2 * np.eye(S.shape[0])) * s**2
@@ -198,8 +197,7 @@ def test_gaussian_evidence_exact_and_gradients(prob):
         assert abs(float(ev) - want) < 1e-9 * abs(want)
 
         def f(sy_scale, gamma, scale):
-            return guidance.gaussian_evidence(prior.denoiser, lambda z: jnp.tanh(A(z)), jnp.tanh(y),
-                                              sigma_y * sy_scale, x, s, gamma=gamma, scale=scale)
+            return guidance.gaussian_evidence(prior.denoiser, Observations(lambda z: jnp.tanh(A(z)), jnp.tanh(y), sigma_y * sy_scale), x, s, gamma=gamma, scale=scale)
 
         p = (1.3, 0.05, 0.8)
         grads = jax.grad(f, argnums=(0, 1, 2))(*p)
@@ -215,27 +213,62 @@ def test_named_errors(prob):
     bad[3] = np.nan
     for method in guidance.METHODS:
         with pytest.raises(GuidanceInputError, match="NaN"):
-            guidance.apply(method, prior.denoiser, A, bad, sigma_y)
+            guidance.make(method)(prior.denoiser, Observations(A, bad, sigma_y))
     with pytest.raises(GuidanceInputError, match="sigma_y"):
-        guidance.mmps(prior.denoiser, A, y, 0.0)
+        MMPS()(prior.denoiser, Observations(A, y, 0.0))
     with pytest.raises(GuidanceInputError, match="sigma_y"):
-        guidance.sda(prior.denoiser, A, y, -sigma_y)
+        SDA()(prior.denoiser, Observations(A, y, -sigma_y))
     with pytest.raises(GuidanceInputError, match="sigma_y"):
-        guidance.dps(prior.denoiser, A, y, np.inf)
+        DPS()(prior.denoiser, Observations(A, y, np.inf))
     with pytest.raises(GuidanceInputError, match="unknown guidance method 'kalman'.*mmps"):
-        guidance.apply("kalman", prior.denoiser, A, y, sigma_y)
+        guidance.make("kalman")
+    with pytest.raises(GuidanceInputError, match="no option.*gamma"):
+        guidance.make("mmps", gamma=0.1)  # an option of another method is not silently dropped
     with pytest.raises(GuidanceInputError, match="cg_iters"):
-        guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=0)
+        MMPS(cg_iters=0)(prior.denoiser, Observations(A, y, sigma_y))
     with pytest.raises(GuidanceInputError, match="solver"):
-        guidance.mmps(prior.denoiser, A, y, sigma_y, solver="lu")
+        MMPS(solver="lu")(prior.denoiser, Observations(A, y, sigma_y))
+    with pytest.raises(GuidanceInputError, match="gamma"):
+        SDA(gamma=-1.0)(prior.denoiser, Observations(A, y, sigma_y))
+    with pytest.raises(GuidanceInputError, match="Observations"):
+        MMPS()(prior.denoiser, (A, y, sigma_y))
     x = _x(prior, 0, 1.0)
     for method in guidance.METHODS:
-        den = guidance.apply(method, prior.denoiser, A, y[:7], sigma_y[:7])
+        den = guidance.make(method)(prior.denoiser, Observations(A, y[:7], sigma_y[:7]))
         with pytest.raises(GuidanceInputError, match="shape"):
             den(x, 1.0)
         with pytest.raises(GuidanceInputError, match="shape"):  # also at trace time under jit
             jax.jit(den)(x, 1.0)
     assert issubclass(GuidanceInputError, ValueError)
+
+
+def test_methods_and_observations_are_jit_arguments(prob):
+    """Method hyperparameters (scale, gamma) and observations are traced pytree leaves: new
+    values reuse the program; static options (cg_iters) are part of the program."""
+    from jaxguide.observations import PointObservationOperator
+
+    prior, A, H, y, sigma_y, ch, px = prob
+    op = PointObservationOperator(jnp.asarray(ch, jnp.int32), jnp.stack([jnp.asarray(px, jnp.int32)] * 4, 1),
+                                  jnp.tile(jnp.asarray([1.0, 0.0, 0.0, 0.0], jnp.float32), (len(px), 1)))
+    x = _x(prior, 5, 1.5)
+    traces = []
+
+    @jax.jit
+    def run(method, obs, x):
+        traces.append(1)
+        return method(prior.denoiser, obs)(x, 1.5)
+
+    obs = Observations(op, jnp.asarray(y, jnp.float32), jnp.asarray(sigma_y, jnp.float32))
+    a = run(SDA(gamma=0.02, scale=1.0), obs, x)
+    b = run(SDA(gamma=0.05, scale=0.5), Observations(op, -obs.y, 2.0 * obs.sigma_y), x)
+    assert len(traces) == 1 and not np.allclose(a, b)
+    want = SDA(gamma=0.05, scale=0.5)(prior.denoiser, Observations(A, -y, 2.0 * sigma_y))(x, 1.5)
+    np.testing.assert_allclose(b, want, rtol=1e-5, atol=1e-6)
+    run(MMPS(cg_iters=2), obs, x)
+    run(MMPS(cg_iters=2, scale=0.3), obs, x)
+    assert len(traces) == 2
+    run(MMPS(cg_iters=3), obs, x)
+    assert len(traces) == 3
 
 
 def test_guided_sampler_compiles_once_for_new_observations(prob):
@@ -246,7 +279,7 @@ def test_guided_sampler_compiles_once_for_new_observations(prob):
     @jax.jit
     def run(key, y):
         traces.append(1)
-        den = guidance.mmps(prior.denoiser, A, y, sigma_y, cg_iters=2)
+        den = MMPS(cg_iters=2)(prior.denoiser, Observations(A, y, sigma_y))
         return sampler.sample(den, key, prior.shape, num_steps=4, sigma_min=0.01, sigma_max=20.0)
 
     a = run(jax.random.PRNGKey(0), jnp.asarray(y, jnp.float32))

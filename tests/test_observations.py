@@ -312,12 +312,33 @@ def test_build_operator_errors():
         O.build_operator({"lat": [91.0], "lon": [0.0], "variable": ["tas"]}, CHANNELS)
 
 
-def test_assimilation_inputs():
+def test_prepare_normalises_overrides_and_pads():
     t = _table()
-    A, y, s = O.assimilation_inputs(t, CHANNELS, CENTER, SCALE)
+    p = O.prepare(t, CHANNELS, CENTER, SCALE, sigma_y={"T850": 0.7})
     idx = O.channel_index(t["variable"], CHANNELS)
-    np.testing.assert_allclose(np.asarray(y), (t["value"] - np.array(CENTER)[idx]) / np.array(SCALE)[idx], rtol=1e-6)
-    assert A.num_obs == len(t) and s.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(p.obs.y), (t["value"] - np.array(CENTER)[idx]) / np.array(SCALE)[idx], rtol=1e-6)
+    want_sigma = np.where(t["variable"] == "T850", 0.7, t["sigma"]) / np.array(SCALE)[idx]
+    np.testing.assert_allclose(np.asarray(p.obs.sigma_y), want_sigma, rtol=1e-6)
+    assert p.obs.A.num_obs == len(t) == p.n_obs and p.obs.sigma_y.dtype == jnp.float32
+    with pytest.raises(ValueError, match="no observations"):
+        O.prepare(t, CHANNELS, CENTER, SCALE, sigma_y={"rlut": 1.0})
+    # padding: a power-of-two bucket, zero rows that change no guided denoiser
+    padded = O.prepare(t, CHANNELS, CENTER, SCALE, pad_to="bucket")
+    assert padded.obs.y.shape == (O.bucket_size(len(t)),) and padded.n_obs == len(t) < padded.obs.y.shape[0]
+    assert O.bucket_size(33) == 64 and O.bucket_size(5) == 32 and O.bucket_size(64) == 64
+    from jaxguide import guidance
+
+    def den(x, sigma, cond=None):  # a nonlinear stand-in network on nside-64 states
+        return jnp.tanh(x) / (1.0 + sigma**2) + 0.1 * jnp.roll(x, 1, axis=-1)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (len(CHANNELS), 1, NPIX)) * 1.3
+    plain = O.prepare(t, CHANNELS, CENTER, SCALE).obs
+    for method in (guidance.MMPS(cg_iters=4), guidance.MMPS(cg_iters=3, solver="gmres"), guidance.SDA(),
+                   guidance.Regression(scale=0.01), guidance.Replacement()):
+        a = method(den, plain)(x, 0.8)
+        for obs in (padded.obs, O.pad(plain, 40)):
+            np.testing.assert_allclose(np.asarray(method(den, obs)(x, 0.8)), np.asarray(a), rtol=1e-5, atol=1e-6)
+        assert float(jnp.max(jnp.abs(a - den(x, 0.8)))) > 1e-3  # the guidance did something
 
 
 # ---------------------------------------------------------------- strategies

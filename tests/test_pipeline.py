@@ -217,13 +217,13 @@ def test_assimilate_names_the_right_thing(case, fixtures_dir, tmp_path):
 
 
 def test_plausibility_check_can_be_overridden(case):
-    from jaxguide import pipeline
     from jaxguide.model import load_model
-    from jaxguide.observations import ImplausibleObservationsError, read_observations
+    from jaxguide.observations import ImplausibleObservationsError, prepare, read_observations
 
     model = load_model(case["model"])
+    info = model.batch_info
     table = read_observations(case["obs"]).assign(value=lambda t: t["value"] - 273.15)
     with pytest.raises(ImplausibleObservationsError):
-        pipeline.observation_inputs(table, model, TIME)
-    oi = pipeline.observation_inputs(table, model, TIME, check_plausibility=False)
-    assert oi.y.shape == (N_OBS,)
+        prepare(table, model.channels, info.center, info.scales, time=TIME)
+    prepared = prepare(table, model.channels, info.center, info.scales, time=TIME, check_plausibility=False)
+    assert prepared.n_obs == N_OBS

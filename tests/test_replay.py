@@ -6,6 +6,8 @@ the post-processed output within 1e-4 x RMS (max-abs), unguided and with the see
 regression guidance (loss ||A(D) - y||^2 / (2 sigma_y^2), scale 0.01).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,18 +15,14 @@ import pytest
 
 from conftest import rel_errors
 from jaxguide import guidance, sampler
-from jaxguide.denoiser import make_denoiser, postprocess
+from jaxguide.denoiser import CBottleDenoiser, postprocess
 
 
 def _run(model, rec, guided: bool):
     with jax.enable_x64(True):
-        denoise = make_denoiser(
-            model,
-            condition=rec["condition"],
-            second_of_day=rec["second_of_day"],
-            day_of_year=rec["day_of_year"],
-            label="era5",
-        )
+        dm = CBottleDenoiser(model, label="era5")
+        cond = {"condition": rec["condition"], "second_of_day": rec["second_of_day"], "day_of_year": rec["day_of_year"]}
+        denoise = functools.partial(dm.denoise, model.params)  # the contract: D(x, sigma, cond)
         if guided:
             ch = jnp.asarray(rec["obs_channel"])
             px = jnp.asarray(rec["obs_pixel_net"])
@@ -32,13 +30,12 @@ def _run(model, rec, guided: bool):
             def A(x):
                 return x[ch, 0, px]
 
-            denoise = guidance.regression(
-                denoise, A, jnp.asarray(rec["y"], jnp.float64), float(rec["sigma_y"]), scale=float(rec["guidance_scale"])
-            )
+            obs = guidance.Observations(A, jnp.asarray(rec["y"], jnp.float64), float(rec["sigma_y"]))
+            denoise = guidance.Regression(scale=float(rec["guidance_scale"]))(denoise, obs)
         # cBottle: xT = float32(latents * 200.0), state float64, schedule from int(200)
         latents = jnp.asarray(rec["latents"][0], jnp.float32)
         final, traj = sampler.sample(
-            denoise,
+            lambda x, sigma: denoise(x, sigma, cond),
             None,
             latents.shape,
             num_steps=6,
