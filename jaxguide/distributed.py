@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 _CLUSTER_ENV = {"slurm": "SLURM_NTASKS", "openmpi": "OMPI_COMM_WORLD_SIZE", "mpich": "PMI_SIZE"}
 
 
-class DistributedError(RuntimeError):
+class DistributedError(ValueError):
     """jax.distributed could not be set up as asked."""
 
 
