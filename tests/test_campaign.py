@@ -143,3 +143,25 @@ def test_two_processes_write_the_same_store(reference, tmp_path):
     # round robin over the pending times: process 0 ran times 0 and 2, process 1 times 1 and 3
     assert "done 2/2 2020-01-01 12:00:00" in outs[0] and "done 2/2 2020-01-01 18:00:00" in outs[1]
     assert_same_store(path, reference["path"])
+
+
+@pytest.mark.parametrize("layout", ["earth2studio_frame", "partitioned_directory"])
+def test_observation_layouts_give_the_same_store(reference, tmp_path, layout):
+    """The same observations as an earth2studio frame (no sigma column: sigma_y given) or
+    as a directory of one Parquet file per time give the reference's numbers."""
+    table = case.table()
+    settings = case.settings()
+    if layout == "earth2studio_frame":
+        obs = table.drop(columns="sigma").rename(columns={"value": "observation"})
+        obs["variable"] = obs["variable"].str.lower()  # earth2studio's names: t850, t500
+        settings = case.settings(sigma_y=1.0)  # the reference's sigma column is 1.0 everywhere
+    else:
+        obs = tmp_path / "obs"
+        obs.mkdir()
+        for t, rows in table.groupby(table["time"].dt.floor("6h")):
+            rows.to_parquet(obs / f"{t:%Y-%m-%dT%H}.parquet")
+    assimilate_campaign(None, obs, tmp_path / "s.zarr", case.TIMES, settings, session=reference["session"])
+    a, b = read_campaign(reference["path"]), read_campaign(tmp_path / "s.zarr")
+    for name in a.variables:
+        x, y = a[name].values, b[name].values
+        assert np.array_equal(x, y, equal_nan=True) if x.dtype.kind == "f" else x.tolist() == y.tolist(), name
