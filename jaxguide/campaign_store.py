@@ -182,7 +182,7 @@ class CampaignStore:
              settings: Mapping[str, Any] | None = None) -> CampaignStore:
         """Open an existing store to continue it. With ``times`` / ``settings`` given,
         they must equal the store's: otherwise :class:`SettingsMismatchError` naming the
-        first differing setting (``"times"`` for the time list)."""
+        first differing setting (``"times"``, checked first, for the time list)."""
         _require_zarr()
         path = Path(path)
         if not path.exists():
@@ -198,6 +198,13 @@ class CampaignStore:
             stored = json.loads(meta)["settings"]
             store_times = pd.DatetimeIndex(ds["time"].values).as_unit("ns")
             names = tuple(_time_vars(ds))
+        if times is not None:
+            want = _as_times(times)
+            if not store_times.equals(want):
+                raise SettingsMismatchError(
+                    f"cannot resume {str(path)!r}: it was made for {len(store_times)} times "
+                    f"{store_times[0]} .. {store_times[-1]}, this run asks for {len(want)} times "
+                    f"{want[0]} .. {want[-1]}; use the same --times, or a new --out", "times")
         if settings is not None:
             new = normalise_settings(settings)
             for key in sorted(set(stored) | set(new)):
@@ -206,13 +213,6 @@ class CampaignStore:
                     raise SettingsMismatchError(
                         f"cannot resume {str(path)!r}: it was made with {key}={old_v!r}, this run has "
                         f"{key}={new_v!r}; use the same settings, or a new --out", key)
-        if times is not None:
-            want = _as_times(times)
-            if not store_times.equals(want):
-                raise SettingsMismatchError(
-                    f"cannot resume {str(path)!r}: it was made for {len(store_times)} times "
-                    f"{store_times[0]} .. {store_times[-1]}, this run asks for {len(want)} times "
-                    f"{want[0]} .. {want[-1]}; use the same --times, or a new --out", "times")
         return cls(path, store_times, stored, names)
 
     # ---------------------------------------------------------------- state

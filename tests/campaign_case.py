@@ -33,7 +33,7 @@ def table(seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []
     for k, t in enumerate(TIMES):
-        m = 10 + 3 * k  # counts differ per time (one padded size for all)
+        m = 10 * (k + 1)  # 10, 20, 30, 40: padding buckets 32 and 64 (the campaign pads all to 64)
         rows.append(pd.DataFrame({
             "time": t + pd.to_timedelta(rng.integers(-60, 60, m), unit="min"),
             "lat": 100.0 if k == 2 else rng.uniform(-70, 70, m),

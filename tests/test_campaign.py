@@ -63,8 +63,8 @@ def test_campaign_compiles_once_and_records_skips(reference):
     assert [n - first for _, n in per_time[1:]] == [0, 0, 0], "a later time compiled again"
     ds = read_campaign(reference["path"])
     assert list(ds["completed"].values) == [ANALYSED, ANALYSED, SKIPPED, ANALYSED]
-    assert ds["skipped_reason"].values[2] == "all 16 observations rejected (bad_lat: 16)"
-    assert list(ds["n_obs"].values) == [10, 13, 0, 19]
+    assert ds["skipped_reason"].values[2] == "all 30 observations rejected (bad_lat: 30)"
+    assert list(ds["n_obs"].values) == [10, 20, 0, 40]
     assert np.isfinite(ds["T850"].isel(time=[0, 1, 3]).values).all() and np.isnan(ds["T850"].isel(time=2).values).all()
     assert np.isfinite(ds["T850_prior_mean"].isel(time=[0, 1, 3]).values).all()
     assert reference["summary"]["analysed"] == 3 and reference["summary"]["skipped"] == 1
