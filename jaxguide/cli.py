@@ -1,7 +1,7 @@
-"""Command line: ``jaxguide convert | assimilate | era5-obs | evaluate | demo``.
+"""Command line: ``jaxguide convert | assimilate | campaign | era5-obs | evaluate | demo``.
 
 Each command is a thin layer over the library (``jaxguide.convert.convert_checkpoints``,
-``jaxguide.pipeline.assimilate``, ``jaxguide.era5``, ``jaxguide.evaluation``,
+``jaxguide.pipeline.assimilate``, ``jaxguide.campaign`` (via :mod:`jaxguide.cli_campaign`), ``jaxguide.era5``, ``jaxguide.evaluation``,
 ``jaxguide.demo``): parse options, show progress, print a table.
 
 Expected failures (missing or malformed files, unwritable outputs) and command-line
@@ -656,6 +656,11 @@ def evaluate(
     if plots_dir is not None:
         evaluation.write_plots(result, ds, plots_dir)
         typer.echo(f"wrote plots to {plots_dir}")
+
+
+from jaxguide import cli_campaign  # noqa: E402
+
+cli_campaign.register(app)  # jaxguide campaign
 
 
 def main() -> None:
