@@ -129,6 +129,7 @@ def test_kill_and_resume_is_identical(reference, tmp_path):
     assert_same_store(path, reference["path"])
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: in the `-m slow` set that CI also runs (README, Tests)
 def test_two_processes_write_the_same_store(reference, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))

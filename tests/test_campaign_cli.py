@@ -46,6 +46,7 @@ def args(case, out, *extra):
             "--interpolation", "nearest", "--members", "2", "--steps", "2", "--prior-members", "0", *extra]
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: in the `-m slow` set that CI also runs (README, Tests)
 def test_campaign_cli_end_to_end(case):
     runner, out = CliRunner(), case["tmp"] / "store.zarr"
     res = runner.invoke(app, args(case, out, "--json", str(case["tmp"] / "s.json")))
