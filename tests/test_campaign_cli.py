@@ -78,6 +78,27 @@ def test_campaign_cli_end_to_end(case):
     assert "seed=0" in line and "seed=5" in line
     line = one_line_error(runner.invoke(app, args(case, out)))
     assert "--resume" in line
+    # `jaxguide assimilate --times` is the same campaign: resuming the store through it finds it complete
+    via_assimilate = ["assimilate", *args(case, out, "--resume")[1:]]
+    res = runner.invoke(app, via_assimilate)
+    assert res.exit_code == 0, res.output
+    assert "0 times" in res.stdout and "2 analysed, 1 skipped, 0 incomplete of 3 times" in res.stdout
+    line = one_line_error(runner.invoke(app, via_assimilate + ["--seed", "5"]))
+    assert "seed=0" in line and "seed=5" in line
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--time", "2020-01-20T00:00", "--times", "2020-01-20T00/2020-01-20T06/PT6H"], "not both"),
+        ([], "missing --time"),
+        (["--time", "2020-01-20T00:00", "--resume"], "--resume continues a campaign"),
+    ],
+)
+def test_assimilate_time_or_times(case, tmp_path, extra, match):
+    base = ["assimilate", "--model", str(case["model"]), "--obs", str(case["obs"]), "--out", str(tmp_path / "s.zarr")]
+    line = one_line_error(CliRunner().invoke(app, base + extra))
+    assert match in line
 
 
 @pytest.mark.parametrize(
