@@ -128,15 +128,53 @@ def _name_option(text: str, e: BaseException, files: dict[str, str]) -> str:
     return text
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def is_input_error(e: BaseException) -> bool:
+    """An error about the user's input (files, options, data), not a bug.
+
+    File errors (OSError) always are. ValueError / KeyError / FloatingPointError are when
+    jaxguide raised them: its own error classes (``ObservationError``, ``ERA5FormatError``,
+    ``GuidanceInputError``, ...) or a ``raise`` in jaxguide's code naming the problem. The
+    same classes raised inside JAX, NumPy or another library (a shape error in a traced
+    program, say) are programming errors: they keep their traceback."""
+    if isinstance(e, OSError):
+        return True
+    if not isinstance(e, EXPECTED_ERRORS):
+        return False
+    if type(e).__module__.split(".")[0] == "jaxguide":
+        return True
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and str(Path(last).resolve()).startswith(_PACKAGE_DIR)
+
+
+def _debug_requested() -> bool:
+    import os
+
+    from typer._click.globals import get_current_context  # typer==0.29 vendors click
+
+    ctx = get_current_context(silent=True)
+    flag = bool(ctx is not None and ctx.find_root().meta.get("jaxguide.debug"))
+    return flag or os.environ.get("JAXGUIDE_DEBUG", "") not in ("", "0")
+
+
 def handle_errors(fn):
-    """Turn expected error classes into one ``error: ...`` line and exit status 2; an
-    error about a file given on the command line also names the option that gave it."""
+    """Turn input errors (:func:`is_input_error`) into one ``error: ...`` line and exit
+    status 2; an error about a file given on the command line also names the option that
+    gave it. Anything else, and everything under ``jaxguide --debug``, keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except EXPECTED_ERRORS as e:
+            if _debug_requested() or not is_input_error(e):
+                raise
             _fail(_name_option(_message(e), e, _file_options(fn, kwargs)))
 
     return wrapper
@@ -675,6 +713,15 @@ def evaluate(
     if plots_dir is not None:
         evaluation.write_plots(result, ds, plots_dir)
         typer.echo(f"wrote plots to {plots_dir}")
+
+
+
+
+@app.callback()
+def _options(ctx: typer.Context,
+             debug: bool = typer.Option(False, "--debug", help="show the full traceback of any error (also JAXGUIDE_DEBUG=1)")) -> None:
+    """Score-based data assimilation with cBottle in JAX."""
+    ctx.meta["jaxguide.debug"] = debug
 
 
 from jaxguide import cli_campaign  # noqa: E402

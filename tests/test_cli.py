@@ -218,3 +218,26 @@ def test_era5_obs_member_option(tmp_path):
     line = one_line_error(runner.invoke(app, ["era5-obs", str(text), "--out", str(tmp_path / "o2.csv"), "--count", "3"]))
     assert "text.nc" in line and "NetCDF or GRIB" in line
     assert not (tmp_path / "o2.csv").exists()
+
+
+def test_programming_errors_keep_their_traceback(monkeypatch, tmp_path):
+    """A ValueError from inside NumPy/JAX (a shape bug) is not an input error: it propagates
+    with its traceback instead of becoming a one-line ``error:``; ``--debug`` does the
+    same for input errors; without it an input error stays one line."""
+    from jaxguide import pipeline
+    from jaxguide.cli import app, is_input_error
+
+    def shape_bug(*a, **k):
+        return np.reshape(np.ones(3), (2, 2))  # ValueError raised by NumPy
+
+    monkeypatch.setattr(pipeline, "assimilate", shape_bug)
+    argv = ["assimilate", "--model", str(tmp_path), "--obs", "o.csv", "--time", "2020-01-01T00:00",
+            "--out", str(tmp_path / "a.nc")]
+    res = CliRunner().invoke(app, argv)
+    assert isinstance(res.exception, ValueError) and res.exit_code != 2, res.output
+    assert not is_input_error(res.exception)
+    bad_time = argv[:6] + ["05/01/2020"] + argv[7:]
+    one_line_error(CliRunner().invoke(app, bad_time))  # input error: one line
+    res = CliRunner().invoke(app, ["--debug", *bad_time])
+    assert isinstance(res.exception, ValueError) and "ISO 8601" in str(res.exception)
+    assert is_input_error(res.exception)
