@@ -317,9 +317,8 @@ def _print_assimilation_summary(summary: dict) -> None:
     sampling = summary["seconds_analysis"] + summary["seconds_prior"]
     compile_s = summary.get("seconds_compile", 0.0)
     console.print(
-        f"time: total {summary['seconds_total']:.1f} s = compile {compile_s:.1f} s + sampling "
-        f"{sampling - compile_s:.1f} s (analysis and prior) + loading/writing "
-        f"{summary['seconds_total'] - sampling:.1f} s"
+        f"time: total {summary['seconds_total']:.1f} s = compile {compile_s:.1f} s (analysis and prior at once) "
+        f"+ sampling {sampling:.1f} s + loading/writing {summary['seconds_total'] - sampling - compile_s:.1f} s"
     )
 
 
