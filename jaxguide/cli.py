@@ -1,7 +1,7 @@
-"""Command line: ``jaxguide convert | assimilate | era5-obs | evaluate | demo``.
+"""Command line: ``jaxguide convert | assimilate | campaign | era5-obs | evaluate | demo``.
 
 Each command is a thin layer over the library (``jaxguide.convert.convert_checkpoints``,
-``jaxguide.pipeline.assimilate``, ``jaxguide.era5``, ``jaxguide.evaluation``,
+``jaxguide.pipeline.assimilate``, ``jaxguide.campaign`` (via :mod:`jaxguide.cli_campaign`), ``jaxguide.era5``, ``jaxguide.evaluation``,
 ``jaxguide.demo``): parse options, show progress, print a table.
 
 Expected failures (missing or malformed files, unwritable outputs) and command-line
@@ -289,8 +289,11 @@ def _print_assimilation_summary(summary: dict) -> None:
 def assimilate(
     model: Path = typer.Option(..., "--model", help="converted model directory (jaxguide convert)"),
     obs: Path = typer.Option(..., "--obs", help="observation table: CSV/Parquet/NetCDF with time, lat, lon, variable, value, sigma (physical units)"),
-    time: str = typer.Option(..., "--time", help="analysis time, ISO 8601 only: 2020-01-20T00:00 (UTC), 2020-01-20T00:00Z or with an offset, 2020-01-20T02:00+02:00"),
-    out: Path = typer.Option(..., "--out", help="analysis file (.nc NetCDF4, or .zarr)"),
+    time: str = typer.Option(None, "--time", help="analysis time, ISO 8601 only: 2020-01-20T00:00 (UTC), 2020-01-20T00:00Z or with an offset, 2020-01-20T02:00+02:00"),
+    out: Path = typer.Option(..., "--out", help="analysis file (.nc NetCDF4, or .zarr); a .zarr campaign store with --times"),
+    times: list[str] = typer.Option(None, "--times", help="instead of --time, a campaign: START/END/STEP, ISO 8601 (e.g. 2020-01-01T00/2020-01-05T00/PT6H, END inclusive) into one .zarr store, as `jaxguide campaign` (which also runs over several processes)"),
+    times_file: Path = typer.Option(None, "--times-file", help="instead of --time, a campaign over the times in this file (one ISO 8601 time per line)"),
+    resume: bool = typer.Option(False, "--resume", help="with --times: continue the store (the times not yet complete; same settings required)"),
     sst: Path = typer.Option(None, "--sst", help="AMIP SST file (input4MIPs tosbcs NetCDF); required by SST-conditioned models"),
     method: str = typer.Option("mmps", help="mmps | sda | dps | pigdm | regression | replacement"),
     members: int = typer.Option(8, help="ensemble size"),
@@ -332,6 +335,22 @@ def assimilate(
 
     from jaxguide.observations import parse_time
 
+    if times or times_file is not None:
+        if time is not None:
+            raise ValueError("give either --time (one analysis) or --times/--times-file (a campaign), not both")
+        # a campaign: the same run as `jaxguide campaign` (one process unless Slurm/mpirun says otherwise)
+        return cli_campaign.campaign(
+            model=model, obs=obs, out=out, times=times, times_file=times_file, resume=resume, overwrite=overwrite,
+            sst=sst, method=method, members=members, steps=steps, seed=seed, sigma_y=sigma_y,
+            guidance_scale=guidance_scale, cg_iters=cg_iters, solver=solver, gamma=gamma,
+            norm_matching=norm_matching, prior_members=prior_members, window_hours=window_hours, drop_bad=drop_bad,
+            label=label, interpolation=interpolation, allow_implausible=allow_implausible, bf16=bf16, remat=remat,
+            chunk_size=chunk_size, regrid=regrid, distributed="auto", coordinator=None, num_processes=None,
+            process_id=None, json_path=json_path, no_cache=no_cache)
+    if time is None:
+        raise ValueError("missing --time (one analysis time, ISO 8601) or --times START/END/STEP (a campaign)")
+    if resume:
+        raise ValueError("--resume continues a campaign: it goes with --times or --times-file")
     time = parse_time(time, "--time")
     settings = pipeline.AssimilationSettings(
         check_plausibility=not allow_implausible,
@@ -655,6 +674,11 @@ def evaluate(
     if plots_dir is not None:
         evaluation.write_plots(result, ds, plots_dir)
         typer.echo(f"wrote plots to {plots_dir}")
+
+
+from jaxguide import cli_campaign  # noqa: E402
+
+cli_campaign.register(app)  # jaxguide campaign
 
 
 def main() -> None:

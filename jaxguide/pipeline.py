@@ -225,10 +225,18 @@ class Session:
     ``model``: as :func:`as_denoiser_model` takes it (loaded once). The programs (one per
     method configuration, member count, sampler settings, devices, chunking) and the
     model live as long as this object; nothing is cached module-wide.
+
+    ``report_progress``: the programs call back to the host at every denoiser evaluation,
+    so that ``progress`` of :meth:`assimilate` counts them as they run. JAX's persistent
+    compilation cache does not store programs with host callbacks: with the cache on
+    (the CLI's default), make the session with ``report_progress=False``; ``progress``
+    then only hears each stage's end. Fixed per session, so passing ``progress`` or not
+    never changes (or recompiles) a program.
     """
 
-    def __init__(self, model, *, devices: Sequence[Any] | None = None):
+    def __init__(self, model, *, devices: Sequence[Any] | None = None, report_progress: bool = True):
         self.source = model
+        self.report_progress = bool(report_progress)
         self._model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
         self.devices = resolve_devices(devices)
         self.programs = EnsembleSampler()
@@ -240,15 +248,12 @@ class Session:
         if self._progress is not None:
             self._progress(1)
 
-    def model_for(self, settings: AssimilationSettings, *, with_progress: bool = False
-                  ) -> tuple[DenoiserModel, Callable]:
-        """The denoiser model and its guided function (built once per label / dtype / remat
-        and progress reporting). ``with_progress`` puts a host callback in the program,
-        which JAX's persistent compilation cache does not store: only when asked for."""
-        key = (settings.label, settings.bf16, settings.remat, with_progress)
+    def model_for(self, settings: AssimilationSettings) -> tuple[DenoiserModel, Callable]:
+        """The denoiser model and its guided function (built once per label / dtype / remat)."""
+        key = (settings.label, settings.bf16, settings.remat)
         if key not in self._fns:
             dm = as_denoiser_model(self._model, label=settings.label, bf16=settings.bf16, remat=settings.remat)
-            self._fns[key] = (dm, guided_denoiser(dm, on_call=self._on_call if with_progress else None))
+            self._fns[key] = (dm, guided_denoiser(dm, on_call=self._on_call if self.report_progress else None))
         return self._fns[key]
 
     def assimilate(
@@ -279,7 +284,7 @@ class Session:
             if on_event is not None:
                 on_event(name, info)
 
-        dm, fn = self.model_for(settings, with_progress=progress is not None)
+        dm, fn = self.model_for(settings)
         table = obs if isinstance(obs, pd.DataFrame) else read_observations(obs)
         prepared = prepare(
             table, dm.channels, dm.center, dm.scale, time=time, window_hours=settings.window_hours,
@@ -339,6 +344,8 @@ class Session:
                     f"the {stage} ensemble has non-finite values (method {settings.method_name!r}, guidance scale "
                     f"{settings.guidance_scale}); lower --guidance-scale or use --method mmps/sda"
                 )
+            if progress is not None and not self.report_progress:
+                progress(stage, per_run * runs, per_run * runs)  # no per-call reports: the stage's end
             seconds = _time.perf_counter() - t0
             event("sampled", stage=stage, seconds=round(seconds, 2))
             return ens, seconds
@@ -429,9 +436,10 @@ def assimilate(
       sst: AMIP SST file, required when the model is SST-conditioned.
       progress: ``progress(stage, done, total)``; stage "analysis" or "prior", counted
         in denoiser calls (times devices and chunks when the members are split). It
-        is fed by a host callback in the compiled program, and JAX does not store
-        programs with host callbacks in its persistent compilation cache: pass it
-        only when the cache is off (the CLI does so with ``--no-cache``).
+        is fed by a host callback in the compiled program (see :class:`Session`'s
+        ``report_progress``), and JAX does not store programs with host callbacks in
+        its persistent compilation cache: pass it only when the cache is off (the CLI
+        does so with ``--no-cache``).
       on_event: ``on_event(name, info)`` at each stage of the run, as it happens (also
         logged at INFO): "loading" {model}, "observations" {n_obs, dropped}, "compiling"
         {stage, members, calls} for every stage first (the analysis and prior programs
@@ -451,7 +459,7 @@ def assimilate(
             logger.info("loading %s", model)
             if on_event is not None:
                 on_event("loading", {"model": str(model)})
-        session = Session(model, devices=devices)
+        session = Session(model, devices=devices, report_progress=progress is not None)
     elif model is not session.source and model is not session._model:
         raise ValueError("session was created for another model: pass the model it holds (session.source)")
     return session.assimilate(obs, out, time=time, settings=settings, sst=sst, regrid=regrid,

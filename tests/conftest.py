@@ -33,6 +33,9 @@ FIXTURES = Path(os.environ.get("JAXGUIDE_FIXTURES", REPO.parent / "shared" / "fi
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "parity: run under jax.default_matmul_precision('highest')")
+    config.addinivalue_line(
+        "markers", "slow: end-to-end checks of > 20 s on 2 cores; deselected by default (addopts), "
+        "run with `pytest -m slow` (CI runs both sets)")
 
 
 def pytest_collection_modifyitems(config, items):

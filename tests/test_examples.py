@@ -120,7 +120,11 @@ CASES: dict[str, Case] = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# the two cBottle-fixture examples take 1.5-2 min each on 2 cores: slow set (CI runs it)
+SLOW_CASES = {"convert_and_assimilate", "jit_ensemble"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES])
 def test_example(case: str, request) -> None:
     c = CASES[case]
     argv = c.argv(request.getfixturevalue)

@@ -142,6 +142,7 @@ def test_groupnorm(fixtures_dir):
             np.testing.assert_allclose(y, g[f"C{c}_{key}"], rtol=0, atol=2e-6, err_msg=f"C={c} {key}")
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: in the `-m slow` set that CI also runs (README, Tests)
 def test_mixture_of_experts(fixtures_dir, tmp_path):
     from jaxguide.convert import convert_checkpoints
     import jaxguide
@@ -171,6 +172,7 @@ def test_mixture_of_experts(fixtures_dir, tmp_path):
     assert maxabs <= 1e-4 and rms <= 1e-5
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: in the `-m slow` set that CI also runs (README, Tests)
 def test_grad_matches_finite_differences(tiny_model, den):
     """d/dx of <w, D(x)> along a random direction, float64 throughout, vs central differences."""
     with jax.enable_x64(True):

@@ -75,6 +75,7 @@ def _assimilate_args(case, out_path, *extra, **replace):
     return args + list(extra)
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: in the `-m slow` set that CI also runs (README, Tests)
 def test_replacement_end_to_end(case):
     tmp, runner = case["tmp"], CliRunner()
     out = tmp / "analysis.nc"

@@ -22,6 +22,7 @@ def den(fixtures_dir):
     return np.load(fixtures_dir / "tiny_denoiser.npz")
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: in the `-m slow` set that CI also runs (README, Tests)
 def test_remat_same_vjp_and_less_memory(tiny_model, den):
     params = tiny_model.params
     x = jnp.asarray(den["x"][1:2])

@@ -48,7 +48,8 @@ def _run(model, rec, guided: bool):
         return np.asarray(final), np.asarray(traj)
 
 
-@pytest.mark.parametrize("name", ["sampler_unguided.npz", "sampler_guided.npz"])
+# the guided replay (VJPs through the network at every call) takes > 60 s on 2 cores: slow set
+@pytest.mark.parametrize("name", ["sampler_unguided.npz", pytest.param("sampler_guided.npz", marks=pytest.mark.slow)])
 def test_replay_cbottle_trajectory(fixtures_dir, tiny_model, name):
     rec = np.load(fixtures_dir / name)
     np.testing.assert_allclose(

@@ -196,6 +196,7 @@ def test_frame_inputs_rebuild_the_fixture_batches(vden, video_dir):
         conditioning.frame_condition(np.zeros((3, 4, 12)), [True, False], np.zeros(12))
 
 
+@pytest.mark.slow  # > 20 s on 2 cores: in the `-m slow` set that CI also runs (README, Tests)
 def test_replay_video_trajectory(video_dir, video_model):
     """cBottle's conditioned video sampling (first frame given, 6 Heun steps) draw for draw."""
     rec = np.load(video_dir / "video_sampler.npz")
