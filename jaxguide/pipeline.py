@@ -345,7 +345,7 @@ class Session:
                     f"{settings.guidance_scale}); lower --guidance-scale or use --method mmps/sda"
                 )
             if progress is not None and not self.report_progress:
-                progress(stage, per_run * runs, per_run * runs)  # no per-call reports: the stage's end
+                progress(stage, total, total)  # no per-call reports: the stage's end
             seconds = _time.perf_counter() - t0
             event("sampled", stage=stage, seconds=round(seconds, 2))
             return ens, seconds
