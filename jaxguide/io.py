@@ -280,7 +280,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     directory), PermissionError (not writable).
     """
     path = Path(path)
-    parent = _output_parent(path)
+    _output_parent(path)  # names a missing or unwritable directory
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; expected a file name")
     tmp = temp_beside(path, directory=False)

@@ -45,6 +45,7 @@ import numpy as np
 import xarray as xr
 
 from jaxguide import __version__, healpix
+from jaxguide import units as _units
 from jaxguide.grid_sampling import LatLonGrid, regrid_to_latlon
 
 logger = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ def _coordinates(info: ChannelInfo, horizontal: str) -> str:
 
 def _physical(x: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """(..., C, T, npix) normalised -> physical, float32."""
-    return (x.astype(np.float64) * scale[:, None, None] + center[:, None, None]).astype(np.float32)
+    return _units.unnormalise(x, center, scale).astype(np.float32)
 
 
 def analysis_to_dataset(
