@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import require_module
 from jaxguide import metrics
 
 
@@ -157,7 +158,7 @@ def test_crps_with_observation_noise_matches_gaussian_closed_form():
 
 
 def test_crps_uses_scoringrules_and_matches_brute_force():
-    sr = pytest.importorskip("scoringrules")
+    sr = require_module("scoringrules")  # a dependency: fails under CI=true if missing
     rng = np.random.default_rng(13)
     ens = rng.normal(size=(6, 40))
     y = rng.normal(size=40)
@@ -200,7 +201,7 @@ def test_energy_score_with_observation_noise_closed_form():
 
 
 def test_energy_and_variogram_scores_match_scoringrules():
-    sr = pytest.importorskip("scoringrules")
+    sr = require_module("scoringrules")  # a dependency: fails under CI=true if missing
     rng = np.random.default_rng(16)
     ens = rng.normal(size=(5, 30))
     y = rng.normal(size=30)
