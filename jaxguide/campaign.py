@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import os
 import time as _time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,8 @@ from jaxguide.observations import (
     bucket_size,
     prepare,
 )
-from jaxguide.pipeline import AssimilationSettings, Session, _model_sha256, denoiser_calls
-from jaxguide.schema import analysis_to_dataset, describe_sigma_y
+from jaxguide.pipeline import AssimilationSettings, Session, _model_sha256, denoiser_calls, run_provenance
+from jaxguide.schema import analysis_to_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -90,29 +90,8 @@ def campaign_settings(settings: AssimilationSettings, dm, *, obs_name: str, sst,
 
 
 def _provenance(settings: AssimilationSettings, dm, command: str) -> dict[str, Any]:
-    method = settings.guidance_method()
-    prov = {
-        "method": settings.method_name,
-        "sigma_y": describe_sigma_y(settings.sigma_y),
-        "guidance_scale": float(np.asarray(getattr(method, "scale", 1.0))),
-        "steps": settings.steps,
-        "seed": settings.seed,
-        "seed_per_time": "fold_in(key(seed), unix seconds of the time)",
-        "model_sha256": _model_sha256(dm),
-        "n_obs": "per time: variable n_obs",
-        "command": command,
-        "sigma_min": settings.sigma_min,
-        "sigma_max": settings.sigma_max,
-        "label": settings.label,
-        "observation_window_hours": settings.window_hours,
-        "observation_operator": settings.interpolation,  # jaxguide evaluate samples with the same scheme
-    }
-    for k, v in method.options().items():
-        if k != "scale":
-            prov[k] = str(v).lower() if isinstance(v, bool) else v
-    if settings.bf16:
-        prov["network_dtype"] = "bfloat16"
-    return prov
+    return run_provenance(settings, dm, command, seed_per_time="fold_in(key(seed), unix seconds of the time)",
+                          n_obs="per time: variable n_obs")
 
 
 def _per_time_vars(ds, n_obs: int, n_rejected: int):

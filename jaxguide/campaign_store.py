@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from jaxguide.io import _output_parent, _remove, _require_zarr, _writer_tag, temp_beside
+from jaxguide.io import _output_parent, _remove, _require_zarr, replace_into_place, temp_beside
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class CampaignStore:
         names = _time_vars(template)
         if not names:
             raise CampaignStoreError("the template has no variable with a time dimension")
-        parent = _output_parent(path)
+        _output_parent(path)  # names a missing or unwritable directory
         if path.exists() and not overwrite:
             raise FileExistsError(f"{str(path)!r} exists (pass --resume to continue that campaign, or --overwrite)")
 
@@ -165,13 +165,7 @@ class CampaignStore:
                 shape[list(arr.metadata.dimension_names).index("time")] = len(times)
                 arr.resize(tuple(shape))
             group["time"][:] = times.asi8 // 1_000_000_000
-            if path.exists():
-                old = parent / f".{path.name}.{_writer_tag()}.old"
-                os.replace(path, old)
-                os.replace(target, path)
-                _remove(old)
-            else:
-                os.replace(target, path)
+            replace_into_place(target, path)
         finally:
             _remove(tmp)
         logger.info("created campaign store %s: %d times", path, len(times))

@@ -215,13 +215,7 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "
         else:
             ds.to_zarr(target, mode="w", consolidated=False)
         _chmod_tree(target)
-        if format == "zarr" and path.exists():
-            old = parent / f".{path.name}.{_writer_tag()}.old"
-            os.replace(path, old)
-            os.replace(target, path)
-            _remove(old)
-        else:
-            os.replace(target, path)
+        replace_into_place(target, path)
         logger.info("wrote %s (%s)", path, format)
     finally:
         _remove(tmp)
@@ -267,6 +261,19 @@ def check_writable_dir(directory: str | os.PathLike) -> Path:
     os.close(fd)
     os.unlink(probe)
     return directory
+
+
+def replace_into_place(target: Path, path: Path) -> None:
+    """Rename the finished ``target`` to ``path``; an existing directory at ``path`` (a
+    zarr store) is moved aside first and removed after, since a rename cannot replace a
+    non-empty directory."""
+    if path.is_dir():
+        old = path.parent / f".{path.name}.{_writer_tag()}.old"
+        os.replace(path, old)
+        os.replace(target, path)
+        _remove(old)
+    else:
+        os.replace(target, path)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:

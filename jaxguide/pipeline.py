@@ -370,27 +370,8 @@ class Session:
             "seconds_prior": t_prior,
             "seconds_compile": seconds_compile,  # wall time of compiling both programs (concurrently)
         }
-        provenance = {
-            "method": settings.method_name,
-            "sigma_y": describe_sigma_y(settings.sigma_y),
-            "guidance_scale": float(np.asarray(getattr(method, "scale", 1.0))),
-            "steps": settings.steps,
-            "seed": settings.seed,
-            "model_sha256": _model_sha256(dm),
-            "n_obs": prepared.n_obs,
-            "command": command,
-            "sigma_min": settings.sigma_min,
-            "sigma_max": settings.sigma_max,
-            "label": settings.label,
-            "observation_window_hours": settings.window_hours,
-            "observations_dropped": sum(prepared.dropped.values()),
-            "observation_operator": settings.interpolation,  # jaxguide evaluate samples with the same scheme
-        }
-        for k, v in method.options().items():
-            if k != "scale":
-                provenance[k] = str(v).lower() if isinstance(v, bool) else v
-        if settings.bf16:
-            provenance["network_dtype"] = "bfloat16"
+        provenance = run_provenance(settings, dm, command, n_obs=prepared.n_obs,
+                                    observations_dropped=sum(prepared.dropped.values()))
         ds = analysis_to_dataset(
             np.asarray(analysis),
             channels=list(dm.channels),
@@ -464,6 +445,33 @@ def assimilate(
         raise ValueError("session was created for another model: pass the model it holds (session.source)")
     return session.assimilate(obs, out, time=time, settings=settings, sst=sst, regrid=regrid,
                               overwrite=overwrite, command=command, progress=progress, on_event=on_event)
+
+
+def run_provenance(settings: AssimilationSettings, model, command: str, **specific) -> dict[str, Any]:
+    """The provenance attributes of an analysis (method and its options, sigma_y, sampler,
+    seed, model checksum, command), plus the run's ``specific`` entries."""
+    method = settings.guidance_method()
+    prov = {
+        "method": settings.method_name,
+        "sigma_y": describe_sigma_y(settings.sigma_y),
+        "guidance_scale": float(np.asarray(getattr(method, "scale", 1.0))),
+        "steps": settings.steps,
+        "seed": settings.seed,
+        "model_sha256": _model_sha256(model),
+        "command": command,
+        "sigma_min": settings.sigma_min,
+        "sigma_max": settings.sigma_max,
+        "label": settings.label,
+        "observation_window_hours": settings.window_hours,
+        "observation_operator": settings.interpolation,  # jaxguide evaluate samples with the same scheme
+        **specific,
+    }
+    for k, v in method.options().items():
+        if k != "scale":
+            prov[k] = str(v).lower() if isinstance(v, bool) else v
+    if settings.bf16:
+        prov["network_dtype"] = "bfloat16"
+    return prov
 
 
 def _model_sha256(model) -> str:
