@@ -184,6 +184,15 @@ class BatchInfo:
             time_unit=str(d.get("time_unit", "HOUR") or "HOUR"),
         )
 
+    @property
+    def time_step_hours(self) -> float:
+        """The spacing of a video model's frames in hours (``time_step`` in ``time_unit``)."""
+        per = {"HOUR": 1.0, "HOURS": 1.0, "H": 1.0, "MINUTE": 1 / 60, "MINUTES": 1 / 60, "DAY": 24.0, "DAYS": 24.0}
+        unit = self.time_unit.upper()
+        if unit not in per:
+            raise ValueError(f"batch_info: unknown time_unit {self.time_unit!r} (expected HOUR, MINUTE or DAY)")
+        return self.time_step * per[unit]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "channels": list(self.channels),

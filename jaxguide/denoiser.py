@@ -27,6 +27,7 @@ from jaxguide import healpix, units
 from jaxguide.conditioning import label_one_hot
 from jaxguide.model import CBottleModel
 from jaxguide.network import NPIX, NSIDE
+from jaxguide.window import FrameWindow
 
 Denoiser = Callable[..., jax.Array]  # (x, sigma, cond) -> x0_hat
 
@@ -122,10 +123,40 @@ class CBottleDenoiser:
     def metadata(self) -> dict:
         return self.model.metadata
 
+    @property
+    def time_step_hours(self) -> float:
+        """Hours between a video model's frames (``batch_info.json`` ``time_step``)."""
+        return self.model.batch_info.time_step_hours
+
+    def window(self, start) -> FrameWindow:
+        """The frames of one window starting at ``start`` (T = 1 for the image model)."""
+        return FrameWindow(start, self.time_step_hours, self.model.config.time_length)
+
     def conditioning(self, time, *, sst_path: str | os.PathLike | None = None, sst_offset: float = 0.0):
-        """Calendar inputs and (for SST-conditioned models) the AMIP SST at ``time``."""
+        """Calendar inputs and (for SST-conditioned models) the AMIP SST at ``time``; for a
+        video model, of the window starting at ``time`` with no known frames."""
+        if self.model.config.time_length > 1:
+            return self.window_conditioning(self.window(time), sst_path=sst_path, sst_offset=sst_offset)
         return conditioning_lib.assemble(time, nside=NSIDE, sst_channels=self.model.config.condition_channels,
                                          sst_path=sst_path, sst_offset=sst_offset)
+
+    def window_conditioning(self, window: FrameWindow, *, known: conditioning_lib.KnownFrames | None = None,
+                            sst_path: str | os.PathLike | None = None, sst_offset: float = 0.0, sst_data=None):
+        """A video model's conditioning of ``window`` (see
+        :func:`jaxguide.conditioning.window_conditioning`): per-frame calendar and
+        ``[known * mask, SST, mask]``; every leaf has a leading member axis when ``known``
+        is per member."""
+        cfg = self.model.config
+        if cfg.time_length == 1:
+            raise ValueError("window_conditioning is for video models (time_length > 1); use conditioning(time)")
+        if window.length != cfg.time_length:
+            raise ValueError(f"the window has {window.length} frames; this model samples {cfg.time_length}")
+        if not np.isclose(window.time_step_hours, self.time_step_hours):
+            raise ValueError(f"the window's frames are {window.time_step_hours:g} h apart; this model's are "
+                             f"{self.time_step_hours:g} h")
+        return conditioning_lib.window_conditioning(
+            window, channels=cfg.out_channels, nside=NSIDE, condition_channels=cfg.condition_channels, known=known,
+            sst_path=sst_path, sst_offset=sst_offset, sst_data=sst_data)
 
     def denoise(self, params, x: jax.Array, sigma, cond) -> jax.Array:
         """x (C, T, npix), sigma scalar, cond from :meth:`conditioning` -> (C, T, npix).

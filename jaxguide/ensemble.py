@@ -87,35 +87,50 @@ def resolve_devices(devices: Sequence[Any] | None) -> tuple[Any, ...]:
     return devs
 
 
-def _build(denoiser_fn, sampler, member_shape, n_members, frozen_kwargs, devices, chunk_size):
+def _split(operands, per_member):
+    per_member = per_member or (False,) * len(operands)
+    shared = tuple(None if m else o for o, m in zip(operands, per_member))
+    own = tuple(o if m else None for o, m in zip(operands, per_member))
+    return shared, own
+
+
+def _join(shared, own, per_member):
+    per_member = per_member or (False,) * len(shared)
+    return tuple(o if m else s for s, o, m in zip(shared, own, per_member))
+
+
+def _build(denoiser_fn, sampler, member_shape, n_members, frozen_kwargs, devices, chunk_size, per_member=None):
     kwargs = {k: _thaw(v) for k, v in frozen_kwargs}
 
-    def members(keys, operands):
-        def den(x, sigma):
-            return denoiser_fn(x, sigma, *operands)
+    def members(keys, shared, own):
+        def one(k, own_one):
+            operands = _join(shared, own_one, per_member)
 
-        def one(k):
+            def den(x, sigma):
+                return denoiser_fn(x, sigma, *operands)
+
             return sampler(den, k, member_shape, **kwargs)
 
         if chunk_size is None:
-            return jax.vmap(one)(keys)
-        return jax.lax.map(one, keys, batch_size=chunk_size)
+            return jax.vmap(one)(keys, own)
+        return jax.lax.map(lambda a: one(*a), (keys, own), batch_size=chunk_size)
 
     if len(devices) > 1:
         mesh = Mesh(np.asarray(devices), (MEMBER_AXIS,))
         spec = PartitionSpec(MEMBER_AXIS)
-        sharded = jax.shard_map(members, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=spec, check_vma=False)
+        sharded = jax.shard_map(members, mesh=mesh, in_specs=(spec, PartitionSpec(), spec), out_specs=spec,
+                                check_vma=False)
         out_sharding = NamedSharding(mesh, spec)
 
         def program(key, operands):
             keys = jax.random.split(key, n_members)
-            return sharded(keys, operands)
+            return sharded(keys, *_split(operands, per_member))
 
         logger.debug("ensemble program: %d members sharded over %d devices", n_members, len(devices))
         return jax.jit(program, out_shardings=out_sharding)
 
     def program(key, operands):
-        return members(jax.random.split(key, n_members), operands)
+        return members(jax.random.split(key, n_members), *_split(operands, per_member))
 
     return jax.jit(program)
 
@@ -153,6 +168,7 @@ class EnsembleSampler:
         devices: Sequence[Any] | None = None,
         chunk_size: int | None = None,
         operands: Any = (),
+        per_member: Sequence[bool] | None = None,
     ) -> jax.Array:
         """Sample ``n_members`` members; returns (n_members, *member_shape).
 
@@ -172,9 +188,12 @@ class EnsembleSampler:
           operands: tuple (pytree) of arrays passed to the denoiser as traced arguments
             (parameters, conditioning, guidance method, observations): new values do
             not recompile; weak types are stripped first.
+          per_member: one flag per operand: True for an operand whose every leaf has a
+            leading ``n_members`` axis, member ``i`` getting entry ``i`` (e.g. each
+            member's own conditioning frames in a chained video run); default none.
         """
         call = self.prepare(denoiser_fn, key, member_shape, n_members, sampler_kwargs=sampler_kwargs,
-                            devices=devices, chunk_size=chunk_size, operands=operands)
+                            devices=devices, chunk_size=chunk_size, operands=operands, per_member=per_member)
         self.compile_many([call])
         return self.run(call)
 
@@ -189,6 +208,7 @@ class EnsembleSampler:
         devices: Sequence[Any] | None = None,
         chunk_size: int | None = None,
         operands: Any = (),
+        per_member: Sequence[bool] | None = None,
     ) -> "EnsembleCall":
         """Check and bind one call (arguments as :meth:`__call__`) without compiling or
         running it: for :meth:`compile_many` then :meth:`run`."""
@@ -196,6 +216,16 @@ class EnsembleSampler:
             raise ValueError(f"n_members must be >= 1, got {n_members}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        operands = tuple(operands)
+        per_member = (False,) * len(operands) if per_member is None else tuple(bool(m) for m in per_member)
+        if len(per_member) != len(operands):
+            raise ValueError(f"per_member has {len(per_member)} flags for {len(operands)} operands")
+        for i, m in enumerate(per_member):
+            if m:
+                bad = [np.shape(x) for x in jax.tree_util.tree_leaves(operands[i]) if np.shape(x)[:1] != (n_members,)]
+                if bad:
+                    raise ValueError(f"operand {i} is per member but has leaves of shapes {bad} "
+                                     f"(each needs a leading axis of n_members={n_members})")
         devs = resolve_devices(devices)
         if len(devs) > 1 and n_members % len(devs):
             raise ValueError(
@@ -209,9 +239,10 @@ class EnsembleSampler:
             _freeze(dict(sampler_kwargs)),
             devs if len(devs) > 1 else (),
             None if chunk_size is None else int(chunk_size),
+            per_member,
         )
         # strip weak types so that e.g. jnp.full(shape, 5.0) and a concrete array share a program
-        operands = jax.tree_util.tree_map(_strong, tuple(operands))
+        operands = jax.tree_util.tree_map(_strong, operands)
         leaves, treedef = jax.tree_util.tree_flatten((key, operands))
         signature = (treedef, tuple((tuple(np.shape(x)), str(x.dtype)) for x in leaves))
         return EnsembleCall(config, signature, key, operands)
@@ -296,6 +327,7 @@ def sample_ensemble(
     devices: Sequence[Any] | None = None,
     chunk_size: int | None = None,
     operands: tuple = (),
+    per_member: Sequence[bool] | None = None,
     sampler: Callable[..., Any] | None = None,
 ) -> jax.Array:
     """One ensemble with a fresh :class:`EnsembleSampler` (see its ``__call__``).
@@ -303,7 +335,7 @@ def sample_ensemble(
     Compiles on every call: for a series of calls keep one ``EnsembleSampler``.
     """
     return EnsembleSampler(sampler)(denoiser_fn, key, member_shape, n_members, sampler_kwargs=sampler_kwargs,
-                                    devices=devices, chunk_size=chunk_size, operands=operands)
+                                    devices=devices, chunk_size=chunk_size, operands=operands, per_member=per_member)
 
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

@@ -42,6 +42,7 @@ import pandas as pd
 from jaxguide import grid_sampling, units
 from jaxguide.guidance import Observations
 from jaxguide.io import atomic_write
+from jaxguide.window import FrameWindow
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,10 @@ class TimeFormatError(ObservationError):
 
 class ImplausibleObservationsError(ObservationError):
     """Values far outside the model's climatology for their variable (a unit mistake?)."""
+
+
+class ObservationTimeError(ObservationError):
+    """Observation times between a video model's frames when exact matching was asked for."""
 
 
 # --------------------------------------------------------------------------------------
@@ -293,6 +298,7 @@ def validate_observations(
     times: Sequence | None = None,
     time_window: tuple | None = None,
     drop_bad: bool = False,
+    window_description: str | None = None,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Check a table; return ``(clean_table, dropped_counts)``.
 
@@ -305,6 +311,8 @@ def validate_observations(
     ``drop_bad=True`` the rows are removed and the counts are logged and returned.
     Missing columns and an empty table (before or after dropping) always raise.
     The clean table has lon in [0, 360) and a fresh 0..n-1 index.
+    ``window_description`` replaces the analysis-time wording of the error for times
+    outside ``time_window`` (e.g. a video window's frames).
     """
     channels = list(channels)
     table = _coerce(table)
@@ -353,7 +361,7 @@ def validate_observations(
         if "unknown_variable" in counts:
             msg += "; " + _unknown_message(table.loc[checks["unknown_variable"], "variable"].tolist(), channels)
         if "time_outside_data" in counts:
-            msg += "; " + _window_message(t[checks["time_outside_data"]], time_window, times)
+            msg += "; " + _window_message(t[checks["time_outside_data"]], time_window, times, window_description)
         raise BadObservationsError(msg, counts)
     if counts:
         logger.warning("dropped %d of %d observation rows: %s", int(bad_so_far.sum()), len(table), counts)
@@ -361,15 +369,17 @@ def validate_observations(
     if len(out) == 0:
         msg = f"no observations left after dropping bad rows ({counts})"
         if "time_outside_data" in counts:
-            msg += "; " + _window_message(t[checks["time_outside_data"]], time_window, times)
+            msg += "; " + _window_message(t[checks["time_outside_data"]], time_window, times, window_description)
         raise EmptyTableError(msg, counts)
     return out, counts
 
 
-def _window_message(outside: pd.Series, time_window, times) -> str:
+def _window_message(outside: pd.Series, time_window, times, description: str | None = None) -> str:
     """Which window was used, where the rejected times lie, and how to widen it."""
     fmt = "%Y-%m-%dT%H:%M"
     span = f"the rejected times run from {outside.min().strftime(fmt)} to {outside.max().strftime(fmt)}"
+    if description is not None:
+        return f"{description}; {span}"
     if time_window is not None:
         start, end = _to_utc_naive(list(time_window))
         half = (end - start) / 2
@@ -479,21 +489,26 @@ def normalise(
 class PointObservationOperator:
     """Linear point-observation operator ``A``: state -> observed values.
 
-    Arrays (pytree leaves):
+    Arrays (pytree leaves), K stencil entries per observation:
       channel: (n,) int32, channel index of each observation.
-      pixel: (n, 4) int32, network-order pixels of the interpolation stencil.
-      weight: (n, 4) float32, interpolation weights (rows sum to 1).
+      pixel: (n, K) int32, network-order pixels of the interpolation stencil.
+      weight: (n, K) float32, interpolation weights (rows sum to 1; 0 for padding rows).
+      frame: (n, K) int32 frame of each entry, or None (every entry in frame 0, states
+        (C, 1, npix)). Video windows use K = 8: the 4 pixels in the frames before and
+        after the observation time, weights = spatial x linear-in-time weights.
     """
 
     channel: jax.Array
     pixel: jax.Array
     weight: jax.Array
+    frame: jax.Array | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (C, 1, npix) one member's state in net order -> (n,) in x's units."""
-        if x.ndim != 3 or x.shape[1] != 1:
-            raise ValueError(f"expected a state of shape (C, 1, npix), got {x.shape}")
-        vals = x[self.channel[:, None], 0, self.pixel]  # (n, 4)
+        """x: (C, T, npix) one member's state in net order -> (n,) in x's units."""
+        if x.ndim != 3 or (self.frame is None and x.shape[1] != 1):
+            raise ValueError(f"expected a state of shape (C, {'1' if self.frame is None else 'T'}, npix), got {x.shape}")
+        frame = 0 if self.frame is None else self.frame
+        vals = x[self.channel[:, None], frame, self.pixel]  # (n, K)
         return jnp.sum(vals * self.weight.astype(vals.dtype), axis=-1)
 
     @property
@@ -501,18 +516,35 @@ class PointObservationOperator:
         return self.channel.shape[0]
 
     def dense(self, shape: tuple[int, int, int]) -> np.ndarray:
-        """The operator as a dense (n_obs, C*npix) float64 matrix on flattened (C, 1, npix) states."""
-        _, _, npix = shape
+        """The operator as a dense (n_obs, C*T*npix) float64 matrix on flattened (C, T, npix) states."""
+        _, t, npix = shape
         ch = np.asarray(self.channel, np.int64)
         pix = np.asarray(self.pixel, np.int64)
+        fr = np.zeros_like(pix) if self.frame is None else np.asarray(self.frame, np.int64)
+        if fr.size and fr.max() >= t:
+            raise ValueError(f"the operator reads frame {fr.max()} of a state with {t} frames")
         H = np.zeros((ch.size, int(np.prod(shape))))
-        np.add.at(H, (np.arange(ch.size)[:, None], ch[:, None] * npix + pix), np.asarray(self.weight, np.float64))
+        np.add.at(H, (np.arange(ch.size)[:, None], (ch[:, None] * t + fr) * npix + pix), np.asarray(self.weight, np.float64))
         return H
 
 
 jax.tree_util.register_dataclass(
-    PointObservationOperator, data_fields=["channel", "pixel", "weight"], meta_fields=[]
+    PointObservationOperator, data_fields=["channel", "pixel", "weight", "frame"], meta_fields=[]
 )
+
+
+def time_stencil(position, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation in time: fractional frame positions (n,) -> frames (n, 2) int32
+    and weights (n, 2) float64 (the frames before and after; weight 0 on the second when
+    the time is a frame time). Positions must lie in [0, n_frames - 1]."""
+    pos = np.asarray(position, np.float64).reshape(-1)
+    if n_frames < 1 or pos.size and not (np.all(pos >= 0) and np.all(pos <= n_frames - 1)):
+        raise ValueError(f"frame positions must lie in [0, {n_frames - 1}]")
+    if n_frames == 1:
+        return np.zeros((pos.size, 2), np.int32), np.stack([np.ones_like(pos), np.zeros_like(pos)], 1)
+    f0 = np.minimum(np.floor(pos), n_frames - 2)
+    w1 = pos - f0
+    return np.stack([f0, f0 + 1], 1).astype(np.int32), np.stack([1.0 - w1, w1], 1)
 
 
 def build_operator(
@@ -521,6 +553,8 @@ def build_operator(
     nside: int = 64,
     method: grid_sampling.Method = "bilinear",
     as_numpy: bool = False,
+    frame_position=None,
+    n_frames: int = 1,
 ) -> PointObservationOperator:
     """Operator for the rows of a table (or a mapping with ``lat``, ``lon``, ``variable``).
 
@@ -528,7 +562,10 @@ def build_operator(
     Row order is kept: element ``i`` of ``A(x)`` is row ``i``. ``method`` is a
     :mod:`jaxguide.grid_sampling` scheme: "bilinear" (HEALPix interpolation) or
     "nearest" (the containing pixel); ``jaxguide evaluate`` samples with the same one.
-    ``as_numpy``: NumPy leaves instead of JAX arrays.
+    ``as_numpy``: NumPy leaves instead of JAX arrays. ``frame_position`` (n,): each
+    row's fractional frame index in a window of ``n_frames`` frames
+    (:meth:`jaxguide.window.FrameWindow.position`): the operator then reads (C, T, npix)
+    states, linear in time between the two nearest frames (:func:`time_stencil`).
     """
     src = table_or_arrays
     missing = [k for k in ("lat", "lon", "variable") if k not in src]
@@ -546,10 +583,20 @@ def build_operator(
     if not (lat.shape == lon.shape == ch.shape and lat.ndim == 1):
         raise ValueError(f"lat, lon, variable must be 1-D of equal length, got {lat.shape}, {lon.shape}, {ch.shape}")
     pix, w = grid_sampling.stencil(nside, lon, lat, method, "net")
+    frame = None
+    if frame_position is not None:
+        frames, tw = time_stencil(frame_position, n_frames)
+        if frames.shape[0] != ch.shape[0]:
+            raise ValueError(f"frame_position has {frames.shape[0]} entries for {ch.shape[0]} observations")
+        k = pix.shape[1]
+        frame = np.repeat(frames, k, axis=1)  # (n, 2K): the K pixels in each of the two frames
+        pix = np.concatenate([pix, pix], axis=1)
+        w = np.concatenate([w * tw[:, :1], w * tw[:, 1:]], axis=1)
     pix, w = pix.astype(np.int32), w.astype(np.float32)
     if as_numpy:
-        return PointObservationOperator(ch, pix, w)
-    return PointObservationOperator(jnp.asarray(ch), jnp.asarray(pix), jnp.asarray(w))
+        return PointObservationOperator(ch, pix, w, frame)
+    return PointObservationOperator(jnp.asarray(ch), jnp.asarray(pix), jnp.asarray(w),
+                                    None if frame is None else jnp.asarray(frame))
 
 
 def override_sigma(table: pd.DataFrame, sigma_y) -> pd.DataFrame:
@@ -599,7 +646,8 @@ def pad(obs: Observations, size: int) -> Observations:
         return jnp.asarray(np.concatenate([a, np.full((k, *a.shape[1:]), fill, a.dtype)]))
 
     return Observations(
-        A=PointObservationOperator(cat(A.channel), cat(A.pixel), cat(A.weight)),
+        A=PointObservationOperator(cat(A.channel), cat(A.pixel), cat(A.weight),
+                                   None if A.frame is None else cat(A.frame)),
         y=cat(y),
         sigma_y=cat(np.broadcast_to(np.asarray(obs.sigma_y, np.float32), (n,)), 1),
         cov_factor=None if obs.cov_factor is None else cat(obs.cov_factor),
@@ -610,7 +658,7 @@ def pad(obs: Observations, size: int) -> Observations:
 class PreparedObservations:
     """Observations ready for guidance, in the network's units.
 
-    obs: :class:`~jaxguide.guidance.Observations` (A on (C, 1, npix) net-order states;
+    obs: :class:`~jaxguide.guidance.Observations` (A on (C, T, npix) net-order states;
       y, sigma_y (n_padded,) float32 normalised); rows >= ``n_obs`` are padding.
     table: the clean rows (physical units plus ``value_n`` / ``sigma_n``), row i = y[i].
     dropped: rows rejected per reason (only with ``drop_bad``).
@@ -639,6 +687,8 @@ def prepare(
     interpolation: grid_sampling.Method = "bilinear",
     pad_to: int | Literal["bucket"] | None = None,
     check_plausibility: bool = True,
+    window: FrameWindow | None = None,
+    time_matching: Literal["linear", "exact"] = "linear",
 ) -> PreparedObservations:
     """Validate, override sigma, check plausibility, normalise, locate and (optionally)
     pad a table.
@@ -650,19 +700,61 @@ def prepare(
       pad_to: None (no padding), a size, or ``"bucket"`` (:func:`bucket_size`).
       check_plausibility: refuse values far from the model's climatology
       (:func:`check_plausible`; a unit mistake).
+      window: a video model's frames (instead of ``time``): rows must lie between its
+        first and last frame; each is placed at its fractional frame position (column
+        ``frame_position``) and the operator reads (C, T, npix) states, linear in time
+        between the two nearest frames, or, with ``time_matching="exact"``, a row off
+        the frame times is an :class:`ObservationTimeError` (dropped and counted as
+        ``time_between_frames`` with ``drop_bad``).
     """
-    window = None
-    if time is not None:
+    if time_matching not in ("linear", "exact"):
+        raise ValueError(f"unknown time matching {time_matching!r}; expected 'linear' or 'exact'")
+    span, description = None, None
+    if window is not None:
+        if time is not None:
+            raise ValueError("pass the analysis time or the video window, not both")
+        span = (window.start, window.end)
+        fmt = "%Y-%m-%dT%H:%M"
+        description = (f"the video window's {window.length} frames run from {window.start.strftime(fmt)} to "
+                       f"{window.end.strftime(fmt)} UTC ({window.time_step_hours:g} h apart); observations must lie "
+                       "within it: move the window start (--time) or the end of the run (--end)")
+    elif time is not None:
         t = parse_time(time, "analysis time")
-        window = (t - pd.Timedelta(hours=window_hours), t + pd.Timedelta(hours=window_hours))
-    clean, dropped = validate_observations(table, channels, time_window=window, drop_bad=drop_bad)
+        span = (t - pd.Timedelta(hours=window_hours), t + pd.Timedelta(hours=window_hours))
+    clean, dropped = validate_observations(table, channels, time_window=span, drop_bad=drop_bad,
+                                           window_description=description)
+    position = None
+    if window is not None:
+        position = window.position(clean["time"].to_numpy())
+        nearest = np.round(position)
+        off = np.abs(position - nearest) * window.time_step_hours * 3600.0 > 0.5  # more than half a second
+        if time_matching == "exact":
+            if off.any() and not drop_bad:
+                example = clean.loc[off, "time"].iloc[0]
+                raise ObservationTimeError(
+                    f"{int(off.sum())} of {len(clean)} observations fall between the model's frames (e.g. {example}; "
+                    f"frames are {window.time_step_hours:g} h apart from {window.start}); exact time matching was "
+                    "asked for: use linear interpolation in time (--time-matching linear) or drop them (--drop-bad)",
+                    {"time_between_frames": int(off.sum())})
+            if off.any():
+                logger.warning("dropped %d observations between frames (exact time matching)", int(off.sum()))
+                dropped = {**dropped, "time_between_frames": int(off.sum())}
+                clean = clean.loc[~off].reset_index(drop=True)
+                position = nearest[~off]
+                if len(clean) == 0:
+                    raise EmptyTableError("no observations left: every one falls between the model's frames",
+                                          dropped)
+            else:
+                position = nearest
+        clean = clean.assign(frame_position=position)
     clean = override_sigma(clean, sigma_y)
     if check_plausibility:
         check_plausible(clean, channels, center, scale)
     norm = normalise(clean, channels, center, scale)
     # NumPy leaves until padded (see :func:`pad`)
     obs = Observations(
-        A=build_operator(norm, channels, nside=nside, method=interpolation, as_numpy=True),
+        A=build_operator(norm, channels, nside=nside, method=interpolation, as_numpy=True, frame_position=position,
+                         n_frames=1 if window is None else window.length),
         y=norm["value_n"].to_numpy(np.float32),
         sigma_y=norm["sigma_n"].to_numpy(np.float32),
     )

@@ -182,3 +182,32 @@ def test_sharded_over_four_cpu_devices_matches_unsharded():
     proc = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SHARD-OK" in proc.stdout
+
+
+def test_per_member_operands_give_each_member_its_own_value():
+    """An operand marked per member: member i sees entry i (vmap, chunked lax.map), the
+    same as running member i alone with that value; a wrong leading axis is an error."""
+    mus = jnp.stack([jnp.full(SHAPE, v) for v in (-2.0, 0.5, 3.0)])
+
+    def den(x, sigma, scale, mu):
+        return scale * gauss_denoiser(x, sigma, mu)
+
+    ens = EnsembleSampler(stand_in_sampler)
+    key = jax.random.key(7)
+    dev = jax.devices()[:1]
+    got = np.asarray(ens(den, key, SHAPE, 3, sampler_kwargs=KW, devices=dev, operands=(jnp.float32(1.0), mus),
+                         per_member=(False, True)))
+    chunked = np.asarray(ens(den, key, SHAPE, 3, sampler_kwargs=KW, devices=dev, chunk_size=2,
+                             operands=(jnp.float32(1.0), mus), per_member=(False, True)))
+    np.testing.assert_allclose(chunked, got, rtol=1e-6, atol=1e-6)
+    keys = jax.random.split(key, 3)
+    for i in range(3):
+        alone = stand_in_sampler(lambda x, s: den(x, s, 1.0, mus[i]), keys[i], SHAPE, **KW)
+        np.testing.assert_allclose(got[i], np.asarray(alone), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got[0], got[2])
+    with pytest.raises(ValueError, match="leading axis of n_members=4"):
+        ens.prepare(den, key, SHAPE, 4, sampler_kwargs=KW, devices=dev, operands=(jnp.float32(1.0), mus),
+                    per_member=(False, True))
+    with pytest.raises(ValueError, match="per_member has 1 flags for 2 operands"):
+        ens.prepare(den, key, SHAPE, 3, sampler_kwargs=KW, devices=dev, operands=(jnp.float32(1.0), mus),
+                    per_member=(True,))
