@@ -58,7 +58,8 @@ class WindowDemoConfig(demo.DemoConfig):
     seed; ``time`` is the window start) plus the window: ``frames`` frames
     ``time_step_hours`` apart, time correlation ``exp(-|lag| / correlation_hours)``,
     observations in the first ``observed_frames`` frames only. Defaults: nside 8 (the
-    window state has as many values as the single-time demo's nside 16 state)."""
+    window state has as many values as the single-time demo's nside 16 state), 100
+    locations (300 observations)."""
 
     nside: int = 8
     lmax: int = 12
