@@ -512,13 +512,13 @@ def demo(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from jaxguide.demo import DemoConfig, prepare_out_dir, run_demo
-    from jaxguide.demo_window import WindowDemoConfig, run_window_demo
 
     enable_compile_cache(not no_cache)
-    given = {k: v for k, v in (("members", members), ("steps", steps)) if v is not None}
-    config = dataclasses.replace((WindowDemoConfig if window else DemoConfig)(seed=seed), **given)
     if window:
-        run_demo = run_window_demo  # noqa: F811
+        from jaxguide.demo_window import WindowDemoConfig as DemoConfig  # noqa: F811
+        from jaxguide.demo_window import run_window_demo as run_demo  # noqa: F811
+    given = {k: v for k, v in (("members", members), ("steps", steps)) if v is not None}
+    config = dataclasses.replace(DemoConfig(seed=seed), **given)
     prepare_out_dir(out)  # fail on a bad output path before the progress display starts
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
