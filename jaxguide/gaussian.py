@@ -474,6 +474,8 @@ class GaussianModel:
         return self.prior
 
     def denoise(self, params: GaussianPrior, x, sigma, cond=None):
+        if cond and "keep" in cond:
+            params = given_frames(params, cond["known"], cond["keep"])
         return params.denoiser(x, sigma)
 
     def window(self, start) -> FrameWindow:
@@ -485,12 +487,45 @@ class GaussianModel:
 
     def window_conditioning(self, window: FrameWindow, *, known=None, sst_path=None, sst_offset: float = 0.0,
                             sst_data=None) -> dict:
-        """No conditioning (``{}``) after checking that ``window`` fits the prior's frames."""
-        if known is not None:
-            raise ValueError("the Gaussian model takes no known frames")
+        """Known frames as ``{"known": (C, T, npix), "keep": (T,)}`` (a leading member axis
+        on both when ``known`` is per member; :func:`given_frames` conditions the prior on
+        them exactly), ``{}`` without; after checking that ``window`` fits the prior's frames."""
         if window.length != self.time_length:
             raise ValueError(f"the window has {window.length} frames; this model samples {self.time_length}")
         if not np.isclose(window.time_step_hours, self.time_step_hours):
             raise ValueError(f"the window's frames are {window.time_step_hours:g} h apart; this model's are "
                              f"{self.time_step_hours:g} h")
-        return {}
+        if known is None:
+            return {}
+        values = np.asarray(known.values, np.float32)
+        if values.shape[-3:] != self.member_shape:
+            raise ValueError(f"known frames must be {self.member_shape} per member, got {values.shape}")
+        keep = np.asarray(known.keep, np.float32)
+        if values.ndim == 4:
+            keep = np.broadcast_to(keep, (values.shape[0], keep.size)).copy()
+        return {"known": values, "keep": keep}
+
+
+def given_frames(prior: GaussianPrior, known: jnp.ndarray, keep: jnp.ndarray) -> GaussianPrior:
+    """The prior conditioned exactly on whole frames: ``x[:, k] = known[:, k]`` where ``keep``.
+
+    With Sigma = Sc kron K_time kron Ks, conditioning on all channels and pixels of frames
+    k only changes the time factor and the mean: K' = K - K[:, k] K_kk^-1 K[k, :] (zero on
+    the known frames) and mu' = mu + (K[:, k] K_kk^-1) (known - mu)_k along the time axis
+    (= known on the known frames). known: (C, T, npix); keep: (T,) 0/1 (traceable: the
+    (T, T) algebra and its eigendecomposition run inside the program). Returns a prior on
+    the same states whose denoiser is exact for the conditional.
+    """
+    dt = jnp.result_type(jnp.asarray(prior.mu).dtype, jnp.float32)
+    qt = jnp.asarray(prior.time_vecs, dt)
+    K = (qt * jnp.asarray(prior.time_vals, dt)) @ qt.T
+    m = jnp.asarray(keep, dt)
+    # K_kk^-1 embedded in T x T: solve on diag(m) K diag(m) + diag(1 - m) (identity on unknown frames)
+    a = m[:, None] * K * m[None, :] + jnp.diag(1.0 - m)
+    gain = (K * m[None, :]) @ jnp.linalg.solve(a, jnp.diag(m))  # K[:, k] K_kk^-1, zero columns elsewhere
+    k_cond = K - gain @ K
+    k_cond = 0.5 * (k_cond + k_cond.T) * ((1.0 - m)[:, None] * (1.0 - m)[None, :])  # exact zeros on known frames
+    vals, vecs = jnp.linalg.eigh(k_cond)
+    mu = jnp.asarray(prior.mu, dt)
+    mu = mu + jnp.einsum("ts,csp->ctp", gain, jnp.asarray(known, dt) - mu)
+    return dataclasses.replace(prior, mu=mu, time_vecs=vecs, time_vals=jnp.maximum(vals, 0.0))

@@ -31,6 +31,7 @@ import pandas as pd
 import pytest
 
 from jaxguide import ensemble, gaussian, grid_sampling, guidance, guided, observations
+from jaxguide.conditioning import KnownFrames
 from jaxguide.window import FrameWindow
 
 NSIDE = 4
@@ -195,8 +196,9 @@ def test_gaussian_model_window_conditioning(prior):
     w = model.window(START)
     assert w.length == T and w.time_step_hours == STEP_H
     assert model.window_conditioning(w) == {} and model.conditioning(START) == {}
-    with pytest.raises(ValueError, match="no known frames"):
-        model.window_conditioning(w, known=object())
+    known = KnownFrames(np.ones((2, 2, T, NPIX)), [True, False, False, False])
+    cond = model.window_conditioning(w, known=known)
+    assert cond["known"].shape == (2, 2, T, NPIX) and cond["keep"].shape == (2, T)
     with pytest.raises(ValueError, match="3 frames"):
         model.window_conditioning(FrameWindow(START, STEP_H, 3))
     with pytest.raises(ValueError, match="3 h apart"):
@@ -328,3 +330,33 @@ def test_information_propagates_to_unobserved_frames(prior, sampling):
     iid = _prior(correlation_hours=0.0)
     iid_mean, _ = iid.posterior(H, y_n, sigma_n)
     assert np.max(_move(iid_mean, iid)[2:]) < 1e-12
+
+
+def test_given_frames_is_the_exact_conditional(prior):
+    """Conditioning the prior on whole frames (given_frames) = the dense Gaussian
+    conditional of the other frames, and the known frames become exact (zero variance)."""
+    rng = np.random.default_rng(5)
+    known = rng.normal(size=(2, T, NPIX))
+    keep = np.array([1.0, 1.0, 0.0, 0.0])
+    with jax.enable_x64(True):
+        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), prior)
+        cond = gaussian.given_frames(p64, jnp.asarray(known), jnp.asarray(keep))
+        sig = prior.dense_cov()
+        mu = np.asarray(prior.mu, np.float64).reshape(-1)
+        k = np.zeros((2, T, NPIX), bool)
+        k[:, keep > 0] = True
+        k = k.reshape(-1)
+        gain = np.linalg.solve(sig[np.ix_(k, k)], sig[np.ix_(k, ~k)]).T
+        mean_u = mu[~k] + gain @ (known.reshape(-1)[k] - mu[k])
+        cov_u = sig[np.ix_(~k, ~k)] - gain @ sig[np.ix_(k, ~k)]
+        got_mean = np.asarray(cond.mu).reshape(-1)
+        np.testing.assert_allclose(got_mean[~k], mean_u, atol=1e-8)
+        np.testing.assert_allclose(got_mean[k], known.reshape(-1)[k], atol=1e-10)
+        got_cov = cond.dense_cov()
+        np.testing.assert_allclose(got_cov[np.ix_(~k, ~k)], cov_u, atol=1e-8)
+        assert np.abs(got_cov[k]).max() < 1e-10
+        # the denoiser of the conditional: known frames come back exactly at any sigma
+        x = rng.normal(size=(2, T, NPIX))
+        d = np.asarray(gaussian.GaussianModel(prior, CHANNELS, CENTER, SCALE, NSIDE).denoise(
+            p64, jnp.asarray(x), 3.0, {"known": jnp.asarray(known), "keep": jnp.asarray(keep)}))
+        np.testing.assert_allclose(d[:, :2], known[:, :2], atol=1e-8)
