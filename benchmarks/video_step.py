@@ -140,8 +140,9 @@ class Problem:
         known = KnownFrames(rng.standard_normal(self.shape).astype(np.float32), np.arange(t) == 0)
         sst_data = None
         if cfg.condition_channels == cfg.out_channels + 2:
-            path = write_synthetic_sst(Path(sst_dir) / "tosbcs_synthetic.nc", self.window.start, self.window.end,
-                                       resolution_deg=2.0)
+            path = Path(sst_dir) / f"tosbcs_synthetic_{self.window.start:%Y%m%d%H}_{self.window.end:%Y%m%d%H}.nc"
+            if not path.exists():  # one file per window (the FLOP section builds the same window twice)
+                write_synthetic_sst(path, self.window.start, self.window.end, resolution_deg=2.0)
             sst_data = read_amip_sst(path)
         self.cond = den.window_conditioning(self.window, known=known, sst_data=sst_data)
         # observations on every frame and halfway between frames (hours 0, 3, 6, ...)
