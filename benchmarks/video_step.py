@@ -63,7 +63,6 @@ from jaxguide.config import BatchInfo, ModelConfig  # noqa: E402
 from jaxguide.denoiser import CBottleDenoiser  # noqa: E402
 from jaxguide.guided import guided_denoiser  # noqa: E402
 from jaxguide.model import CBottleModel, count_params, graphdef_and_shapes, init_params  # noqa: E402
-from jaxguide.network import NPIX  # noqa: E402
 from jaxguide.sst import write_synthetic_sst  # noqa: E402
 
 START = "2020-06-01T00:00"
@@ -241,8 +240,8 @@ def flop_counts(config: ModelConfig, n_obs: int, sst_dir: str, methods=("unguide
                          second_of_day=jnp.broadcast_to(cnd["second_of_day"], (2, t)),
                          day_of_year=jnp.broadcast_to(cnd["day_of_year"], (2, t)))
 
-        out["forward_batch2"] = lowered_flops(fwd2, den.model.params, jax.ShapeDtypeStruct((2, c, t, npix), jnp.float32),
-                                              cond)
+        xb = jax.ShapeDtypeStruct((2, c, t, npix), jnp.float32)
+        out["forward_batch2"] = lowered_flops(fwd2, den.model.params, xb, cond)
         print(f"  lowered forward at batch 2 (ERA5 label): {out['forward_batch2'] / 1e12:.3f} TFLOP", flush=True)
     return out
 
@@ -415,7 +414,8 @@ def report(res: dict) -> str:
                          + ", ".join(f"{k} {v:.3f}" for k, v in res["flops_lowered/compiled"].items()))
         g = res["gpu_estimate"]
         lines += ["", f"## GPU time COMPUTED from the FLOPs (not measured): call / Heun step / "
-                      f"{g['trajectory_steps']}-step trajectory ({g['trajectory_calls']} calls), one member, label icon",
+                      f"{g['trajectory_steps']}-step trajectory ({g['trajectory_calls']} calls), one member, "
+                      "label icon",
                   "", "| assumption | " + " | ".join(fl["per_call"]) + " |",
                   "|---|" + "---|" * len(fl["per_call"])]
         for key, row in g["rows"].items():
