@@ -307,6 +307,14 @@ class Session:
         if not video and (end is not None or condition is not None):
             raise ValueError("end (--end) and condition (--condition) are for video models (time_length > 1); "
                              "this model samples one time: run one analysis per time (--times) instead")
+        defaults = AssimilationSettings()
+        if not video and (settings.time_matching != defaults.time_matching
+                          or settings.conditioning_frames != defaults.conditioning_frames):
+            raise ValueError("time_matching (--time-matching) and conditioning_frames (--conditioning-frames) are for "
+                             "video models (time_length > 1); this model samples one time")
+        if video and settings.window_hours != defaults.window_hours:
+            raise ValueError("window_hours (--window-hours) is for single-time models; a video run assimilates every "
+                             "observation between its first frame (--time) and its last (--end)")
         table = obs if isinstance(obs, pd.DataFrame) else read_observations(obs)
         prep_kw = dict(drop_bad=settings.drop_bad, sigma_y=settings.sigma_y, nside=dm.nside,
                        interpolation=settings.interpolation, check_plausibility=settings.check_plausibility)

@@ -110,3 +110,25 @@ def test_independent_windows_lose_the_forecast(tmp_path, case):
     mean_err, _, move_exact, move = _per_frame(ens, case)
     assert mean_err[:4].max() <= 0.15
     assert mean_err[4] > 0.3 and move[4] < 0.5 * move_exact[4]
+
+
+def test_options_of_the_other_kind_of_model_are_errors(tmp_path, case):
+    """Video-only options on a single-time model, and the single-time window on a video
+    model, are named errors before anything is compiled (nothing silently ignored)."""
+    single = gaussian.GaussianModel(_prior(1), CHANNELS, CENTER, SCALE, NSIDE)
+    video = gaussian.GaussianModel(_prior(T), CHANNELS, CENTER, SCALE, NSIDE, time_step_hours=STEP_H)
+    table = case["table"]
+    with pytest.raises(ValueError, match="are for video models"):
+        Session(single).assimilate(table, tmp_path / "a.nc", time=START, end=START)
+    with pytest.raises(ValueError, match="time_matching .* are for video models"):
+        Session(single).assimilate(table, tmp_path / "a.nc", time=START,
+                                   settings=AssimilationSettings(time_matching="exact"))
+    with pytest.raises(ValueError, match="window_hours .* is for single-time models"):
+        Session(video).assimilate(table, tmp_path / "a.nc", time=START, settings=AssimilationSettings(window_hours=6))
+    from jaxguide.window import WindowError
+
+    with pytest.raises(WindowError, match="not a whole number of the model's 6 h frames"):
+        Session(video).assimilate(table, tmp_path / "a.nc", time=START, end=START + pd.Timedelta(hours=20))
+    with pytest.raises(observations.BadObservationsError, match="video window's 4 frames"):
+        Session(video).assimilate(table.assign(time=START + pd.Timedelta(hours=30)), tmp_path / "a.nc", time=START)
+    assert not (tmp_path / "a.nc").exists()
