@@ -668,6 +668,19 @@ def _print_table(result) -> None:
         ("CRPS", "energy score", "variogram score"),
         lambda s: (s["crps"], s["energy_score"], s.get("variogram_score")),
     ))
+    if result.time_rule != "single":
+        how = ("linearly between the two frames around each observation" if result.time_rule == "linear"
+               else "at the frame nearest each observation")
+        console.print(f"time interpolation: {result.time_rule} (the trajectory is read {how}, as assimilate did); "
+                      "per frame: the observations nearest each frame")
+    for set_name, frames in result.per_frame.items():
+        t = Table(title=f"{set_name} per frame (each observation at its nearest frame)", box=box.SIMPLE_HEAD)
+        for col in ("frame (UTC)", "variable", "n", "RMSE", "spread", "CRPS"):
+            t.add_column(col, justify="left" if col in ("frame (UTC)", "variable") else "right", no_wrap=True)
+        for frame, per_var in frames.items():
+            for var, s in per_var.items():
+                t.add_row(frame[:16], var, str(s["n_obs"]), fmt(s["rmse"]), fmt(s.get("spread")), fmt(s["crps"]))
+        console.print(t)
     if any(s.get("obs_noise_in_scores") for per in result.metrics.values() for s in per.values()):
         console.print("At observations, CRPS, energy and variogram scores and rank histograms score the members plus "
                       "N(0, sigma^2) noise, and spread/skill = sqrt((M+1)/M spread^2 + sigma^2) / RMSE. The energy "
@@ -687,7 +700,10 @@ def evaluate(
 ) -> None:
     """RMSE / CRPS / energy and variogram scores / spread / spread-skill of an analysis at
     assimilated and held-out observations (read with the analysis' own observation
-    operator) and against a truth field."""
+    operator) and against a truth field. A trajectory (several frame times, a video
+    model's run) is read in time as assimilate did (linear between frames, or the
+    nearest frame) and also scored per frame; with linear interpolation, observations
+    outside its first..last frame are left out (a note says how many)."""
     from jaxguide import evaluation
     from jaxguide.io import check_writable_dir, read_analysis, write_json_atomic
 
@@ -703,8 +719,14 @@ def evaluate(
     sets = {"assimilated": obs} if held_out is None else {"assimilated": obs, "held_out": held_out}
     result = evaluation.evaluate(ds, sets, truth=truth, seed=seed)
     for name, info in result.skipped.items():
-        typer.echo(f"note: {name}: left out {info['n_obs']} observations of variables not in the analysis: "
-                   f"{info['variables']}", err=True)
+        if "variables" in info:
+            typer.echo(f"note: {name}: left out {info['n_obs']} observations of variables not in the analysis: "
+                       f"{info['variables']}", err=True)
+        if "outside_time" in info:
+            out_t = info["outside_time"]
+            typer.echo(f"note: {name}: left out {out_t['n_obs']} observations outside the analysis times "
+                       f"{out_t['first']} to {out_t['last']} (the trajectory is interpolated in time only between "
+                       "its frames)", err=True)
     _print_table(result)
     if json_path is not None:
         write_json_atomic(json_path, result.to_json(analysis))
