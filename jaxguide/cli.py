@@ -327,7 +327,11 @@ def _print_assimilation_summary(summary: dict) -> None:
 def assimilate(
     model: Path = typer.Option(..., "--model", help="converted model directory (jaxguide convert)"),
     obs: Path = typer.Option(..., "--obs", help="observation table: CSV/Parquet/NetCDF with time, lat, lon, variable, value, sigma (physical units)"),
-    time: str = typer.Option(None, "--time", help="analysis time, ISO 8601 only: 2020-01-20T00:00 (UTC), 2020-01-20T00:00Z or with an offset, 2020-01-20T02:00+02:00"),
+    time: str = typer.Option(None, "--time", help="analysis time, ISO 8601 only: 2020-01-20T00:00 (UTC), 2020-01-20T00:00Z or with an offset, 2020-01-20T02:00+02:00; for a video model the time of the first frame"),
+    end: str = typer.Option(None, "--end", help="video models: time of the last frame of the run, ISO 8601, a whole number of the model's time steps after --time (default: one window); a longer run chains windows"),
+    condition: Path = typer.Option(None, "--condition", help="video models: NetCDF of known frames (jaxguide analysis layout: HEALPix NEST 'pixel', physical units, the model's variables, optional 'member'); its times on the first window's frames are held fixed"),
+    conditioning_frames: int = typer.Option(None, "--conditioning-frames", help="video models: frames each chained window takes from the end of the previous one (default 1)"),
+    time_matching: str = typer.Option(None, "--time-matching", help="video models: linear (an observation between frames is interpolated linearly in time; default) | exact (such a row is an error, or dropped with --drop-bad)"),
     out: Path = typer.Option(..., "--out", help="analysis file (.nc NetCDF4, or .zarr); a .zarr campaign store with --times"),
     times: list[str] = typer.Option(None, "--times", help="instead of --time, a campaign: START/END/STEP, ISO 8601 (e.g. 2020-01-01T00/2020-01-05T00/PT6H, END inclusive) into one .zarr store, as `jaxguide campaign` (which also runs over several processes)"),
     times_file: Path = typer.Option(None, "--times-file", help="instead of --time, a campaign over the times in this file (one ISO 8601 time per line)"),
@@ -373,9 +377,14 @@ def assimilate(
 
     from jaxguide.observations import parse_time
 
+    video = {"--end": end, "--condition": condition, "--conditioning-frames": conditioning_frames,
+             "--time-matching": time_matching}
+    video = [opt for opt, v in video.items() if v is not None]
     if times or times_file is not None:
         if time is not None:
             raise ValueError("give either --time (one analysis) or --times/--times-file (a campaign), not both")
+        if video:
+            raise ValueError(f"{', '.join(video)} apply to one video run (--time), not to a campaign (--times)")
         # a campaign: the same run as `jaxguide campaign` (one process unless Slurm/mpirun says otherwise)
         return cli_campaign.campaign(
             model=model, obs=obs, out=out, times=times, times_file=times_file, resume=resume, overwrite=overwrite,
@@ -390,6 +399,14 @@ def assimilate(
     if resume:
         raise ValueError("--resume continues a campaign: it goes with --times or --times-file")
     time = parse_time(time, "--time")
+    end_time = None if end is None else parse_time(end, "--end")
+    if condition is not None and not condition.is_file():
+        raise FileNotFoundError(f"no such conditioning file: {str(condition)!r}")
+    if time_matching is not None and time_matching not in ("linear", "exact"):
+        raise ValueError(f"--time-matching must be linear or exact, got {time_matching!r}")
+    # only the options given: their defaults live in AssimilationSettings
+    video_settings = {k: v for k, v in (("conditioning_frames", conditioning_frames),
+                                        ("time_matching", time_matching)) if v is not None}
     settings = pipeline.AssimilationSettings(
         check_plausibility=not allow_implausible,
         method=method,
@@ -410,6 +427,7 @@ def assimilate(
         bf16=bf16,
         remat=remat,
         chunk_size=chunk_size,
+        **video_settings,
     )
     settings.check()
     grid = _latlon_grid(regrid)
@@ -423,24 +441,39 @@ def assimilate(
     with Progress(*columns, console=console, transient=False) as bar:
         tasks: dict[str, Any] = {}
 
+        window = [""]  # "window k/n: " while a chain of windows runs
+
         def on_event(name: str, info) -> None:
             stamp = f"[{time_module.perf_counter() - t0:.1f} s]"
-            if name == "observations":
+            if name == "trajectory":
+                frames = [str(t)[:16] for t in info["times"]]
+                shown = ", ".join(frames) if len(frames) <= 8 else f"{', '.join(frames[:3])}, ..., {', '.join(frames[-2:])}"
+                bar.console.print(f"{stamp} trajectory of {len(frames)} frames in {info.get('windows', 1)} window(s): {shown}")
+            elif name == "window":
+                window[0] = f"window {info['index'] + 1}/{info['of']}: "
+                bar.console.print(f"{stamp} window {info['index'] + 1}/{info['of']} from {str(info['start'])[:16]}")
+                for stage, task in tasks.items():  # the bars count this window's calls
+                    bar.reset(task, description=f"{window[0]}{stage}: waiting")
+            elif name == "observations":
                 dropped = sum(info["dropped"].values())
                 bar.console.print(f"{stamp} validated {info['n_obs']} observations"
                                   + (f" ({dropped} bad rows dropped)" if dropped else ""))
             elif name == "compiling":
                 note = ("the first run of a configuration compiles; later runs load it from the cache "
                         f"{cache_dir}" if cache_dir else "compilation cache off (--no-cache)")
-                bar.console.print(f"{stamp} {info['stage']}: compiling the sampler for {info['members']} members "
-                                  f"({note})")
-                tasks[info["stage"]] = bar.add_task(f"{info['stage']}: compiling", total=info["calls"])
+                bar.console.print(f"{stamp} {window[0]}{info['stage']}: compiling the sampler for {info['members']} "
+                                  f"members ({note})")
+                if info["stage"] in tasks:
+                    bar.reset(tasks[info["stage"]], total=info["calls"],
+                              description=f"{window[0]}{info['stage']}: compiling")
+                else:
+                    tasks[info["stage"]] = bar.add_task(f"{window[0]}{info['stage']}: compiling", total=info["calls"])
             elif name == "sampling":
-                bar.update(tasks[info["stage"]], description=f"{info['stage']}: sampling (denoiser calls)")
-                bar.console.print(f"{stamp} {info['stage']}: compiled in {info['compile_s']:.1f} s; sampling")
+                bar.update(tasks[info["stage"]], description=f"{window[0]}{info['stage']}: sampling (denoiser calls)")
+                bar.console.print(f"{stamp} {window[0]}{info['stage']}: compiled in {info['compile_s']:.1f} s; sampling")
             elif name == "sampled":
                 task = tasks[info["stage"]]
-                bar.update(task, completed=bar.tasks[task].total, description=f"{info['stage']}: done")
+                bar.update(task, completed=bar.tasks[task].total, description=f"{window[0]}{info['stage']}: done")
             elif name == "writing":
                 bar.console.print(f"{stamp} writing {info['path']}")
 
@@ -453,6 +486,8 @@ def assimilate(
             obs,
             out,
             time=time,
+            end=end_time,
+            condition=condition,
             settings=settings,
             sst=sst,
             regrid=grid,
