@@ -441,39 +441,38 @@ def assimilate(
     with Progress(*columns, console=console, transient=False) as bar:
         tasks: dict[str, Any] = {}
 
-        window = [""]  # "window k/n: " while a chain of windows runs
-
         def on_event(name: str, info) -> None:
             stamp = f"[{time_module.perf_counter() - t0:.1f} s]"
             if name == "trajectory":
                 frames = [str(t)[:16] for t in info["times"]]
                 shown = ", ".join(frames) if len(frames) <= 8 else f"{', '.join(frames[:3])}, ..., {', '.join(frames[-2:])}"
-                bar.console.print(f"{stamp} trajectory of {len(frames)} frames in {info.get('windows', 1)} window(s): {shown}")
+                bar.console.print(f"{stamp} trajectory of {len(frames)} frames: {shown}")
+            elif name == "known_frames":
+                bar.console.print(f"{stamp} known frames from --condition: "
+                                  f"{', '.join(str(t)[:16] for t in info['times']) or 'none on the first window'}")
             elif name == "window":
-                window[0] = f"window {info['index'] + 1}/{info['of']}: "
-                bar.console.print(f"{stamp} window {info['index'] + 1}/{info['of']} from {str(info['start'])[:16]}")
-                for stage, task in tasks.items():  # the bars count this window's calls
-                    bar.reset(task, description=f"{window[0]}{stage}: waiting")
+                stage = info.get("stage", "analysis")
+                bar.console.print(f"{stamp} {stage}: window {info['index'] + 1}/{info['of']} from {str(info['start'])[:16]}")
+                if stage in tasks:  # the bar counts the calls of all windows
+                    bar.update(tasks[stage], description=f"{stage}: window {info['index'] + 1}/{info['of']}")
             elif name == "observations":
                 dropped = sum(info["dropped"].values())
+                per_window = info.get("per_window")
                 bar.console.print(f"{stamp} validated {info['n_obs']} observations"
-                                  + (f" ({dropped} bad rows dropped)" if dropped else ""))
+                                  + (f" ({dropped} bad rows dropped)" if dropped else "")
+                                  + (f"; per window: {', '.join(map(str, per_window))}" if per_window else ""))
             elif name == "compiling":
                 note = ("the first run of a configuration compiles; later runs load it from the cache "
                         f"{cache_dir}" if cache_dir else "compilation cache off (--no-cache)")
-                bar.console.print(f"{stamp} {window[0]}{info['stage']}: compiling the sampler for {info['members']} "
+                bar.console.print(f"{stamp} {info['stage']}: compiling the sampler for {info['members']} "
                                   f"members ({note})")
-                if info["stage"] in tasks:
-                    bar.reset(tasks[info["stage"]], total=info["calls"],
-                              description=f"{window[0]}{info['stage']}: compiling")
-                else:
-                    tasks[info["stage"]] = bar.add_task(f"{window[0]}{info['stage']}: compiling", total=info["calls"])
+                tasks[info["stage"]] = bar.add_task(f"{info['stage']}: compiling", total=info["calls"])
             elif name == "sampling":
-                bar.update(tasks[info["stage"]], description=f"{window[0]}{info['stage']}: sampling (denoiser calls)")
-                bar.console.print(f"{stamp} {window[0]}{info['stage']}: compiled in {info['compile_s']:.1f} s; sampling")
+                bar.update(tasks[info["stage"]], description=f"{info['stage']}: sampling (denoiser calls)")
+                bar.console.print(f"{stamp} {info['stage']}: compiled in {info['compile_s']:.1f} s; sampling")
             elif name == "sampled":
                 task = tasks[info["stage"]]
-                bar.update(task, completed=bar.tasks[task].total, description=f"{window[0]}{info['stage']}: done")
+                bar.update(task, completed=bar.tasks[task].total, description=f"{info['stage']}: done")
             elif name == "writing":
                 bar.console.print(f"{stamp} writing {info['path']}")
 
