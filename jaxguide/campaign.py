@@ -163,6 +163,10 @@ def assimilate_campaign(
         # no per-call host callbacks: the programs stay cacheable (JAX's persistent cache)
         session = Session(model, devices=jax.local_devices(), report_progress=False)
     dm, fn = session.model_for(settings)
+    if dm.member_shape[1] > 1:
+        raise ValueError(
+            f"campaigns run one analysis per time; this is a video model ({dm.member_shape[1]} frames per window): "
+            "assimilate a whole period with `jaxguide assimilate --time START --end END` (chained windows)")
     source = obs if isinstance(obs, TableSource | PartitionedSource) else open_observations(obs, sigma_y=settings.sigma_y)
     pad_to = _padding(source, times, settings)
     config = campaign_settings(settings, dm, obs_name=_source_name(obs), sst=sst, regrid=regrid, pad_to=pad_to)

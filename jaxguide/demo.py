@@ -156,9 +156,13 @@ def build_prior(config: DemoConfig) -> gaussian.GaussianPrior:
 
 
 def prior_sha256(prior: gaussian.GaussianPrior) -> str:
-    """sha256 of the prior's parameters (float64 bytes of every leaf, in field order)."""
+    """sha256 of the prior's parameters (float64 bytes of every leaf, in field order; the
+    time factor only for T > 1, so a single-time prior keeps the hash it had before
+    priors had frames)."""
     h = hashlib.sha256()
     for f in dataclasses.fields(prior):
+        if f.name.startswith("time_") and prior.shape[1] == 1:
+            continue
         h.update(np.ascontiguousarray(np.asarray(getattr(prior, f.name), np.float64)).tobytes())
     return h.hexdigest()
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import xarray as xr
 
 from jaxguide import guidance, units
 from jaxguide.denoiser import CBottleDenoiser, DenoiserModel, check_model
@@ -42,8 +43,13 @@ from jaxguide.guided import guided_denoiser
 from jaxguide.grid_sampling import LatLonGrid
 from jaxguide.io import check_writable_dir, write_dataset
 from jaxguide.model import CBottleModel, load_model
-from jaxguide.observations import PreparedObservations, parse_time, prepare, read_observations
+from jaxguide.conditioning import KnownFrames, read_amip_sst
+from jaxguide.guidance import Observations
+from jaxguide.known_frames import read_known_frames
+from jaxguide.observations import (PreparedObservations, bucket_size, build_operator, pad, parse_time, prepare,
+                                   read_observations)
 from jaxguide.schema import analysis_to_dataset, describe_sigma_y
+from jaxguide.window import FrameWindow, WindowError, chain, trajectory_times
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +85,11 @@ class AssimilationSettings:
       model's center (a unit mistake; see ``observations.check_plausible``).
     pad_observations: pad observation counts to :func:`~jaxguide.observations.bucket_size`
       (one compiled program for all counts in a bucket; padding rows change nothing).
+    conditioning_frames: video models: frames each chained window takes from the end of
+      the previous one (cBottle's ``VideoAutoregression.step_forward``; 0 = independent
+      windows).
+    time_matching: video models: ``"linear"`` interpolates an observation between two
+      frames linearly in time; ``"exact"`` refuses it (``ObservationTimeError``).
     """
 
     method: str | guidance.Method = "mmps"
@@ -105,6 +116,8 @@ class AssimilationSettings:
     sst_offset: float = 0.0
     pad_observations: bool = True
     check_plausibility: bool = True
+    conditioning_frames: int = 1
+    time_matching: str = "linear"
 
     def check(self) -> None:
         self.guidance_method()  # names, options and their values
@@ -122,6 +135,10 @@ class AssimilationSettings:
             raise ValueError(f"unknown interpolation {self.interpolation!r}; expected 'bilinear' or 'nearest'")
         if self.prior_members is not None and self.prior_members < 0:
             raise ValueError(f"prior_members must be >= 0, got {self.prior_members}")
+        if self.conditioning_frames < 0:
+            raise ValueError(f"conditioning_frames must be >= 0, got {self.conditioning_frames}")
+        if self.time_matching not in ("linear", "exact"):
+            raise ValueError(f"unknown time matching {self.time_matching!r}; expected 'linear' or 'exact'")
 
     @property
     def method_name(self) -> str:
@@ -269,6 +286,8 @@ class Session:
         command: str = "jaxguide.pipeline.assimilate",
         progress: Callable[[str, int, int], None] | None = None,
         on_event: Callable[[str, Mapping[str, Any]], None] | None = None,
+        end=None,
+        condition: str | os.PathLike | xr.Dataset | None = None,
     ) -> dict[str, Any]:
         """See :func:`assimilate`."""
         t_start = _time.perf_counter()
@@ -276,7 +295,6 @@ class Session:
         method = settings.guidance_method()
         time = utc_naive(time)
         out = Path(out)
-        fmt = output_format(out)
         _check_output(out, overwrite)
 
         def event(name: str, **info) -> None:
@@ -285,45 +303,61 @@ class Session:
                 on_event(name, info)
 
         dm, fn = self.model_for(settings)
+        video = dm.member_shape[1] > 1
+        if not video and (end is not None or condition is not None):
+            raise ValueError("end (--end) and condition (--condition) are for video models (time_length > 1); "
+                             "this model samples one time: run one analysis per time (--times) instead")
         table = obs if isinstance(obs, pd.DataFrame) else read_observations(obs)
-        prepared = prepare(
-            table, dm.channels, dm.center, dm.scale, time=time, window_hours=settings.window_hours,
-            drop_bad=settings.drop_bad, sigma_y=settings.sigma_y, nside=dm.nside,
-            interpolation=settings.interpolation, pad_to="bucket" if settings.pad_observations else None,
-            check_plausibility=settings.check_plausibility,
-        )
-        prepared.obs.check()  # value checks on concrete arrays (inside the program they are traced)
-        event("observations", n_obs=prepared.n_obs, dropped=dict(prepared.dropped))
-        cond = dm.conditioning(time, sst_path=sst, sst_offset=settings.sst_offset)
-        devs = self.devices
+        prep_kw = dict(drop_bad=settings.drop_bad, sigma_y=settings.sigma_y, nside=dm.nside,
+                       interpolation=settings.interpolation, check_plausibility=settings.check_plausibility)
+        if not video:
+            prepared = prepare(table, dm.channels, dm.center, dm.scale, time=time, window_hours=settings.window_hours,
+                               pad_to="bucket" if settings.pad_observations else None, **prep_kw)
+            prepared.obs.check()  # value checks on concrete arrays (inside the program they are traced)
+            event("observations", n_obs=prepared.n_obs, dropped=dict(prepared.dropped))
+            cond = dm.conditioning(time, sst_path=sst, sst_offset=settings.sst_offset)
+            plan = [_WindowPlan(None, cond, prepared.obs, None)]
+            times = [time]
+            extra: dict[str, Any] = {}
+        else:
+            plan, prepared, times, extra = self._plan_windows(dm, table, time, end, condition, settings, sst, prep_kw,
+                                                              event)
 
         key_analysis, key_prior = jax.random.split(jax.random.key(settings.seed))
         stages = [("analysis", method, settings.members, key_analysis)]
         if settings.n_prior > 0:
             stages.append(("prior", None, settings.n_prior, key_prior))
+        devs = self.devices
         per_run = denoiser_calls(settings)
+        per_member = (False, True, False, False) if video else None
 
         def runs_of(n_members: int) -> int:
             # host callbacks: once per denoiser evaluation, on every device and for every chunk
             per_device = -(-n_members // len(devs))
             return len(devs) * (1 if settings.chunk_size is None else -(-per_device // settings.chunk_size))
 
-        calls = [
-            self.programs.prepare(fn, key, dm.member_shape, n, sampler_kwargs=settings.sampler_kwargs(), devices=devs,
-                                  chunk_size=settings.chunk_size,
-                                  operands=(dm.params, cond, m, None if m is None else prepared.obs))
-            for _, m, n, key in stages
-        ]
+        def call_of(stage_index: int, k: int, known):
+            stage, m, n, key = stages[stage_index]
+            w = plan[k]
+            cond = w.cond if not video else w.cond(stage, n, known)
+            return self.programs.prepare(
+                fn, key if k == 0 else jax.random.fold_in(key, k), dm.member_shape, n,
+                sampler_kwargs=settings.sampler_kwargs(), devices=devs, chunk_size=settings.chunk_size,
+                operands=(dm.params, cond, m, None if m is None else w.obs), per_member=per_member)
+
+        first_calls = [call_of(i, 0, None) for i in range(len(stages))]
         # both programs compile at once (XLA runs without the GIL in worker threads): on
-        # 2 cores the pair takes about as long as the larger one alone
+        # 2 cores the pair takes about as long as the larger one alone; every later
+        # window has the same shapes and runs these programs
         for stage, _, n, _ in stages:
-            event("compiling", stage=stage, members=n, calls=per_run * runs_of(n))
+            event("compiling", stage=stage, members=n, calls=per_run * runs_of(n) * len(plan))
         t0 = _time.perf_counter()
-        compile_s = self.programs.compile_many(calls)
+        compile_s = self.programs.compile_many(first_calls)
         seconds_compile = _time.perf_counter() - t0
 
-        def run(call, stage, n_members, c_s):
-            total = per_run * runs_of(n_members)
+        def run(stage_index: int) -> tuple[np.ndarray, float]:
+            stage, _, n_members, _ = stages[stage_index]
+            total = per_run * runs_of(n_members) * len(plan)
             done = [0]
 
             def count(k):
@@ -332,28 +366,34 @@ class Session:
                     progress(stage, done[0], total)
 
             self._progress = count
-            event("sampling", stage=stage, compile_s=round(c_s, 2))
+            event("sampling", stage=stage, compile_s=round(compile_s[stage_index], 2))
             t0 = _time.perf_counter()
+            pieces, previous = [], None
             try:
-                ens = jax.block_until_ready(self.programs.run(call))
-                jax.effects_barrier()
+                for k in range(len(plan)):
+                    if video and len(plan) > 1:
+                        event("window", stage=stage, index=k, of=len(plan), start=plan[k].window.start.isoformat())
+                    call = first_calls[stage_index] if k == 0 else call_of(stage_index, k, previous)
+                    ens = np.asarray(jax.block_until_ready(self.programs.run(call)))
+                    jax.effects_barrier()
+                    if not bool(np.all(np.isfinite(ens))):
+                        raise FloatingPointError(
+                            f"the {stage} ensemble has non-finite values (method {settings.method_name!r}, guidance "
+                            f"scale {settings.guidance_scale}); lower --guidance-scale or use --method mmps/sda")
+                    pieces.append(ens if k == 0 else ens[:, :, settings.conditioning_frames:])
+                    previous = ens
             finally:
                 self._progress = None
-            if not bool(np.all(np.isfinite(np.asarray(ens)))):
-                raise FloatingPointError(
-                    f"the {stage} ensemble has non-finite values (method {settings.method_name!r}, guidance scale "
-                    f"{settings.guidance_scale}); lower --guidance-scale or use --method mmps/sda"
-                )
             if progress is not None and not self.report_progress:
                 progress(stage, total, total)  # no per-call reports: the stage's end
             seconds = _time.perf_counter() - t0
             event("sampled", stage=stage, seconds=round(seconds, 2))
-            return ens, seconds
+            return np.concatenate(pieces, axis=2)[:, :, :len(times)], seconds
 
-        analysis, t_analysis = run(calls[0], "analysis", settings.members, compile_s[0])
+        analysis, t_analysis = run(0)
         prior, t_prior = None, 0.0
         if settings.n_prior > 0:
-            prior, t_prior = run(calls[1], "prior", settings.n_prior, compile_s[1])
+            prior, t_prior = run(1)
 
         summary: dict[str, Any] = {
             "output": str(out),
@@ -370,23 +410,114 @@ class Session:
             "seconds_prior": t_prior,
             "seconds_compile": seconds_compile,  # wall time of compiling both programs (concurrently)
         }
+        if video:
+            summary.update(frames=[str(t) for t in times], windows=extra["n_windows"])
         provenance = run_provenance(settings, dm, command, n_obs=prepared.n_obs,
-                                    observations_dropped=sum(prepared.dropped.values()))
+                                    observations_dropped=sum(prepared.dropped.values()), **extra)
+        if video:
+            provenance.pop("observation_window_hours")
         ds = analysis_to_dataset(
-            np.asarray(analysis),
+            analysis,
             channels=list(dm.channels),
             center=dm.center,
             scale=dm.scale,
-            times=[time],
+            times=times,
             provenance=provenance,
-            prior=None if prior is None else np.asarray(prior),
+            prior=prior,
             regrid_latlon=regrid,
         )
         event("writing", path=str(out))
-        write_dataset(ds, out, format=fmt, overwrite=overwrite)
+        write_dataset(ds, out, format=output_format(out), overwrite=overwrite)
         event("written", path=str(out))
         summary["seconds_total"] = _time.perf_counter() - t_start
         return summary
+
+    def _plan_windows(self, dm, table, start, end, condition, settings, sst, prep_kw, event):
+        """A video run as a chain of windows: their observations (one padded size for all,
+        so one program serves every window) and their conditioning (a function of the
+        stage, its member count and the previous window's ensemble)."""
+        frames = dm.member_shape[1]
+        step = float(dm.time_step_hours)
+        overlap = settings.conditioning_frames
+        first = FrameWindow(start, step, frames)
+        end = first.end if end is None else utc_naive(end)
+        windows = chain(first.start, end, time_step_hours=step, length=frames, overlap=overlap)
+        times = [t for t in trajectory_times(windows, overlap) if t <= end]
+        run = FrameWindow(first.start, step, len(times))
+        # the whole run's observations (validated once; operator on the trajectory for the summary)
+        prepared = prepare(table, dm.channels, dm.center, dm.scale, window=run, time_matching=settings.time_matching,
+                           **prep_kw)
+        position = prepared.table["frame_position"].to_numpy(np.float64)
+        stride = frames - overlap
+        which = np.maximum(0, np.ceil((position - (frames - 1)) / stride - 1e-9)).astype(int)
+        uncovered = position < which * stride - 1e-9
+        if uncovered.any():
+            t = prepared.table["time"][uncovered].iloc[0]
+            raise WindowError(
+                f"{int(uncovered.sum())} observations (e.g. at {t}) fall between two windows that share no frame "
+                f"(conditioning_frames 0); give 1 or more conditioning frames (--conditioning-frames) or drop them")
+        counts = np.bincount(which, minlength=len(windows))
+        size = int(counts.max())
+        if settings.pad_observations:
+            size = bucket_size(size)
+        rows_of = [prepared.table.loc[which == k] for k in range(len(windows))]
+        event("observations", n_obs=prepared.n_obs, dropped=dict(prepared.dropped),
+              per_window=[int(c) for c in counts])
+
+        sst_data = read_amip_sst(sst) if sst is not None else None
+        n_members = max(settings.members, settings.n_prior)
+        known0, used = None, []
+        if condition is not None:
+            known0, used = read_known_frames(condition, first, channels=dm.channels, center=dm.center,
+                                             scale=dm.scale, nside=dm.nside, members=n_members)
+            event("known_frames", times=[str(t) for t in used])
+        npix = dm.member_shape[2]
+        plan = []
+        for k, (w, rows) in enumerate(zip(windows, rows_of)):
+            A = build_operator(rows, dm.channels, nside=dm.nside, method=settings.interpolation, as_numpy=True,
+                               frame_position=position[which == k] - k * stride, n_frames=frames)
+            obs_k = pad(Observations(A=A, y=rows["value_n"].to_numpy(np.float32),
+                                     sigma_y=rows["sigma_n"].to_numpy(np.float32)), size)
+            if k == 0 and len(rows):
+                obs_k.check()
+
+            def cond_of(stage, n, previous, w=w, k=k):
+                if k == 0:
+                    known = known0 if known0 is not None else KnownFrames(
+                        np.zeros((n_members, len(dm.channels), frames, npix), np.float32), np.zeros(frames, bool))
+                    known = KnownFrames(known.values[:n], known.keep)
+                else:
+                    keep = np.arange(frames) < overlap
+                    values = np.zeros((n, len(dm.channels), frames, npix), np.float32)
+                    values[:, :, :overlap] = previous[:, :, frames - overlap:]
+                    known = KnownFrames(values, keep)
+                return dm.window_conditioning(w, known=known, sst_data=sst_data, sst_offset=settings.sst_offset)
+
+            plan.append(_WindowPlan(w, cond_of, obs_k, int(len(rows))))
+        extra = {
+            "window_start": str(first.start),
+            "time_step_hours": step,
+            "frames_per_window": frames,
+            "conditioning_frames": overlap,
+            "n_windows": len(windows),
+            "time_interpolation": settings.time_matching,
+        }
+        if condition is not None:
+            extra["condition_file"] = str(condition) if not isinstance(condition, xr.Dataset) else "dataset"
+            extra["condition_times"] = ",".join(str(t) for t in used)
+        return plan, prepared, times, extra
+
+
+@dataclasses.dataclass(frozen=True)
+class _WindowPlan:
+    """One window of a run: its frames (None for an image model), its conditioning (a
+    pytree, or for video models ``cond(stage, n_members, previous_ensemble)``), its padded
+    observations and their count."""
+
+    window: FrameWindow | None
+    cond: Any
+    obs: Observations
+    n_obs: int | None
 
 
 def assimilate(
@@ -404,8 +535,23 @@ def assimilate(
     devices: Sequence[Any] | None = None,
     session: Session | None = None,
     on_event: Callable[[str, Mapping[str, Any]], None] | None = None,
+    end=None,
+    condition: str | os.PathLike | xr.Dataset | None = None,
 ) -> dict[str, Any]:
     """Sample a posterior ensemble for ``time`` given ``obs`` and write it to ``out``.
+
+    Video models (``member_shape[1] = T > 1``, frames ``time_step_hours`` apart) sample
+    trajectories: ``time`` is the first frame, ``end`` the last (default: one window,
+    ``time + (T-1) step``; it must be a whole number of steps after ``time``,
+    :class:`~jaxguide.window.WindowError`). A run longer than a window is a chain of
+    windows (:func:`jaxguide.window.chain`), each conditioned, member by member, on the
+    last ``settings.conditioning_frames`` frames of the previous one (as cBottle's video
+    autoregression, but for the whole ensemble at once); observations anywhere in
+    [time, end] are placed in their frames (``settings.time_matching``) and assimilated in
+    the first window that holds them. ``condition``: a NetCDF file (or Dataset) whose
+    times on the first window's frames become known frames
+    (:func:`jaxguide.known_frames.read_known_frames`). The file has dims (member, time,
+    pixel) with the frame times.
 
     Args:
       model: converted model directory (``jaxguide convert``), a loaded model, or any
@@ -426,8 +572,10 @@ def assimilate(
         {stage, members, calls} for every stage first (the analysis and prior programs
         compile concurrently; the first run of a configuration compiles, later ones load
         it from JAX's cache), then per stage "sampling" {stage, compile_s: seconds from
-        the start of compiling until this stage's program was ready}, "sampled" {stage,
-        seconds}, then "writing" {path}, "written" {path}.
+        the start of compiling until this stage's program was ready}, for chained video
+        runs "window" {stage, index, of, start} before each window, "sampled" {stage,
+        seconds}, then "writing" {path}, "written" {path}. Video runs also report
+        "observations" with ``per_window`` counts and "known_frames" {times}.
       session: a :class:`Session` for ``model`` whose compiled programs are reused
         (pass the same one to every call of a series); default a fresh one.
     Returns a JSON-friendly summary: observation counts, RMSE at the observations of
@@ -444,7 +592,8 @@ def assimilate(
     elif model is not session.source and model is not session._model:
         raise ValueError("session was created for another model: pass the model it holds (session.source)")
     return session.assimilate(obs, out, time=time, settings=settings, sst=sst, regrid=regrid,
-                              overwrite=overwrite, command=command, progress=progress, on_event=on_event)
+                              overwrite=overwrite, command=command, progress=progress, on_event=on_event,
+                              end=end, condition=condition)
 
 
 def run_provenance(settings: AssimilationSettings, model, command: str, **specific) -> dict[str, Any]:

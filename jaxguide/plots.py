@@ -178,3 +178,38 @@ def plot_rank_histogram(
     ax.set_title(f"{title}, n = {int(n)}", fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
     return _save_atomic(fig, path, dpi)
+
+
+def plot_frame_skill(
+    path: str | os.PathLike, hours, series: dict[str, Sequence[float]], *, observed=None, title: str = "skill per frame",
+    units: str = "K", figsize: tuple[float, float] = (6.0, 3.8), dpi: float = 100.0,
+) -> Path:
+    """Lines of per-frame scores (e.g. RMSE and spread) against the frame's time in hours.
+
+    hours: (T,) frame offsets from the window start; series: label -> (T,) values (a
+    label containing "spread" or "std" is dashed); observed: (T,) bool, frames that
+    have observations (shaded)."""
+    h = np.asarray(hours, np.float64)
+    if h.ndim != 1 or h.size < 1:
+        raise ValueError(f"hours must be (T,) with T >= 1, got shape {h.shape}")
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if observed is not None:
+        obs = np.asarray(observed, bool)
+        step = float(np.diff(h).min()) if h.size > 1 else 1.0
+        for t in h[obs]:
+            ax.axvspan(t - step / 2, t + step / 2, color="0.9", zorder=0)
+    for label, values in series.items():
+        v = np.asarray(values, np.float64)
+        if v.shape != h.shape:
+            raise ValueError(f"series {label!r} has shape {v.shape}, expected {h.shape}")
+        dashed = "spread" in label or "std" in label
+        ax.plot(h, v, marker="o", linestyle="--" if dashed else "-", label=label)
+    ax.set_xlabel("hours from the window start" + (" (shaded: frames with observations)" if observed is not None else ""))
+    ax.set_ylabel(units)
+    ax.set_xticks(h)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save_atomic(fig, path, dpi)

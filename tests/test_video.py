@@ -196,6 +196,33 @@ def test_frame_inputs_rebuild_the_fixture_batches(vden, video_dir):
         conditioning.frame_condition(np.zeros((3, 4, 12)), [True, False], np.zeros(12))
 
 
+def test_window_conditioning_rebuilds_the_sampler_batch(video_dir, video_model, tmp_path):
+    """CBottleDenoiser.window_conditioning for the fixture's window and its known frame 0
+    gives cBottle's batch: calendar per frame, [frame * mask, SST, mask] (the fixture's
+    SST came from a synthetic loader, so channel 3 is checked against our AMIP path)."""
+    from jaxguide.denoiser import CBottleDenoiser
+    from jaxguide.sst import write_synthetic_sst
+    from jaxguide.window import FrameWindow
+
+    rec = np.load(video_dir / "video_sampler.npz")
+    dm = CBottleDenoiser(video_model)
+    assert dm.time_step_hours == 6.0 and dm.member_shape == (3, 4, 49152)
+    window = dm.window(str(rec["window_start"]))
+    assert [str(t) for t in window.times] == [str(t).replace("T", " ") for t in rec["frame_timestamps"]]
+    fixture = rec["condition"][0]
+    known = conditioning.KnownFrames(np.where(rec["frame_mask"][None, :, None], fixture[:3], 5.0), rec["frame_mask"])
+    sst_path = write_synthetic_sst(tmp_path / "sst.nc", "2016-01-01", "2016-12-31")
+    cond = dm.window_conditioning(window, known=known, sst_path=sst_path)
+    np.testing.assert_array_equal(cond["second_of_day"], rec["second_of_day"][0])
+    np.testing.assert_array_equal(cond["day_of_year"], rec["day_of_year"][0])
+    np.testing.assert_array_equal(cond["condition"][[0, 1, 2, 4]], fixture[[0, 1, 2, 4]])
+    sst = conditioning.read_amip_sst(sst_path)
+    for f, t in enumerate(window.times):
+        np.testing.assert_array_equal(cond["condition"][3, f], conditioning.sst_at(sst, t).reshape(-1))
+    with pytest.raises(ValueError, match="this model samples 4"):
+        dm.window_conditioning(FrameWindow(window.start, 6, 3), sst_path=sst_path)
+
+
 @pytest.mark.slow  # > 20 s on 2 cores: in the `-m slow` set that CI also runs (README, Tests)
 def test_replay_video_trajectory(video_dir, video_model):
     """cBottle's conditioned video sampling (first frame given, 6 Heun steps) draw for draw."""
