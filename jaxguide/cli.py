@@ -312,6 +312,10 @@ def _print_assimilation_summary(summary: dict) -> None:
         table.add_row(var, str(a["n_obs"]), fmt(p.get("rmse")), fmt(a["rmse"]), fmt(a.get("spread")))
     console = Console()
     console.print(table)
+    if summary.get("frames"):
+        frames = [str(t)[:16].replace(" ", "T") for t in summary["frames"]]
+        shown = ", ".join(frames) if len(frames) <= 8 else f"{', '.join(frames[:3])}, ..., {', '.join(frames[-2:])}"
+        console.print(f"trajectory: {len(frames)} frames in {summary.get('windows', 1)} window(s): {shown}")
     if summary["dropped"]:
         console.print(f"dropped observation rows: {summary['dropped']}")
     sampling = summary["seconds_analysis"] + summary["seconds_prior"]
@@ -443,11 +447,7 @@ def assimilate(
 
         def on_event(name: str, info) -> None:
             stamp = f"[{time_module.perf_counter() - t0:.1f} s]"
-            if name == "trajectory":
-                frames = [str(t)[:16] for t in info["times"]]
-                shown = ", ".join(frames) if len(frames) <= 8 else f"{', '.join(frames[:3])}, ..., {', '.join(frames[-2:])}"
-                bar.console.print(f"{stamp} trajectory of {len(frames)} frames: {shown}")
-            elif name == "known_frames":
+            if name == "known_frames":
                 bar.console.print(f"{stamp} known frames from --condition: "
                                   f"{', '.join(str(t)[:16] for t in info['times']) or 'none on the first window'}")
             elif name == "window":
