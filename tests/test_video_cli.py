@@ -6,8 +6,9 @@ pixel) with the window's frame times; ``evaluate`` reads it with the same time r
 (its RMSE at the observations must match the one ``assimilate`` reports, computed in
 the sampler's own units through the observation operator's frame stencil: float32
 round-off, rel 1e-4) and prints per-frame scores. A chained run (``--end`` one window
-further, conditioning frames 1, known frame 0 from ``--condition``) writes the longer
-trajectory. Bad input is one ``error:`` line before anything compiles.
+further, conditioning frames 1, known frame 0 from ``--condition``; replacement guidance,
+nearest pixel) writes the longer trajectory with every on-frame observation held at its
+pixel and frame. Bad input is one ``error:`` line before anything compiles.
 
 The sampling tests are slow on 2 cores (@pytest.mark.slow); the error cases are fast.
 """
@@ -35,8 +36,6 @@ CENTER = np.array([281.13, 258.50, 286.09])
 SCALE = np.array([12.34, 10.94, 15.61])
 # hours after START: on frames (0, 6, 18) and between them (3, 9, 13.5, 16)
 HOURS = [0.0, 3.0, 6.0, 9.0, 13.5, 16.0, 18.0]
-# the chained run's second window (frames 18, 24, 30, 36 h): a few more
-HOURS_LATER = [21.0, 27.0, 36.0]
 
 
 def _obs(hours, seed: int) -> pd.DataFrame:
@@ -74,13 +73,13 @@ def case(fixtures_dir, tmp_path_factory):
                               "--resolution", "2"])
     assert res.exit_code == 0, res.output
     _obs(HOURS, seed=1).to_csv(tmp / "obs.csv", index=False)
-    pd.concat([_obs(HOURS, seed=1), _obs(HOURS_LATER, seed=2)]).to_csv(tmp / "obs_long.csv", index=False)
-    return dict(tmp=tmp, model=tmp / "model", sst=tmp / "sst.nc", obs=tmp / "obs.csv", obs_long=tmp / "obs_long.csv")
+    return dict(tmp=tmp, model=tmp / "model", sst=tmp / "sst.nc", obs=tmp / "obs.csv")
 
 
-def _args(case, out, *extra, obs=None):
+def _args(case, out, *extra, obs=None, method=("--cg-iters", "1")):
+    """MMPS with 1 CG iteration by default; ``method`` replaces those options."""
     return ["assimilate", "--model", str(case["model"]), "--obs", str(obs or case["obs"]), "--sst", str(case["sst"]),
-            "--time", START.strftime("%Y-%m-%dT%H:%M"), "--members", "2", "--steps", "2", "--cg-iters", "1",
+            "--time", START.strftime("%Y-%m-%dT%H:%M"), "--members", "2", "--steps", "2", *method,
             "--prior-members", "0", "--out", str(out), *extra]
 
 
@@ -91,7 +90,7 @@ def _check_trajectory(path, frames, n_windows: int) -> xr.Dataset:
         assert ds[var].dims == ("member", "time", "pixel"), var
     assert ds.sizes["member"] == 2 and ds.sizes["pixel"] == 49152
     np.testing.assert_array_equal(ds["time"].values, frames.values.astype("datetime64[ns]"))
-    assert ds.attrs["time_interpolation"] == "linear" and ds.attrs["observation_operator"] == "bilinear"
+    assert ds.attrs["time_interpolation"] == "linear"
     assert pd.Timestamp(ds.attrs["window_start"]) == START
     assert float(ds.attrs["time_step_hours"]) == 6.0 and int(ds.attrs["frames_per_window"]) == 4
     assert int(ds.attrs["conditioning_frames"]) == 1 and int(ds.attrs["n_windows"]) == n_windows
@@ -107,12 +106,13 @@ def test_video_assimilate_and_evaluate_one_window(case):
     out = tmp / "traj.nc"
     res = runner.invoke(app, _args(case, out, "--json", str(tmp / "summary.json")))
     assert res.exit_code == 0, res.output
-    _check_trajectory(out, FRAMES, n_windows=1)
+    print(res.stdout)
+    assert _check_trajectory(out, FRAMES, n_windows=1).attrs["observation_operator"] == "bilinear"
+    assert "trajectory: 4 frames in 1 window(s)" in res.stdout
     summary = json.loads((tmp / "summary.json").read_text())
 
     res = runner.invoke(app, ["evaluate", str(out), "--obs", str(case["obs"]), "--json", str(tmp / "m.json")])
     assert res.exit_code == 0, res.output
-    print(res.stdout)
     assert "time interpolation: linear" in res.stdout and "assimilated per frame" in res.stdout
     for t in FRAMES:
         assert t.strftime("%Y-%m-%dT%H:%M") in res.stdout
@@ -129,25 +129,52 @@ def test_video_assimilate_and_evaluate_one_window(case):
     # states) equals evaluate's (bilinear reading of the file's frames, linear in time) to float32 round-off
     for var in CHANNELS:
         assert m["metrics"]["assimilated"][var]["rmse"] == pytest.approx(summary["analysis"][var]["rmse"], rel=1e-4), var
+    print(res.stdout)
 
 
 @pytest.mark.slow  # > 20 s on 2 cores: in the `-m slow` set that CI also runs (README, Tests)
 def test_video_assimilate_chained_windows(case):
+    """Two windows (frames 0-18 h, then 18-36 h conditioned on the first's last frame),
+    known frame 0 from --condition, replacement guidance with the nearest-pixel operator:
+    the last sampler step returns the guided denoiser output, so every observation ON a
+    frame is held exactly at its pixel and frame of the written trajectory (the window
+    it went to placed at the right trajectory frames); evaluate then reads RMSE 0 there."""
     tmp, runner = case["tmp"], CliRunner()
     out = tmp / "traj_long.nc"
-    end = START + 6 * STEP  # the second window: frames 18 h .. 36 h (its first is the previous window's last)
-    cond = _condition_file(tmp / "known.nc")
-    res = runner.invoke(app, _args(case, out, "--end", end.strftime("%Y-%m-%dT%H:%M"), "--conditioning-frames", "1",
-                                   "--condition", str(cond), obs=case["obs_long"]))
-    assert res.exit_code == 0, res.output
-    assert "window 2/2" in res.stderr
+    end = START + 6 * STEP
     frames = pd.DatetimeIndex([START + k * STEP for k in range(7)])
-    _check_trajectory(out, frames, n_windows=2)
-    res = runner.invoke(app, ["evaluate", str(out), "--obs", str(case["obs_long"]), "--json", str(tmp / "m2.json")])
+    cond = _condition_file(tmp / "known.nc")
+    # one observation per frame and channel, at distinct pixels (a pixel observed twice could not hold both)
+    rng = np.random.default_rng(4)
+    lon, lat = healpix.lonlat(64, "nest")
+    pix = rng.choice(lon.size, 3 * len(frames), replace=False).reshape(len(frames), 3)
+    table = pd.DataFrame([{"time": t.strftime("%Y-%m-%dT%H:%M"), "lat": lat[pix[k, c]], "lon": lon[pix[k, c]],
+                           "variable": CHANNELS[c], "value": CENTER[c] + rng.normal(0.0, 3.0), "sigma": 1.0}
+                          for k, t in enumerate(frames) for c in range(3)])
+    table.to_csv(tmp / "obs_frames.csv", index=False)
+    res = runner.invoke(app, _args(case, out, "--end", end.strftime("%Y-%m-%dT%H:%M"), "--conditioning-frames", "1",
+                                   "--condition", str(cond), obs=tmp / "obs_frames.csv",
+                                   method=("--method", "replacement", "--interpolation", "nearest")))
+    assert res.exit_code == 0, res.output
+    assert "window 2/2" in res.stderr and "per window: 12, 9" in res.stderr and "known frames" in res.stderr
+    assert "trajectory: 7 frames in 2 window(s)" in res.stdout
+    ds = _check_trajectory(out, frames, n_windows=2)
+    assert ds.attrs["observation_operator"] == "nearest"
+    # float32 physical values near 280 K are 3e-5 K apart; a few roundings (normalise, sample, unnormalise)
+    for k in range(len(frames)):
+        for c, var in enumerate(CHANNELS):
+            row = table.iloc[3 * k + c]
+            got = ds[var].isel(time=k).values[:, pix[k, c]]
+            np.testing.assert_allclose(got, row["value"], rtol=0, atol=3e-4, err_msg=f"{var} frame {k}")
+
+    res = runner.invoke(app, ["evaluate", str(out), "--obs", str(tmp / "obs_frames.csv"), "--json", str(tmp / "m2.json")])
     assert res.exit_code == 0, res.output
     print(res.stdout)
     per = json.loads((tmp / "m2.json").read_text())["per_frame"]["assimilated"]
-    assert sum(s["n_obs"] for f in per.values() for s in f.values()) == 3 * (len(HOURS) + len(HOURS_LATER))
+    assert list(per) == [t.isoformat() for t in frames]
+    for t, f in per.items():
+        for var, s in f.items():
+            assert s["n_obs"] == 1 and s["rmse"] <= 3e-4, (t, var, s)
 
 
 # --------------------------------------------------------------------------------------
