@@ -251,3 +251,36 @@ def test_image_model_refuses_video_options(tiny_model_dir, case):
                                        "--out", str(case["tmp"] / "image.nc"), *extra])
         line = one_line_error(res)
         assert "video models" in line and "compiling" not in res.output
+
+
+def test_video_options_reach_the_pipeline(monkeypatch, tmp_path):
+    """The CLI only parses: --end (any ISO form, to UTC), --condition, --conditioning-frames,
+    --time-matching arrive at pipeline.assimilate; left out, the settings' defaults hold."""
+    from jaxguide import pipeline
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(model, obs, out, *, settings, time, end=None, condition=None, **kw):
+        seen.update(settings=settings, time=time, end=end, condition=condition)
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "assimilate", fake)
+    cond = tmp_path / "known.nc"
+    cond.write_bytes(b"")  # existence is all the CLI checks; the pipeline reads it
+    base = ["assimilate", "--model", str(tmp_path), "--obs", "o.csv", "--time", "2016-02-28T18:00",
+            "--out", str(tmp_path / "a.nc")]
+    res = CliRunner().invoke(app, base + ["--end", "2016-03-01T08:00+02:00", "--condition", str(cond),
+                                          "--conditioning-frames", "2", "--time-matching", "exact"])
+    assert isinstance(res.exception, Stop), res.output
+    assert seen["end"] == pd.Timestamp("2016-03-01T06:00") and seen["condition"] == cond
+    assert (seen["settings"].conditioning_frames, seen["settings"].time_matching) == (2, "exact")
+    res = CliRunner().invoke(app, base)
+    assert isinstance(res.exception, Stop), res.output
+    assert seen["end"] is None and seen["condition"] is None
+    defaults = pipeline.AssimilationSettings()
+    assert (seen["settings"].conditioning_frames, seen["settings"].time_matching) == (
+        defaults.conditioning_frames, defaults.time_matching)
+    assert "--end" in one_line_error(CliRunner().invoke(app, base + ["--end", "tomorrow"]))
