@@ -312,6 +312,10 @@ def _print_assimilation_summary(summary: dict) -> None:
         table.add_row(var, str(a["n_obs"]), fmt(p.get("rmse")), fmt(a["rmse"]), fmt(a.get("spread")))
     console = Console()
     console.print(table)
+    if summary.get("frames"):
+        frames = [str(t)[:16].replace(" ", "T") for t in summary["frames"]]
+        shown = ", ".join(frames) if len(frames) <= 8 else f"{', '.join(frames[:3])}, ..., {', '.join(frames[-2:])}"
+        console.print(f"trajectory: {len(frames)} frames in {summary.get('windows', 1)} window(s): {shown}")
     if summary["dropped"]:
         console.print(f"dropped observation rows: {summary['dropped']}")
     sampling = summary["seconds_analysis"] + summary["seconds_prior"]
@@ -327,7 +331,11 @@ def _print_assimilation_summary(summary: dict) -> None:
 def assimilate(
     model: Path = typer.Option(..., "--model", help="converted model directory (jaxguide convert)"),
     obs: Path = typer.Option(..., "--obs", help="observation table: CSV/Parquet/NetCDF with time, lat, lon, variable, value, sigma (physical units)"),
-    time: str = typer.Option(None, "--time", help="analysis time, ISO 8601 only: 2020-01-20T00:00 (UTC), 2020-01-20T00:00Z or with an offset, 2020-01-20T02:00+02:00"),
+    time: str = typer.Option(None, "--time", help="analysis time, ISO 8601 only: 2020-01-20T00:00 (UTC), 2020-01-20T00:00Z or with an offset, 2020-01-20T02:00+02:00; for a video model the time of the first frame"),
+    end: str = typer.Option(None, "--end", help="video models: time of the last frame of the run, ISO 8601, a whole number of the model's time steps after --time (default: one window); a longer run chains windows"),
+    condition: Path = typer.Option(None, "--condition", help="video models: NetCDF of known frames (jaxguide analysis layout: HEALPix NEST 'pixel', physical units, the model's variables, optional 'member'); its times on the first window's frames are held fixed"),
+    conditioning_frames: int = typer.Option(None, "--conditioning-frames", help="video models: frames each chained window takes from the end of the previous one (default 1)"),
+    time_matching: str = typer.Option(None, "--time-matching", help="video models: linear (an observation between frames is interpolated linearly in time; default) | exact (such a row is an error, or dropped with --drop-bad)"),
     out: Path = typer.Option(..., "--out", help="analysis file (.nc NetCDF4, or .zarr); a .zarr campaign store with --times"),
     times: list[str] = typer.Option(None, "--times", help="instead of --time, a campaign: START/END/STEP, ISO 8601 (e.g. 2020-01-01T00/2020-01-05T00/PT6H, END inclusive) into one .zarr store, as `jaxguide campaign` (which also runs over several processes)"),
     times_file: Path = typer.Option(None, "--times-file", help="instead of --time, a campaign over the times in this file (one ISO 8601 time per line)"),
@@ -373,9 +381,14 @@ def assimilate(
 
     from jaxguide.observations import parse_time
 
+    video = {"--end": end, "--condition": condition, "--conditioning-frames": conditioning_frames,
+             "--time-matching": time_matching}
+    video = [opt for opt, v in video.items() if v is not None]
     if times or times_file is not None:
         if time is not None:
             raise ValueError("give either --time (one analysis) or --times/--times-file (a campaign), not both")
+        if video:
+            raise ValueError(f"{', '.join(video)} apply to one video run (--time), not to a campaign (--times)")
         # a campaign: the same run as `jaxguide campaign` (one process unless Slurm/mpirun says otherwise)
         return cli_campaign.campaign(
             model=model, obs=obs, out=out, times=times, times_file=times_file, resume=resume, overwrite=overwrite,
@@ -390,6 +403,14 @@ def assimilate(
     if resume:
         raise ValueError("--resume continues a campaign: it goes with --times or --times-file")
     time = parse_time(time, "--time")
+    end_time = None if end is None else parse_time(end, "--end")
+    if condition is not None and not condition.is_file():
+        raise FileNotFoundError(f"no such conditioning file: {str(condition)!r}")
+    if time_matching is not None and time_matching not in ("linear", "exact"):
+        raise ValueError(f"--time-matching must be linear or exact, got {time_matching!r}")
+    # only the options given: their defaults live in AssimilationSettings
+    video_settings = {k: v for k, v in (("conditioning_frames", conditioning_frames),
+                                        ("time_matching", time_matching)) if v is not None}
     settings = pipeline.AssimilationSettings(
         check_plausibility=not allow_implausible,
         method=method,
@@ -410,6 +431,7 @@ def assimilate(
         bf16=bf16,
         remat=remat,
         chunk_size=chunk_size,
+        **video_settings,
     )
     settings.check()
     grid = _latlon_grid(regrid)
@@ -425,15 +447,25 @@ def assimilate(
 
         def on_event(name: str, info) -> None:
             stamp = f"[{time_module.perf_counter() - t0:.1f} s]"
-            if name == "observations":
+            if name == "known_frames":
+                bar.console.print(f"{stamp} known frames from --condition: "
+                                  f"{', '.join(str(t)[:16] for t in info['times']) or 'none on the first window'}")
+            elif name == "window":
+                stage = info.get("stage", "analysis")
+                bar.console.print(f"{stamp} {stage}: window {info['index'] + 1}/{info['of']} from {str(info['start'])[:16]}")
+                if stage in tasks:  # the bar counts the calls of all windows
+                    bar.update(tasks[stage], description=f"{stage}: window {info['index'] + 1}/{info['of']}")
+            elif name == "observations":
                 dropped = sum(info["dropped"].values())
+                per_window = info.get("per_window")
                 bar.console.print(f"{stamp} validated {info['n_obs']} observations"
-                                  + (f" ({dropped} bad rows dropped)" if dropped else ""))
+                                  + (f" ({dropped} bad rows dropped)" if dropped else "")
+                                  + (f"; per window: {', '.join(map(str, per_window))}" if per_window else ""))
             elif name == "compiling":
                 note = ("the first run of a configuration compiles; later runs load it from the cache "
                         f"{cache_dir}" if cache_dir else "compilation cache off (--no-cache)")
-                bar.console.print(f"{stamp} {info['stage']}: compiling the sampler for {info['members']} members "
-                                  f"({note})")
+                bar.console.print(f"{stamp} {info['stage']}: compiling the sampler for {info['members']} "
+                                  f"members ({note})")
                 tasks[info["stage"]] = bar.add_task(f"{info['stage']}: compiling", total=info["calls"])
             elif name == "sampling":
                 bar.update(tasks[info["stage"]], description=f"{info['stage']}: sampling (denoiser calls)")
@@ -453,6 +485,8 @@ def assimilate(
             obs,
             out,
             time=time,
+            end=end_time,
+            condition=condition,
             settings=settings,
             sst=sst,
             regrid=grid,
@@ -707,6 +741,19 @@ def _print_table(result) -> None:
         ("CRPS", "energy score", "variogram score"),
         lambda s: (s["crps"], s["energy_score"], s.get("variogram_score")),
     ))
+    if result.time_rule != "single":
+        how = ("linearly between the two frames around each observation" if result.time_rule == "linear"
+               else "at the frame nearest each observation")
+        console.print(f"time interpolation: {result.time_rule} (the trajectory is read {how}, as assimilate did); "
+                      "per frame: the observations nearest each frame")
+    for set_name, frames in result.per_frame.items():
+        t = Table(title=f"{set_name} per frame (each observation at its nearest frame)", box=box.SIMPLE_HEAD)
+        for col in ("frame (UTC)", "variable", "n", "RMSE", "spread", "CRPS"):
+            t.add_column(col, justify="left" if col in ("frame (UTC)", "variable") else "right", no_wrap=True)
+        for frame, per_var in frames.items():
+            for var, s in per_var.items():
+                t.add_row(frame[:16], var, str(s["n_obs"]), fmt(s["rmse"]), fmt(s.get("spread")), fmt(s["crps"]))
+        console.print(t)
     if any(s.get("obs_noise_in_scores") for per in result.metrics.values() for s in per.values()):
         console.print("At observations, CRPS, energy and variogram scores and rank histograms score the members plus "
                       "N(0, sigma^2) noise, and spread/skill = sqrt((M+1)/M spread^2 + sigma^2) / RMSE. The energy "
@@ -726,7 +773,10 @@ def evaluate(
 ) -> None:
     """RMSE / CRPS / energy and variogram scores / spread / spread-skill of an analysis at
     assimilated and held-out observations (read with the analysis' own observation
-    operator) and against a truth field."""
+    operator) and against a truth field. A trajectory (several frame times, a video
+    model's run) is read in time as assimilate did (linear between frames, or the
+    nearest frame) and also scored per frame; with linear interpolation, observations
+    outside its first..last frame are left out (a note says how many)."""
     from jaxguide import evaluation
     from jaxguide.io import check_writable_dir, read_analysis, write_json_atomic
 
@@ -742,8 +792,14 @@ def evaluate(
     sets = {"assimilated": obs} if held_out is None else {"assimilated": obs, "held_out": held_out}
     result = evaluation.evaluate(ds, sets, truth=truth, seed=seed)
     for name, info in result.skipped.items():
-        typer.echo(f"note: {name}: left out {info['n_obs']} observations of variables not in the analysis: "
-                   f"{info['variables']}", err=True)
+        if "variables" in info:
+            typer.echo(f"note: {name}: left out {info['n_obs']} observations of variables not in the analysis: "
+                       f"{info['variables']}", err=True)
+        if "outside_time" in info:
+            out_t = info["outside_time"]
+            typer.echo(f"note: {name}: left out {out_t['n_obs']} observations outside the analysis times "
+                       f"{out_t['first']} to {out_t['last']} (the trajectory is interpolated in time only between "
+                       "its frames)", err=True)
     _print_table(result)
     if json_path is not None:
         write_json_atomic(json_path, result.to_json(analysis))

@@ -9,6 +9,18 @@ bilinearly (the default operator) and a note is logged.
 Observations are noisy, so the scores at observations use the predictive ensemble
 (members + N(0, sigma^2) with the table's sigma, seeded); scores against a truth field
 use the members as they are (see :func:`jaxguide.metrics.summarize`).
+
+Trajectories (a video model's run, dims (member, time, pixel) with several frame times)
+are read in time with the SAME rule ``assimilate`` used, recorded in the global
+attribute :data:`TIME_ATTR`: ``"linear"`` interpolates linearly in time between the
+two frames around each observation (the operator's frame stencil,
+:func:`jaxguide.observations.time_stencil`); ``"exact"``, no attribute (older files,
+campaign stores) or one time only take the nearest time, as before. Under the linear
+rule an observation outside the file's first..last time cannot be read:
+:func:`ensemble_at_observations` raises ValueError, :func:`evaluate` leaves it out and
+counts it in ``skipped[set]["outside_time"]``. Files with several times also get
+per-frame scores: each observation is assigned to its nearest frame (a tie to the
+earlier one) and each frame's observations are summarised per variable.
 """
 
 from __future__ import annotations
@@ -27,12 +39,15 @@ import xarray as xr
 from jaxguide import grid_sampling, healpix, metrics
 from jaxguide.io import read_analysis
 from jaxguide.schema import PRIOR_SUFFIX, channel_variables
-from jaxguide.observations import read_observations
+from jaxguide.observations import _to_utc_naive, read_observations, time_stencil
 
 logger = logging.getLogger(__name__)
 
 OPERATOR_ATTR = "observation_operator"
 DEFAULT_OPERATOR = "bilinear"
+TIME_ATTR = "time_interpolation"
+# the file's TIME_ATTR -> how evaluate reads it in time
+TIME_RULES = {"linear": "linear", "exact": "nearest"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +55,8 @@ class AtObservations:
     """One variable's ensemble read at its observations (physical units).
 
     ensemble: (M, n); value, sigma, lon, lat: (n,) the observations, in table order.
+    time: (n,) datetime64[ns] observation times and frame: (n,) int64 index of the
+      nearest analysis time (a tie: the earlier), when the analysis has several times.
     """
 
     ensemble: np.ndarray
@@ -47,6 +64,8 @@ class AtObservations:
     sigma: np.ndarray
     lon: np.ndarray
     lat: np.ndarray
+    time: np.ndarray | None = None
+    frame: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,23 +76,36 @@ class Evaluation:
       :func:`jaxguide.metrics.summarize`.
     operator: the sampling scheme used at the observations.
     skipped: set -> {"variables": [...], "n_obs": count} of observations whose variable
-      the analysis lacks (left out).
+      the analysis lacks, and/or "outside_time": {"n_obs", "first", "last"} (linear time
+      rule: observations outside the analysis times first..last); left out.
     samples: set -> variable -> :class:`AtObservations` (for plots or further scores).
+    time_rule: how the ensemble was read in time: "single" (one analysis time),
+      "linear" or "nearest" (see the module docstring).
+    per_frame: set -> frame time (ISO 8601) -> variable -> the dict of
+      :func:`jaxguide.metrics.summarize` of the observations nearest that frame (frames
+      without observations are absent); empty for a single analysis time.
     """
 
     metrics: dict[str, dict[str, dict[str, Any]]]
     operator: str
     skipped: dict[str, dict[str, Any]]
     samples: dict[str, dict[str, AtObservations]]
+    time_rule: str = "single"
+    per_frame: dict[str, dict[str, dict[str, dict[str, Any]]]] = dataclasses.field(default_factory=dict)
 
     def to_json(self, analysis: str | os.PathLike | None = None) -> dict[str, Any]:
-        """JSON-friendly dict: analysis path, operator, skipped observations, metrics."""
-        return {
+        """JSON-friendly dict: analysis path, operator, skipped observations, metrics;
+        for an analysis with several times also the time rule and the per-frame metrics."""
+        out = {
             "analysis": None if analysis is None else str(analysis),
             "observation_operator": self.operator,
             "skipped": self.skipped,
             "metrics": self.metrics,
         }
+        if self.time_rule != "single":
+            out["time_interpolation"] = self.time_rule
+            out["per_frame"] = self.per_frame
+        return out
 
 
 def observation_operator(ds: xr.Dataset) -> str:
@@ -117,47 +149,137 @@ def read_verification_observations(path: str | os.PathLike) -> pd.DataFrame:
     return table
 
 
+def time_rule(ds: xr.Dataset) -> str:
+    """How ``ds`` is read in time: "single" (one time), "linear" (its :data:`TIME_ATTR`
+    is "linear") or "nearest" ("exact", or no attribute: older files, campaign stores).
+    An unknown value raises ValueError."""
+    if ds.sizes.get("time", 1) == 1:
+        return "single"
+    value = ds.attrs.get(TIME_ATTR)
+    if value is None:
+        return "nearest"
+    if str(value) not in TIME_RULES:
+        raise ValueError(f"the analysis' {TIME_ATTR} is {str(value)!r}; expected one of {', '.join(TIME_RULES)}")
+    return TIME_RULES[str(value)]
+
+
+def _ns(times) -> np.ndarray:
+    """Times (datetime-like, ISO text) as int64 nanoseconds, UTC naive."""
+    return _to_utc_naive(np.asarray(times)).to_numpy("datetime64[ns]").astype(np.int64)
+
+
 def _time_index(ds_times: np.ndarray, obs_times) -> np.ndarray:
-    """Index of the analysis time nearest to each observation time."""
+    """Index of the analysis time nearest to each observation time (a tie: the earlier)."""
     if ds_times.size == 1:
         return np.zeros(len(obs_times), dtype=np.int64)
-    t = np.asarray(obs_times, dtype="datetime64[ns]").astype(np.int64)
-    d = np.asarray(ds_times, dtype="datetime64[ns]").astype(np.int64)
+    t = _ns(obs_times)
+    d = _ns(ds_times)
     return np.argmin(np.abs(t[:, None] - d[None, :]), axis=1)
 
 
-def ensemble_at_observations(ds: xr.Dataset, table: pd.DataFrame, method: str | None = None) -> dict[str, AtObservations]:
+def outside_times(ds: xr.Dataset, obs_times, rule: str | None = None) -> np.ndarray:
+    """(n,) bool: observations the linear time rule cannot read (before the analysis'
+    first time or after its last); all False for the other rules."""
+    rule = time_rule(ds) if rule is None else rule
+    if rule != "linear":
+        return np.zeros(len(obs_times), dtype=bool)
+    t = _ns(obs_times)
+    d = _ns(ds["time"].values)
+    return (t < d.min()) | (t > d.max())
+
+
+def _time_weights(ds_times: np.ndarray, obs_times, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (n, 2) and weights (n, 2) that read each observation in time: the two
+    analysis times around it, linearly (``rule == "linear"``), or the nearest one."""
+    n = len(obs_times)
+    if rule != "linear":
+        idx = _time_index(ds_times, obs_times)
+        return np.stack([idx, idx], 1), np.stack([np.ones(n), np.zeros(n)], 1)
+    d = _ns(ds_times)
+    if np.any(np.diff(d) <= 0):
+        raise ValueError("the analysis times are not increasing; cannot interpolate in time")
+    t = _ns(obs_times)
+    # fractional index, piecewise linear in time (offsets from the first time: exact in float64)
+    position = np.interp((t - d[0]).astype(np.float64), (d - d[0]).astype(np.float64), np.arange(d.size, dtype=np.float64))
+    frames, weights = time_stencil(position, d.size)
+    return frames.astype(np.int64), weights
+
+
+def ensemble_at_observations(
+    ds: xr.Dataset, table: pd.DataFrame, method: str | None = None, rule: str | None = None
+) -> dict[str, AtObservations]:
     """Per variable of the table that the analysis has: its ensemble at the observations.
 
     Args:
       ds: analysis on HEALPix NEST pixels (dims member, time, pixel).
       table: observation table (physical units); rows of other variables are ignored.
       method: sampling scheme; None reads it from ``ds`` (:func:`observation_operator`).
+      rule: time rule ("single", "linear", "nearest"); None reads it from ``ds``
+        (:func:`time_rule`). Under "linear" an observation outside the analysis times
+        raises ValueError (:func:`evaluate` leaves such rows out first).
     """
     if "pixel" not in ds.dims:
         raise ValueError("evaluate needs an analysis on the HEALPix grid (dimension 'pixel'), not a regridded one")
     method = observation_operator(ds) if method is None else grid_sampling.check_method(method)
+    rule = time_rule(ds) if rule is None else rule
     table = table.reset_index(drop=True)
     nside = healpix.nside_of_npix(ds.sizes["pixel"])
     channels = set(channel_variables(ds))
+    ds_times = ds["time"].values
+    known = table["variable"].isin(channels).to_numpy()
+    outside = outside_times(ds, table["time"], rule) & known
+    if outside.any():
+        first, last = (pd.Timestamp(t).isoformat() for t in (ds_times.min(), ds_times.max()))
+        raise ValueError(f"{int(outside.sum())} observations lie outside the analysis times {first} to {last} "
+                         f"(e.g. {table['time'][outside].iloc[0]}); the ensemble is interpolated in time only between them")
     lon = table["lon"].to_numpy(np.float64)
     lat = table["lat"].to_numpy(np.float64)
     pix, w = grid_sampling.stencil(nside, lon, lat, method, "nest")  # (n, 4)
-    tidx = _time_index(ds["time"].values, table["time"])
+    several = ds_times.size > 1
+    if several:
+        frames, tw = _time_weights(ds_times, table["time"], "nearest" if rule == "single" else rule)  # (n, 2)
+        nearest = _time_index(ds_times, table["time"])
+        obs_ns = _ns(table["time"]).astype("datetime64[ns]")
+    else:
+        frames, tw = np.zeros((len(table), 2), np.int64), np.tile([1.0, 0.0], (len(table), 1))
     out = {}
     for var, rows in table.groupby("variable", sort=True):
         if var not in channels:
             continue
         pos = rows.index.to_numpy()  # positions: the index is 0..n-1
         field = ds[var].transpose("member", "time", "pixel").values.astype(np.float64)  # (M, T, npix)
-        vals = np.sum(field[:, tidx[pos][:, None], pix[pos]] * w[pos][None], axis=-1)  # (M, n)
+        vals = sum(
+            tw[pos, k][None, :] * np.sum(field[:, frames[pos, k][:, None], pix[pos]] * w[pos][None], axis=-1)
+            for k in range(2) if several or k == 0
+        )  # (M, n)
         out[str(var)] = AtObservations(
             ensemble=vals,
             value=rows["value"].to_numpy(np.float64),
             sigma=rows["sigma"].to_numpy(np.float64),
             lon=lon[pos],
             lat=lat[pos],
+            time=obs_ns[pos] if several else None,
+            frame=nearest[pos] if several else None,
         )
+    return out
+
+
+def per_frame_metrics(
+    ds_times: np.ndarray, per_var: Mapping[str, AtObservations], *, seed: int = 0, variogram: bool = True
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Frame time (ISO 8601) -> variable -> :func:`jaxguide.metrics.summarize` of the
+    observations whose nearest analysis time is that frame (``AtObservations.frame``);
+    frames without observations are absent. Frames in time order."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for k, t in enumerate(np.asarray(ds_times)):
+        entry = {}
+        for var, a in per_var.items():
+            sel = a.frame == k
+            if sel.any():
+                entry[var] = metrics.summarize(a.ensemble[:, sel], a.value[sel], obs_sigma=a.sigma[sel], seed=seed,
+                                               variogram=variogram)
+        if entry:
+            out[pd.Timestamp(t).isoformat()] = entry
     return out
 
 
@@ -209,27 +331,44 @@ def evaluate(
     """
     ds = analysis if isinstance(analysis, xr.Dataset) else read_analysis(analysis)
     method = observation_operator(ds)
+    rule = time_rule(ds)
+    ds_times = ds["time"].values
     results: dict[str, dict[str, dict[str, Any]]] = {}
     samples: dict[str, dict[str, AtObservations]] = {}
     skipped: dict[str, dict[str, Any]] = {}
+    per_frame: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for name, src in observations.items():
         table = src if isinstance(src, pd.DataFrame) else read_verification_observations(src)
-        per_var = ensemble_at_observations(ds, table, method)
+        variables = sorted(set(table["variable"]))
+        outside = outside_times(ds, table["time"], rule)
+        if outside.any():
+            first, last = (pd.Timestamp(t).isoformat() for t in (ds_times.min(), ds_times.max()))
+            skipped.setdefault(name, {})["outside_time"] = {"n_obs": int(outside.sum()), "first": first, "last": last}
+            logger.info("%s: left out %d observations outside the analysis times %s to %s", name, int(outside.sum()),
+                        first, last)
+            table = table.loc[~outside]
+            if len(table) == 0:
+                raise ValueError(f"none of the {int(outside.size)} {name} observations lies within the analysis times "
+                                 f"{first} to {last}")
+        per_var = ensemble_at_observations(ds, table, method, rule)
         if not per_var:
-            raise ValueError(f"none of the {name} observation variables {sorted(set(table['variable']))} is in the analysis")
+            raise ValueError(f"none of the {name} observation variables {variables} is in the analysis")
         left_out = sorted(set(table["variable"]) - set(per_var))
         if left_out:
             n_skip = int(table["variable"].isin(left_out).sum())
-            skipped[name] = {"variables": left_out, "n_obs": n_skip}
+            skipped.setdefault(name, {}).update({"variables": left_out, "n_obs": n_skip})
             logger.info("%s: left out %d observations of variables not in the analysis: %s", name, n_skip, left_out)
         samples[name] = per_var
         results[name] = {
             var: metrics.summarize(a.ensemble, a.value, obs_sigma=a.sigma, seed=seed, variogram=variogram)
             for var, a in per_var.items()
         }
+        if rule != "single":
+            per_frame[name] = per_frame_metrics(ds_times, per_var, seed=seed, variogram=variogram)
     if truth is not None:
         results["truth"] = truth_metrics(ds, truth, seed=seed)
-    return Evaluation(metrics=results, operator=method, skipped=skipped, samples=samples)
+    return Evaluation(metrics=results, operator=method, skipped=skipped, samples=samples, time_rule=rule,
+                      per_frame=per_frame)
 
 
 def write_plots(result: Evaluation, analysis: xr.Dataset, plots_dir: str | os.PathLike) -> list[Path]:
