@@ -354,6 +354,25 @@ def _plots(out: Path, config: DemoConfig, ens_mmps, prior_mean, truth, assim: pd
 # the demo
 
 
+def stage_clock(stages: Sequence[str], progress: Progress | None, label: str):
+    """``(stage, timings)``: call ``stage(i)`` as stage i starts (``stage(len(stages))`` at
+    the end); it logs, reports ``progress(i, len(stages), stages[i])`` and records each
+    finished stage's seconds in ``timings``."""
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter(), None]
+
+    def stage(i: int) -> None:
+        now = time.perf_counter()
+        if clock[1] is not None:
+            timings[stages[clock[1]]] = now - clock[0]
+        clock[:] = [now, i]
+        logger.info("%s stage %d/%d: %s", label, i + 1, len(stages), stages[i] if i < len(stages) else "done")
+        if progress is not None and i < len(stages):
+            progress(i, len(stages), stages[i])
+
+    return stage, timings
+
+
 def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, progress: Progress | None = None,
              command: str = "jaxguide demo") -> dict[str, Any]:
     """Run the demo, write its files into ``out_dir`` (created; files are overwritten)
@@ -363,17 +382,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
     starts. command: recorded in the files' provenance.
     """
     out = prepare_out_dir(out_dir)
-    timings: dict[str, float] = {}
-    clock = [time.perf_counter(), None]
-
-    def stage(i: int) -> None:
-        now = time.perf_counter()
-        if clock[1] is not None:
-            timings[STAGES[clock[1]]] = now - clock[0]
-        clock[:] = [now, i]
-        logger.info("demo stage %d/%d: %s", i + 1, len(STAGES), STAGES[i] if i < len(STAGES) else "done")
-        if progress is not None and i < len(STAGES):
-            progress(i, len(STAGES), STAGES[i])
+    stage, timings = stage_clock(STAGES, progress, "demo")
 
     channels, center, scale = list(config.channels), config.center, config.scale
     key = jax.random.PRNGKey(config.seed)

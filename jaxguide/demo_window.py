@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import logging
 import os
-import time
 from typing import Any
 
 import jax
@@ -157,17 +156,7 @@ def run_window_demo(out_dir: str | os.PathLike, config: WindowDemoConfig = Windo
     """Run the window demo, write its files into ``out_dir`` and return the summary
     (also ``out_dir/window_summary.json``). progress/command as :func:`jaxguide.demo.run_demo`."""
     out = demo.prepare_out_dir(out_dir)
-    timings: dict[str, float] = {}
-    clock = [time.perf_counter(), None]
-
-    def stage(i: int) -> None:
-        now = time.perf_counter()
-        if clock[1] is not None:
-            timings[STAGES[clock[1]]] = now - clock[0]
-        clock[:] = [now, i]
-        logger.info("window demo stage %d/%d: %s", i + 1, len(STAGES), STAGES[i] if i < len(STAGES) else "done")
-        if progress is not None and i < len(STAGES):
-            progress(i, len(STAGES), STAGES[i])
+    stage, timings = demo.stage_clock(STAGES, progress, "window demo")
 
     channels, center, scale = list(config.channels), config.center, config.scale
     window = config.window
