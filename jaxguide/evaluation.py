@@ -39,7 +39,7 @@ import xarray as xr
 from jaxguide import grid_sampling, healpix, metrics
 from jaxguide.io import read_analysis
 from jaxguide.schema import PRIOR_SUFFIX, channel_variables
-from jaxguide.observations import _to_utc_naive, read_observations, time_stencil
+from jaxguide.observations import to_utc_naive, read_observations, time_stencil
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def time_rule(ds: xr.Dataset) -> str:
 
 def _ns(times) -> np.ndarray:
     """Times (datetime-like, ISO text) as int64 nanoseconds, UTC naive."""
-    return _to_utc_naive(np.asarray(times)).to_numpy("datetime64[ns]").astype(np.int64)
+    return to_utc_naive(np.asarray(times)).to_numpy("datetime64[ns]").astype(np.int64)
 
 
 def _time_index(ds_times: np.ndarray, obs_times) -> np.ndarray:

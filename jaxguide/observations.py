@@ -176,7 +176,7 @@ def make_table(time, lat, lon, variable, value, sigma) -> pd.DataFrame:
     return _coerce(pd.DataFrame(out, columns=list(COLUMNS)))
 
 
-def _to_utc_naive(t) -> pd.Series:
+def to_utc_naive(t) -> pd.Series:
     """Times as UTC-naive datetime64[ns]; text must be ISO 8601 (else
     :class:`TimeFormatError`); empty entries become NaT (flagged later)."""
     t = pd.Series(t)
@@ -196,7 +196,7 @@ def _coerce(table: pd.DataFrame) -> pd.DataFrame:
         raise MissingColumnsError(f"observation table lacks columns {missing}; required: {list(COLUMNS)}")
     out = table.copy()
     out = out.reset_index(drop=True)
-    out["time"] = _to_utc_naive(out["time"]).to_numpy()
+    out["time"] = to_utc_naive(out["time"]).to_numpy()
     for c in ("lat", "lon", "value", "sigma"):
         out[c] = pd.to_numeric(out[c], errors="coerce").astype(np.float64)
     out["variable"] = out["variable"].astype(str)
@@ -332,10 +332,10 @@ def validate_observations(
         "bad_sigma": ~(sigma > 0) | ~np.isfinite(sigma),
     }
     if times is not None:
-        allowed = pd.DatetimeIndex(_to_utc_naive(list(times)))
+        allowed = pd.DatetimeIndex(to_utc_naive(list(times)))
         checks["time_outside_data"] |= ~t.isin(allowed).to_numpy()
     if time_window is not None:
-        start, end = _to_utc_naive(list(time_window))
+        start, end = to_utc_naive(list(time_window))
         checks["time_outside_data"] |= ((t < start) | (t > end)).to_numpy()
     checks["time_outside_data"] &= ~checks["bad_time"]
 
@@ -381,7 +381,7 @@ def _window_message(outside: pd.Series, time_window, times, description: str | N
     if description is not None:
         return f"{description}; {span}"
     if time_window is not None:
-        start, end = _to_utc_naive(list(time_window))
+        start, end = to_utc_naive(list(time_window))
         half = (end - start) / 2
         return (f"the observation window was {start.strftime(fmt)} to {end.strftime(fmt)} UTC (analysis time +- "
                 f"{half / pd.Timedelta(hours=1):g} h); {span}; widen it with window_hours (--window-hours) or check "
