@@ -486,8 +486,8 @@ class Session:
                                frame_position=position[which == k] - k * stride, n_frames=frames)
             obs_k = pad(Observations(A=A, y=rows["value_n"].to_numpy(np.float32),
                                      sigma_y=rows["sigma_n"].to_numpy(np.float32)), size)
-            if k == 0 and len(rows):
-                obs_k.check()
+            if len(rows):
+                obs_k.check()  # value checks on concrete arrays (inside the program they are traced)
 
             def cond_of(stage, n, previous, w=w, k=k):
                 if k == 0:
