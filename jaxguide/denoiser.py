@@ -8,8 +8,11 @@ x0_hat`` for one member, and ``conditioning(time, ...) -> cond`` (a pytree of ar
 with the same structure for every time). :class:`CBottleDenoiser` is cBottle's model
 in that form; :class:`jaxguide.gaussian.GaussianModel` is the exact Gaussian prior in it.
 
-A member's state is ``(C, 1, npix)``: channels, time, pixels in the network's order,
-normalised units. ``vmap`` over members for ensembles.
+A member's state is ``(C, T, npix)``: channels, frames (T = 1 for single-time models,
+``time_length`` for a video model's window), pixels in the network's order, normalised
+units. ``vmap`` over members for ensembles. Video models also give
+``time_step_hours``, ``window(start)`` and ``window_conditioning(window, known=...)``
+(the per-frame calendar and known frames, see :mod:`jaxguide.window`).
 """
 
 from __future__ import annotations

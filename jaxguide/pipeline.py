@@ -12,6 +12,12 @@ guidance method (:mod:`jaxguide.guidance`, from the settings) -> the guided ense
 the unguided prior ensemble (:func:`jaxguide.guided.guided_denoiser` run by an
 :class:`~jaxguide.ensemble.EnsembleSampler`) -> CF NetCDF/zarr, written atomically.
 
+Video models (T > 1 frames per member) run the same stages on windows: the
+observations are placed in frames (``prepare(window=...)``), the run from ``time`` to
+``end`` is a chain of windows (:mod:`jaxguide.window`), each conditioned per member on
+the last frames of the previous one (``window_conditioning``; the conditioning is a
+per-member operand of the one compiled program), and the file holds the trajectory.
+
 Compiling: a :class:`Session` owns the compiled ensemble programs of one model; its
 calls pass parameters, conditioning, method hyperparameters and observations as
 arguments, and observation counts are padded to a power of two
