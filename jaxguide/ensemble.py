@@ -22,7 +22,8 @@ Several programs (e.g. an analysis and a prior ensemble) compile concurrently wi
 :meth:`EnsembleSampler.compile_many` (``prepare`` each call, compile them all, ``run``
 each): XLA compiles in worker threads without the GIL, so on 2 cores two programs take
 about the time of the larger one instead of the sum. The programs are compiled ahead of
-time (``jit(...).lower(...).compile()``), keyed by configuration and argument shapes.
+time (``jit(...).lower(...).compile()``), keyed by configuration and argument shapes,
+with :func:`jaxguide.xla_options.compiler_options` for the devices they run on.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxguide import xla_options
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +278,8 @@ class EnsembleSampler:
         if not pending:
             return seconds
 
-        def compile_one(lowered, idx):
-            compiled = lowered.compile()
+        def compile_one(lowered, idx, options):
+            compiled = lowered.compile(options)
             s = time.perf_counter() - t0
             for i in idx:
                 seconds[i] = s
@@ -291,7 +294,8 @@ class EnsembleSampler:
                 program = self._programs.get(c.config)
                 if program is None:
                     program = self._programs[c.config] = _build(c.config[0], self.sampler, *c.config[1:])
-                futures[sig] = pool.submit(compile_one, program.lower(c.key, c.operands), idx)
+                options = xla_options.compiler_options(c.config[4] or jax.devices()[:1])
+                futures[sig] = pool.submit(compile_one, program.lower(c.key, c.operands), idx, options)
             for sig, f in futures.items():
                 self._compiled[sig] = f.result()
         logger.debug("compiled %d ensemble programs in %.1f s", len(pending), time.perf_counter() - t0)
