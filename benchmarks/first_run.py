@@ -10,6 +10,8 @@ twice in fresh processes with the same, initially empty, cache directory
 seconds of each run and the compile/sampling split the command reports.
 
     PYTHONPATH=. python benchmarks/first_run.py --workdir /tmp/first_run
+    # side by side with another checkout (e.g. `git worktree add /tmp/base <commit>`)
+    PYTHONPATH=. python benchmarks/first_run.py --baseline /tmp/base --runs first_run,second_run_warm_cache
 
 On a shared machine wall times depend on the other load; CPU seconds (user + sys of
 the child) are steadier.
@@ -57,14 +59,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--runs", default="first_run,second_run_warm_cache,no_cache",
                     help="comma-separated subset of first_run,second_run_warm_cache,no_cache")
+    ap.add_argument("--baseline", type=Path,
+                    help="another checkout of jaxguide (e.g. a git worktree of an older main): each run is made "
+                         "with it and with this one, alternately, each with its own cache directory")
     args = ap.parse_args(argv)
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
     t = "2020-01-20T00:00"
     py = [sys.executable, "-m", "jaxguide.cli"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAXGUIDE_CACHE_DIR=str(w / "xla_cache"))
-    env.pop("JAXGUIDE_NO_CACHE", None)
-    shutil.rmtree(w / "xla_cache", ignore_errors=True)
+    checkouts = {"this": REPO} if args.baseline is None else {"baseline": args.baseline.resolve(), "this": REPO}
+    envs = {}
+    for label, repo in checkouts.items():
+        cache = w / f"xla_cache_{label}"
+        shutil.rmtree(cache, ignore_errors=True)
+        envs[label] = dict(os.environ, PYTHONPATH=str(repo), JAXGUIDE_CACHE_DIR=str(cache))
+        envs[label].pop("JAXGUIDE_NO_CACHE", None)
+    env = envs["this"]
     subprocess.run([*py, "convert", str(FIXTURE_CHECKPOINT), "--out", str(w / "model"), "--overwrite"], env=env,
                    check=True, capture_output=True)
     era5 = read_era5_temperature(synthetic_era5(w / "era5.nc", t))
@@ -80,12 +90,22 @@ def main(argv=None) -> dict:
     for name, extra in (("first_run", []), ("second_run_warm_cache", []), ("no_cache", ["--no-cache"])):
         if name not in runs:
             continue
-        out[name] = run(cmd + extra, env)
-        print(name, json.dumps(out[name]), flush=True)
-    if "first_run" in out and "second_run_warm_cache" in out:
-        out["ratio_second_over_first_wall"] = round(out["second_run_warm_cache"]["wall_s"] / out["first_run"]["wall_s"], 3)
-        out["ratio_second_over_first_cpu"] = round(out["second_run_warm_cache"]["cpu_s"] / out["first_run"]["cpu_s"], 3)
-    print(json.dumps({k: v for k, v in out.items() if k.startswith("ratio")}))
+        for label in checkouts:  # alternately: the baseline, then this checkout
+            key = name if label == "this" else f"{label}_{name}"
+            out[key] = run(cmd + extra, envs[label])
+            print(key, json.dumps(out[key]), flush=True)
+    for prefix in ("", "baseline_") if args.baseline else ("",):
+        first, second = out.get(prefix + "first_run"), out.get(prefix + "second_run_warm_cache")
+        if first and second:
+            out[prefix + "ratio_second_over_first_wall"] = round(second["wall_s"] / first["wall_s"], 3)
+            out[prefix + "ratio_second_over_first_cpu"] = round(second["cpu_s"] / first["cpu_s"], 3)
+    if args.baseline:
+        out["baseline"] = str(args.baseline)
+        for name in runs:
+            if name in out and "baseline_" + name in out:
+                out[f"ratio_{name}_this_over_baseline_wall"] = round(out[name]["wall_s"] / out["baseline_" + name]["wall_s"], 3)
+    out["load_after"] = os.getloadavg()
+    print(json.dumps({k: v for k, v in out.items() if "ratio" in k}))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return out

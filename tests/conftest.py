@@ -1,4 +1,5 @@
-"""Shared test helpers: locating ../shared/fixtures, and the matmul precision of parity tests.
+"""Shared test helpers: locating ../shared/fixtures, the matmul precision of parity tests,
+and the test run's compiler options and compilation cache.
 
 Tests that need the cBottle fixtures use the ``fixtures_dir`` fixture. When the
 fixtures are absent they skip locally but FAIL under CI (CI=true), so a broken path
@@ -20,8 +21,43 @@ from pathlib import Path
 import jax
 import pytest
 
-# the CLI's persistent compilation cache stays off in tests (no writes to ~/.cache)
-os.environ.setdefault("JAXGUIDE_NO_CACHE", "1")
+# jaxguide's CPU compiler options (jaxguide.xla_options) for every program of the tests, the
+# ones tests jit themselves included (XLA_FLAGS is read when the CPU backend starts)
+_YNN = "--xla_cpu_experimental_ynn_fusion_type="
+if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _YNN).strip()
+
+
+def _test_compile_cache() -> Path:
+    """One persistent compilation cache per test run: ``$JAXGUIDE_TEST_CACHE_DIR`` (``.ci/run``
+    gives the default and the slow set the same one), else a fresh temporary directory.
+
+    Tests build the same programs again and again (every CLI invocation makes a new
+    ``Session``); with the cache the second build loads the executable instead of compiling
+    it. The CLI's own cache (``JAXGUIDE_CACHE_DIR``) is pointed at it, so CLI runs in tests
+    use the cache as users' runs do. Loading still counts as a compilation for
+    ``ensemble.count_compiles`` (JAX reports the backend compile event for cache hits too),
+    so compile-count tests are unaffected.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    path = os.environ.get("JAXGUIDE_TEST_CACHE_DIR")
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return Path(path)
+    tmp = tempfile.mkdtemp(prefix="jaxguide-test-xla-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return Path(tmp)
+
+
+# the CLI (in-process and in subprocesses) uses the same cache, never ~/.cache
+_CACHE = _test_compile_cache()
+os.environ["JAXGUIDE_CACHE_DIR"] = str(_CACHE)
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 PARITY_MODULES = frozenset(
     {"test_network", "test_video", "test_replay", "test_sampler", "test_guidance", "test_gaussian_posterior", "test_cg_gradient"}
