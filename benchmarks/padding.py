@@ -214,18 +214,19 @@ def measure(channels: list[int], repeats: int, pad_repeats: int, only: list[str]
 
 
 def table(rows: list[dict]) -> str:
+    """Markdown: one row per (channels, case), the implementations side by side."""
     by = {(r["channels"], r["case"], r["impl"]): r for r in rows}
-    keys = sorted({(r["channels"], r["case"]) for r in rows}, key=lambda k: (k[0], [r["case"] for r in rows].index(k[1])))
+    keys = list(dict.fromkeys((r["channels"], r["case"]) for r in rows))  # in measured order
     out = ["| C | measured | old ms | old_gt ms | new ms | old / new | best old / new | compile s old / new "
            "| temp MB old / old_gt / new |",
            "|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for c, case in keys:
         old, new, gt = by[(c, case, "old")], by[(c, case, "new")], by.get((c, case, "old_gt"))
         best = min(old["ms"], gt["ms"]) if gt else old["ms"]
-        out.append(f"| {c} | {case} | {old['ms']:.3f} | {gt['ms']:.3f} | " if gt else f"| {c} | {case} | {old['ms']:.3f} | - | ")
-        out[-1] += (f"{new['ms']:.3f} | {old['ms'] / new['ms']:.2f} | {best / new['ms']:.2f} | "
-                    f"{old['compile_s']:.2f} / {new['compile_s']:.2f} | {old['temp_mb']:.1f} / "
-                    + (f"{gt['temp_mb']:.1f}" if gt else "-") + f" / {new['temp_mb']:.1f} |")
+        gt_ms, gt_mb = (f"{gt['ms']:.3f}", f"{gt['temp_mb']:.1f}") if gt else ("-", "-")
+        out.append(f"| {c} | {case} | {old['ms']:.3f} | {gt_ms} | {new['ms']:.3f} | {old['ms'] / new['ms']:.2f} "
+                   f"| {best / new['ms']:.2f} | {old['compile_s']:.2f} / {new['compile_s']:.2f} "
+                   f"| {old['temp_mb']:.1f} / {gt_mb} / {new['temp_mb']:.1f} |")
     return "\n".join(out)
 
 
@@ -247,8 +248,8 @@ def main(argv=None):
     channels = [int(c) for c in args.channels.split(",")]
     only = [c.strip() for c in args.cases.split(",") if c.strip()] or None
     meta = dict(jax=jax.__version__, device=str(jax.devices()[0]), cpus=os.cpu_count(),
-                machine=platform.processor() or platform.machine(), nside=NSIDE, repeats=args.repeats, pad_repeats=args.pad_repeats,
-                uptime_start=_uptime())
+                machine=platform.processor() or platform.machine(), nside=NSIDE, repeats=args.repeats,
+                pad_repeats=args.pad_repeats, uptime_start=_uptime())
     print(f"jax {meta['jax']} on {meta['device']}, {meta['cpus']} CPUs; {meta['uptime_start']}", flush=True)
     t0 = time.perf_counter()
     rows = measure(channels, args.repeats, args.pad_repeats, only)
