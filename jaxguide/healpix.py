@@ -8,7 +8,8 @@ north-east, ``iy`` towards north-west, as in NEST) is ``h = n - 1 - ix``,
 ``w = n - 1 - iy``: the image has its origin at the north corner and runs clockwise.
 
 Everything here is index arithmetic done once in NumPy; what runs inside
-``jit``/``vmap``/``grad`` is a gather with these precomputed indices. Sampling a
+``jit``/``vmap``/``grad`` is a gather with these precomputed indices (for the face
+padding: a reshape of the faces and small gathers of their borders). Sampling a
 field at points (containing pixel, bilinear weights, lat/lon regridding) lives in
 :mod:`jaxguide.grid_sampling`.
 """
@@ -319,26 +320,162 @@ def pad_gather(nside: int, padding: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return primary, both, np.stack([a[both], b[both]]).astype(np.int32)
 
 
+def _frame(size: int, width: int):
+    """Border pieces of a ``size x size`` image with a border ``width`` wide.
+
+    Returns ``(pieces, centre)``: ``pieces`` the (row start, row stop, column start,
+    column stop) of the top, left, right and bottom strips (top and bottom span the full
+    width, left and right the rows between them), ``centre`` those of the rest. When the
+    border covers the whole image (size <= 2 width) the only piece is the whole image
+    and ``centre`` is None.
+    """
+    s, q = size, width
+    if s <= 2 * q:
+        return ((0, s, 0, s),), None
+    return ((0, q, 0, s), (q, s - q, 0, q), (q, s - q, s - q, s), (s - q, s, 0, s)), (q, s - q, q, s - q)
+
+
+@functools.lru_cache(maxsize=None)
+def _frame_positions(size: int, width: int) -> np.ndarray:
+    """Flat ``[face, h, w]`` indices (into 12 size^2) of the border pieces of :func:`_frame`,
+    piece after piece, each (12, rows, columns) row-major. int32 (B,)."""
+    grid = np.arange(12 * size * size, dtype=np.int32).reshape(12, size, size)
+    pieces, _ = _frame(size, width)
+    return np.concatenate([grid[:, r0:r1, c0:c1].ravel() for r0, r1, c0, c1 in pieces])
+
+
+def _split_frame(border: jnp.ndarray, size: int, width: int) -> list[jnp.ndarray]:
+    """(..., B, C) border values in :func:`_frame_positions` order -> the pieces (..., 12, r, c, C)."""
+    *lead, _, c = border.shape
+    out, start = [], 0
+    for r0, r1, c0, c1 in _frame(size, width)[0]:
+        count = 12 * (r1 - r0) * (c1 - c0)
+        out.append(border[..., start:start + count, :].reshape(*lead, 12, r1 - r0, c1 - c0, c))
+        start += count
+    return out
+
+
+def _join_frame(pieces: list[jnp.ndarray], centre: jnp.ndarray | None) -> jnp.ndarray:
+    """Inverse of the split: pieces (..., 12, r, c, C) around centre -> (..., 12, s, s, C)."""
+    if centre is None:
+        return pieces[0]
+    top, left, right, bottom = pieces
+    middle = jnp.concatenate([left, centre, right], axis=-2)
+    return jnp.concatenate([top, middle, bottom], axis=-3)
+
+
+@functools.lru_cache(maxsize=None)
+def pad_border(nside: int, padding: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`pad_gather` restricted to the border of the padded faces.
+
+    Returns ``(index, avg_pos, avg_src)``: ``index`` (B,) one source pixel for each
+    border position, in the order of ``_frame_positions(n + 2p, p)`` (top, left, right,
+    bottom strips of every face; B = 12 * 4p(n + p)); at the border positions
+    ``avg_pos`` (k,) the value is the mean of the two pixels ``avg_src`` (2, k). The rest
+    of a padded face is the face itself.
+    """
+    primary, avg_pos, avg_src = pad_gather(nside, padding)
+    positions = _frame_positions(nside + 2 * padding, padding)
+    where = np.full(primary.size, -1, np.int64)
+    where[positions] = np.arange(positions.size)
+    if np.any(where[avg_pos] < 0):
+        raise AssertionError("averaged padding position inside a face")
+    index, pos = primary[positions], where[avg_pos].astype(np.int32)
+    for a in (index, pos, avg_src):
+        a.setflags(write=False)
+    return index, pos, avg_src
+
+
+@functools.lru_cache(maxsize=None)
+def pad_border_transpose(nside: int, padding: int) -> tuple[np.ndarray, np.ndarray]:
+    """The transpose of :func:`pad` for the pixels near the face edges, as a gather.
+
+    Returns ``(index, weight)``, both (F, K): :func:`pad_transpose_table` restricted to
+    the pixels of ``_frame_positions(n, p)`` (the strips ``p`` wide along the edges of
+    every face, F = 12 (n^2 - (n - 2p)^2), or all pixels when n <= 2p), which are the
+    only pixels a border position reads; the others only receive their own position.
+    """
+    index, weight = pad_transpose_table(nside, padding)
+    rows = _frame_positions(nside, padding)
+    m = nside + 2 * padding
+    grid = np.arange(12 * m * m).reshape(12, m, m)
+    interior = grid[:, padding:padding + nside, padding:padding + nside].ravel()
+    inner = np.ones(12 * nside * nside, bool)
+    inner[rows] = False
+    if np.any(index[inner, 1:] < 12 * m * m) or np.any(index[inner, 0] != interior[inner]):
+        raise AssertionError("a border position reads a pixel away from the face edges")
+    k = int(np.max(np.sum(weight[rows] != 0, axis=1)))
+    out_index, out_weight = np.ascontiguousarray(index[rows, :k]), np.ascontiguousarray(weight[rows, :k])
+    out_index.setflags(write=False)
+    out_weight.setflags(write=False)
+    return out_index, out_weight
+
+
+def _pad_values(x: jnp.ndarray, padding: int) -> jnp.ndarray:
+    """:func:`pad` without its VJP rule: interior reshape + border gather, concatenated."""
+    *lead, npix, c = x.shape
+    n = nside_of_npix(npix)
+    if padding == 0:
+        return x.reshape(*lead, 12, n, n, c)
+    index, avg_pos, avg_src = pad_border(n, padding)
+    border = jnp.take(x, index, axis=-2)
+    if avg_pos.size:
+        mean = (jnp.take(x, avg_src[0], axis=-2) + jnp.take(x, avg_src[1], axis=-2)) * 0.5
+        border = border.at[..., avg_pos, :].set(mean)
+    pieces = _split_frame(border, n + 2 * padding, padding)
+    return _join_frame(pieces, x.reshape(*lead, 12, n, n, c))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def pad(x: jnp.ndarray, padding: int) -> jnp.ndarray:
-    """Pad HEALPix faces for a convolution. jit/vmap/grad friendly.
+    """Pad HEALPix faces for a convolution. jit/vmap/grad friendly (reverse mode only).
+
+    The interior of each padded face is the face itself (a reshape: in net order faces
+    are contiguous and row-major); only the border (about 4p/n of the output) is
+    gathered from the neighbouring faces. The VJP is the interior's slice plus, for the
+    pixels along the face edges, a small gather of the border's cotangent: no scatter
+    into a zero-initialised full-size buffer (XLA may allocate such buffers early and
+    keep them for the whole program, which defeats rematerialisation).
 
     Args:
       x: (..., 12 * n**2, C) in net order (pixels then channels).
-      padding: border width p.
+      padding: border width p, 0 <= p <= n.
     Returns:
       (..., 12, n + 2p, n + 2p, C).
     """
-    npix = x.shape[-2]
-    n = nside_of_npix(npix)
-    if padding == 0:
-        return x.reshape(*x.shape[:-2], 12, n, n, x.shape[-1])
-    primary, avg_pos, avg_src = pad_gather(n, padding)
-    out = jnp.take(x, primary, axis=-2)
-    if avg_pos.size:
-        mean = (jnp.take(x, avg_src[0], axis=-2) + jnp.take(x, avg_src[1], axis=-2)) * 0.5
-        out = out.at[..., avg_pos, :].set(mean)
-    m = n + 2 * padding
-    return out.reshape(*x.shape[:-2], 12, m, m, x.shape[-1])
+    return _pad_values(x, padding)
+
+
+def _pad_fwd(x, padding):
+    return _pad_values(x, padding), None
+
+
+def _pad_bwd(padding, _, ct):
+    """ct (..., 12, m, m, C) -> ((..., 12 n^2, C),)."""
+    *lead, faces, m, _m, c = ct.shape
+    p = padding
+    n = m - 2 * p
+    if p == 0:
+        return (ct.reshape(*lead, faces * n * n, c),)
+    index, weight = pad_border_transpose(n, p)
+    flat = ct.reshape(*lead, faces * m * m, c)
+    edges = None
+    # one gather per slot k, not one (..., F, K, C) gather reduced over K: XLA:CPU ran
+    # that reduction 20x slower; and no einsum, which GPUs may round to TF32
+    for k in range(index.shape[1]):
+        part = jnp.take(flat, index[:, k], axis=-2, mode="fill", fill_value=0)  # (..., F, C)
+        if np.any((weight[:, k] != 0) & (weight[:, k] != 1)):
+            part = part * jnp.asarray(weight[:, k, None], ct.dtype)
+        edges = part if edges is None else edges + part
+    _, centre = _frame(n, p)
+    if centre is not None:
+        r0, r1, c0, c1 = centre
+        centre = ct[..., p + r0:p + r1, p + c0:p + c1, :]
+    dx = _join_frame(_split_frame(edges, n, p), centre)
+    return (dx.reshape(*lead, faces * n * n, c),)
+
+
+pad.defvjp(_pad_fwd, _pad_bwd)
 
 
 @functools.lru_cache(maxsize=None)
@@ -370,28 +507,6 @@ def pad_transpose_table(nside: int, padding: int) -> tuple[np.ndarray, np.ndarra
     return index, weight
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def pad_gather_transposed(x: jnp.ndarray, padding: int) -> jnp.ndarray:
-    """:func:`pad` whose VJP is a gather (no scatter into a zero buffer). Reverse mode only.
-
-    A scatter-add's zero-initialised buffer depends on no data, so XLA may allocate it
-    early and keep it for the whole program; inside rematerialised network blocks these
-    buffers would hold as much memory as the activations remat avoids storing.
-    """
-    return pad(x, padding)
-
-
-def _pad_gt_fwd(x, padding):
-    return pad(x, padding), None
-
-
-def _pad_gt_bwd(padding, _, ct):
-    *lead, faces, m, _m, c = ct.shape
-    n = m - 2 * padding
-    index, weight = pad_transpose_table(n, padding)
-    flat = ct.reshape(*lead, faces * m * m, c)
-    parts = jnp.take(flat, jnp.asarray(index), axis=-2, mode="fill", fill_value=0)  # (..., npix, K, C)
-    return (jnp.einsum("...pkc,pk->...pc", parts, jnp.asarray(weight, ct.dtype)),)
-
-
-pad_gather_transposed.defvjp(_pad_gt_fwd, _pad_gt_bwd)
+# The name the network uses inside rematerialised blocks: :func:`pad` itself now has a
+# backward without a zero-initialised full-size buffer.
+pad_gather_transposed = pad
