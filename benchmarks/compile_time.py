@@ -18,8 +18,15 @@ one pass (ICON label), members by ``vmap`` (default) vs ``lax.map`` (``chunk_siz
 Parameters are abstract (``jax.ShapeDtypeStruct``): nothing is allocated, so the
 released configuration (68 M parameters) compiles on a laptop.
 
+``--blocks scan,unrolled`` measures every variant with the U-Net's runs of identical
+blocks as one ``lax.scan`` each (``network.SCAN_BLOCKS = True``, the default) and with
+every block unrolled (the former program), alternating per variant, in one process.
+Video models (time_length T > 1, e.g. the video fixture's converted checkpoint) get
+members (C, T, npix), per-frame conditioning and observations spread over the frames.
+
     PYTHONPATH=. python benchmarks/compile_time.py --model /tmp/model --json compile_fixture.json
     PYTHONPATH=. python benchmarks/compile_time.py --config released --variants unguided,mmps1
+    PYTHONPATH=. python benchmarks/compile_time.py --model /tmp/model --blocks scan,unrolled --variants unguided,mmps1
 
 Compile seconds depend on the machine and its load; compare variants of one run.
 """
@@ -37,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide import ensemble, guidance
+from jaxguide import ensemble, guidance, network
 from jaxguide.config import BatchInfo, ModelConfig
 from jaxguide.model import CBottleModel, graphdef_and_shapes, load_model
 from jaxguide.network import NPIX
@@ -78,13 +85,16 @@ def model_for(args) -> CBottleModel:
 
 
 def operands_for(model: CBottleModel, n_obs: int):
-    A = PointObservationOperator(
-        jax.ShapeDtypeStruct((n_obs,), jnp.int32), jax.ShapeDtypeStruct((n_obs, 4), jnp.int32),
-        jax.ShapeDtypeStruct((n_obs, 4), jnp.float32))
+    """Abstract parameters, conditioning of one window (T frames) and point observations
+    (for T > 1 with a frame per stencil entry, K = 8 as video windows)."""
+    t = model.config.time_length
+    k = 4 if t == 1 else 8
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
-    cond = {"second_of_day": f32(1, 1), "day_of_year": f32(1, 1)}
+    A = PointObservationOperator(i32(n_obs), i32(n_obs, k), f32(n_obs, k), None if t == 1 else i32(n_obs, k))
+    cond = {"second_of_day": f32(1, t), "day_of_year": f32(1, t)}
     if model.config.condition_channels:
-        cond["condition"] = f32(1, 1, 1, NPIX)
+        cond["condition"] = f32(1, model.config.condition_channels, t, NPIX)
     return model.params, cond, guidance.Observations(A, f32(n_obs), f32(n_obs))
 
 
@@ -93,6 +103,11 @@ def hlo_stats(text: str) -> dict:
         "hlo_instructions": sum(1 for line in text.splitlines() if re.match(r"\s+(ROOT )?%?[\w.\-]+ = ", line)),
         "convolutions": len(re.findall(r"= [^=]*\bconvolution\(", text)),
     }
+
+
+def load() -> float:
+    """The machine's 1-minute load average (compile seconds depend on it)."""
+    return round(__import__("os").getloadavg()[0], 2)
 
 
 def measure(fn_jit, *args) -> dict:
@@ -115,35 +130,48 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--n-obs", type=int, default=60)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated, of {list(VARIANTS)}")
+    ap.add_argument("--blocks", default="scan", help="comma list of scan,unrolled: U-Net blocks scanned or unrolled")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
     model = model_for(args)
     params, cond, obs = operands_for(model, args.n_obs)
-    member_shape = (model.config.out_channels, 1, NPIX)
+    member_shape = (model.config.out_channels, model.config.time_length, NPIX)
+    modes = args.blocks.split(",")
     kwargs = ensemble._freeze({"num_steps": args.steps, "sigma_min": 0.02, "sigma_max": 200.0, "rho": 7.0})
     result = {"config": args.model or args.config, "members": args.members, "steps": args.steps, "n_obs": args.n_obs,
               "machine": f"{platform.node()} {jax.devices()[0].platform} cores={__import__('os').cpu_count()}",
-              "jax": jax.__version__, "variants": {}}
+              "jax": jax.__version__, "blocks": {mode: {"variants": {}} for mode in modes}}
+
+    def write():  # after every measurement: a long run that is stopped keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
 
     # one unguided denoiser call: the unit of "network copies"
-    one = guided_denoiser(CBottleDenoiser(model, "era5"))
-    x = jax.ShapeDtypeStruct(member_shape, jnp.float32)
-    unit = measure(jax.jit(one), x, jax.ShapeDtypeStruct((), jnp.float32), params, cond, None, None)
-    result["one_denoiser_call"] = unit
-    print(f"one unguided denoiser call: {unit}", flush=True)
+    units = {}
+    for mode in modes:
+        network.SCAN_BLOCKS = mode == "scan"
+        one = guided_denoiser(CBottleDenoiser(model, "era5"))
+        x = jax.ShapeDtypeStruct(member_shape, jnp.float32)
+        units[mode] = measure(jax.jit(one), x, jax.ShapeDtypeStruct((), jnp.float32), params, cond, None, None)
+        result["blocks"][mode]["one_denoiser_call"] = units[mode]
+        print(f"{mode:8s} one unguided denoiser call: {units[mode]} (load {load()})", flush=True)
+        write()
 
     for name in args.variants.split(","):
         method, cg, unroll, label, chunk = VARIANTS[name]
-        m = None if method is None else guidance.MMPS(cg_iters=cg, cg_unroll=unroll)
-        fn = guided_denoiser(CBottleDenoiser(model, label))
-        program = ensemble._build(fn, sample, member_shape, args.members, kwargs, (), chunk)
-        stats = measure(program, jax.random.key(0), (params, cond, m, None if m is None else obs))
-        stats["network_copies"] = round(stats["convolutions"] / max(unit["convolutions"], 1), 2)
-        result["variants"][name] = stats
-        print(f"{name:16s} {stats}", flush=True)
-        if args.json:  # after every variant: a long run that is stopped keeps what it measured
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        for mode in modes:  # alternating, so that both see the same machine load
+            network.SCAN_BLOCKS = mode == "scan"
+            m = None if method is None else guidance.MMPS(cg_iters=cg, cg_unroll=unroll)
+            fn = guided_denoiser(CBottleDenoiser(model, label))
+            program = ensemble._build(fn, sample, member_shape, args.members, kwargs, (), chunk)
+            stats = measure(program, jax.random.key(0), (params, cond, m, None if m is None else obs))
+            stats["network_copies"] = round(stats["convolutions"] / max(units[mode]["convolutions"], 1), 2)
+            stats["load_1min"] = load()
+            result["blocks"][mode]["variants"][name] = stats
+            print(f"{mode:8s} {name:16s} {stats}", flush=True)
+            write()
+    network.SCAN_BLOCKS = True
     return result
 
 

@@ -44,6 +44,9 @@ SKIP_SCALE = float(np.sqrt(0.5))
 _IN_REMAT_BACKWARD = contextvars.ContextVar("in_remat_backward", default=False)
 NSIDE = 2**HPX64_LEVEL
 NPIX = 12 * NSIDE * NSIDE
+# Default of ``CBottleUNet.__call__(scan_blocks=...)``: runs of identical U-Net blocks as one
+# ``lax.scan`` each (see scan_run); False unrolls every block (the former program).
+SCAN_BLOCKS = True
 
 
 def num_groups(channels: int, cap: int = 32, min_per_group: int = 4) -> int:
@@ -501,6 +504,102 @@ def decoder_layout(config: ModelConfig) -> list[BlockSpec]:
     return layout
 
 
+def takes_skip(name: str) -> bool:
+    """Whether the decoder entry ``name`` concatenates an encoder skip to its input
+    (every decoder block but ``in0``, ``in1`` and the ``_up`` blocks)."""
+    return not (name.endswith("_in0") or name.endswith("_in1") or name.endswith("_up"))
+
+
+def decoder_skip_channels(config: ModelConfig) -> list[int]:
+    """Channels of the skip each decoder entry pops (0: none), in ``decoder_layout`` order.
+
+    The skips are the encoder entries' outputs, popped last first, as ``decoder_layout``
+    pops them to size the blocks' inputs.
+    """
+    skips = [spec.cout for spec in encoder_layout(config)]
+    return [skips.pop() if takes_skip(spec.name) else 0 for spec in decoder_layout(config)]
+
+
+def encoder_scan_keys(config: ModelConfig) -> list[tuple | None]:
+    """Per encoder entry, what an encoder block must share with its neighbours to be
+    scanned with them, or None for an entry that is never scanned.
+
+    A block can be a scan step when its output has its input's shape (no resampling,
+    cin == cout): the carry of the scan. Blocks with equal keys are built with equal
+    arguments (widths, attention, temporal attention), so have equal structure.
+    """
+    return [
+        None if spec.name.endswith("_conv_embed") or spec.resample is not None or spec.cin != spec.cout
+        else (spec.cin, spec.cout, spec.attention, spec.temporal)
+        for spec in encoder_layout(config)
+    ]
+
+
+def decoder_scan_keys(config: ModelConfig) -> list[tuple | None]:
+    """Per decoder entry, its scan key (see :func:`encoder_scan_keys`), or None.
+
+    A decoder block is a scan step when it pops a skip and, fed ``concat(h, skip)``,
+    returns h's shape (cin - skip == cout, no resampling); the key includes the skip's
+    channel count, so the skips of one run have one shape and stack as the scan's xs.
+    """
+    return [
+        None if skip == 0 or spec.resample is not None or spec.cin - skip != spec.cout
+        else (spec.cin, spec.cout, spec.attention, spec.temporal, skip)
+        for spec, skip in zip(decoder_layout(config), decoder_skip_channels(config))
+    ]
+
+
+def scan_runs(keys: list) -> list[tuple[int, int]]:
+    """Split ``range(len(keys))`` into maximal runs of consecutive equal keys (None: a run
+    of one). Returns ``[(start, stop), ...]`` covering every index once, in order."""
+    runs: list[tuple[int, int]] = []
+    for i, key in enumerate(keys):
+        if runs and key is not None and keys[runs[-1][0]] == key:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def stack_states(blocks: list[nnx.Module]) -> tuple[nnx.GraphDef, nnx.State]:
+    """The blocks' common graph definition and their states stacked on a new leading axis.
+
+    Raises ValueError when the blocks differ in structure. Each leaf: (n, *shape).
+    """
+    graphdefs, states = zip(*(nnx.split(block) for block in blocks))
+    if any(g != graphdefs[0] for g in graphdefs[1:]):
+        raise ValueError("blocks of one scan run must have the same structure")
+    return graphdefs[0], jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def scan_run(
+    blocks: list[UNetBlock], h: jax.Array, emb: jax.Array, skips: jax.Array | None = None, *, remat: bool,
+    collect: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Blocks of identical structure applied in turn, as ONE ``lax.scan`` over their parameters.
+
+    h: (B, T, X, C) -> (B, T, X, C) after the last block; also returns every block's
+    output, (n, B, T, X, C) (the encoder's skip connections; None unless ``collect``). With ``skips``
+    (n, B, T, X, Cs) (decoder), block i sees ``concat(h, skips[i])``.
+
+    XLA then compiles one block per run instead of one per block ("scan over layers").
+    The parameters stay stored per block (converter, checkpoints and parameter names
+    unchanged) and are stacked here, inside the traced call: one copy of the scanned
+    blocks' parameters per network call, negligible next to the forward pass it feeds
+    (e.g. ~0.27 GB for the released model, whose forward is ~1 TFLOP). ``remat`` is
+    applied per step (:func:`call_block`), so it acts per block as in the unrolled net.
+    """
+    graphdef, stacked = stack_states(blocks)
+
+    def step(carry, xs):
+        state, skip = xs
+        x = carry if skip is None else jnp.concatenate([carry, skip], axis=-1)
+        out = call_block(nnx.merge(graphdef, state), x, emb, remat=remat)
+        return out, out if collect else None
+
+    return jax.lax.scan(step, h, (stacked, skips))
+
+
 class CBottleUNet(nnx.Module):
     """SongUNet on HEALPix level 6 as cBottle builds it: ``SongUNetHPX64`` (time_length 1) or
     ``SongUNetHPX64Video`` (time_length T > 1: temporal attention, multi-head attention).
@@ -552,6 +651,20 @@ class CBottleUNet(nnx.Module):
         else:
             self.classifier_conv0 = self.classifier_norm = self.classifier_conv1 = None
 
+    def _encoder_entry(self, name: str, h: jax.Array, emb: jax.Array, acts: dict | None, remat: bool) -> jax.Array:
+        """One encoder entry, unrolled: (B, T, X, C) -> (B, T, X', C'); records into ``acts``."""
+        block = self.enc[name]
+        if name.endswith("_conv_embed"):
+            h = block(h)
+            if acts is not None:
+                acts["enc." + name] = h
+            return h + self.pos_embed[...].astype(h.dtype)
+        if acts is None:
+            return call_block(block, h, emb, remat=remat)
+        h = block(h, emb, acts, "enc." + name)
+        acts["enc." + name] = h
+        return h
+
     def embedding(self, c_noise: jax.Array, class_labels: jax.Array | None) -> jax.Array:
         """Noise + label embedding fed to every block (shared by all frames). (B,), (B or 1, label_dim) -> (B, 4 mc)."""
         emb = noise_embedding(c_noise, self.config.model_channels)
@@ -572,12 +685,18 @@ class CBottleUNet(nnx.Module):
         compute_dtype: jnp.dtype = jnp.float32,
         return_intermediates: bool = False,
         remat: bool = False,
+        scan_blocks: bool | None = None,
     ):
         """x: (B, T, X, C_in) preconditioned input (c_in x, condition), channels last;
         second_of_day, day_of_year: (B, T) per frame.
 
         ``remat``: recompute each UNetBlock in the backward pass (see :func:`call_block`;
         ignored with ``return_intermediates``).
+        ``scan_blocks`` (None: the module default ``SCAN_BLOCKS``, True): each maximal run
+        of consecutive blocks of identical structure and shapes (:func:`encoder_scan_keys`,
+        :func:`decoder_scan_keys`) runs as one ``lax.scan`` (:func:`scan_run`), so XLA
+        compiles each distinct block once; False unrolls every block. Same values to
+        float32 round-off. ``return_intermediates`` always unrolls (it records every block).
         Returns F (B, T, X, out_channels) in ``accum_dtype(compute_dtype)`` (and a dict of
         activations (B, T, X', C) if asked; the classifier logits are among them when the
         config has a classifier).
@@ -590,33 +709,36 @@ class CBottleUNet(nnx.Module):
         if acts is not None:
             acts["embed_calendar"] = cal
             acts["emb"] = emb
+        scan = (SCAN_BLOCKS if scan_blocks is None else scan_blocks) and acts is None
+        enc_runs = scan_runs(encoder_scan_keys(self.config) if scan else [None] * len(self.enc_order))
+        dec_runs = scan_runs(decoder_scan_keys(self.config) if scan else [None] * len(self.dec_order))
         skips = []
-        for name in self.enc_order:
-            block = self.enc[name]
-            if name.endswith("_conv_embed"):
-                h = block(h)
-                if acts is not None:
-                    acts["enc." + name] = h
-                h = h + self.pos_embed[...].astype(h.dtype)
+        for start, stop in enc_runs:
+            if stop - start > 1:
+                h, outs = scan_run([self.enc[n] for n in self.enc_order[start:stop]], h, emb, remat=remat)
+                skips.extend(outs[i] for i in range(stop - start))
             else:
-                if acts is None:
-                    h = call_block(block, h, emb, remat=remat)
-                else:
-                    h = block(h, emb, acts, "enc." + name)
-                    acts["enc." + name] = h
-            skips.append(h)
+                h = self._encoder_entry(self.enc_order[start], h, emb, acts, remat)
+                skips.append(h)
         if self.classifier_conv0 is not None and acts is not None:
             logits = jax.nn.relu(self.classifier_conv0(h))
             logits = self.classifier_conv1(self.classifier_norm(logits).astype(h.dtype))
             acts["classifier_logits"] = logits.astype(acc)
-        for name in self.dec_order:
-            block = self.dec[name]
-            if not (name.endswith("_in0") or name.endswith("_in1") or name.endswith("_up")):
+        for start, stop in dec_runs:
+            names = self.dec_order[start:stop]
+            if len(names) > 1:
+                popped = [skips.pop() for _ in names]
+                if len({(s.shape, s.dtype) for s in popped}) != 1:
+                    raise ValueError(f"decoder blocks {names} pop skips of different shapes: {[s.shape for s in popped]}")
+                h, _ = scan_run([self.dec[n] for n in names], h, emb, jnp.stack(popped), remat=remat, collect=False)
+                continue
+            name = names[0]
+            if takes_skip(name):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
             if acts is None:
-                h = call_block(block, h, emb, remat=remat)
+                h = call_block(self.dec[name], h, emb, remat=remat)
             else:
-                h = block(h, emb, acts, "dec." + name)
+                h = self.dec[name](h, emb, acts, "dec." + name)
                 acts["dec." + name] = h
         h = self.aux_norm(h)
         out = self.aux_conv(jax.nn.silu(h).astype(compute_dtype)).astype(acc)
@@ -653,6 +775,7 @@ def precond_forward(
     compute_dtype: jnp.dtype = jnp.float32,
     return_intermediates: bool = False,
     remat: bool = False,
+    scan_blocks: bool | None = None,
 ):
     """cBottle's EDMPrecond: D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, ...).
 
@@ -668,6 +791,8 @@ def precond_forward(
         ``accum_dtype(compute_dtype)``: float32, as cBottle, unless float64 is asked for.
       remat: rematerialise each U-Net block in reverse mode: a VJP through D (guidance)
         keeps ~one block's activations instead of all, for one extra forward of compute.
+      scan_blocks: one ``lax.scan`` per run of identical blocks (None: ``SCAN_BLOCKS``); see
+        :meth:`CBottleUNet.__call__`.
     Returns D: (B, C, T, X) in ``accum_dtype(compute_dtype)``.
     """
     cfg = model.config
@@ -716,6 +841,7 @@ def precond_forward(
         compute_dtype=compute_dtype,
         return_intermediates=return_intermediates,
         remat=remat,
+        scan_blocks=scan_blocks,
     )
     f, acts = out if return_intermediates else (out, None)
     f = jnp.transpose(f, (0, 3, 1, 2))  # (B, C, T, X)
