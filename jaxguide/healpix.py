@@ -507,6 +507,6 @@ def pad_transpose_table(nside: int, padding: int) -> tuple[np.ndarray, np.ndarra
     return index, weight
 
 
-# The name the network uses inside rematerialised blocks: :func:`pad` itself now has a
-# backward without a zero-initialised full-size buffer.
+# The former name of the padding with a gather-like backward (rematerialised blocks used
+# it): :func:`pad` itself now has a backward without a zero-initialised full-size buffer.
 pad_gather_transposed = pad

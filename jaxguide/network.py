@@ -16,7 +16,6 @@ channels-last ``(batch, time, pixel, channel)``.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import math
 from typing import NamedTuple
@@ -40,8 +39,6 @@ from jaxguide.config import (
 )
 
 SKIP_SCALE = float(np.sqrt(0.5))
-# True while a rematerialised block's backward pass is traced (see call_block).
-_IN_REMAT_BACKWARD = contextvars.ContextVar("in_remat_backward", default=False)
 NSIDE = 2**HPX64_LEVEL
 NPIX = 12 * NSIDE * NSIDE
 # Default of ``CBottleUNet.__call__(scan_blocks=...)``: runs of identical U-Net blocks as one
@@ -197,8 +194,7 @@ class HealpixConv(nnx.Module):
             return x @ w + self.bias[...].astype(x.dtype)
         *lead, npix, cin = x.shape
         n = healpix.nside_of_npix(npix)
-        pad = healpix.pad_gather_transposed if _IN_REMAT_BACKWARD.get() else healpix.pad
-        padded = pad(x, 1).reshape(-1, n + 2, n + 2, cin)
+        padded = healpix.pad(x, 1).reshape(-1, n + 2, n + 2, cin)
         y = conv3x3_valid(padded, w)
         return y.reshape(*lead, npix, -1) + self.bias[...].astype(x.dtype)
 
@@ -350,14 +346,10 @@ def _remat_block_bwd(graphdef, residuals, g):
     # memory as without rematerialisation.
     g0 = jnp.ravel(g)[0]
     x = x + (jnp.where(jnp.isfinite(g0), g0, 0) * 0).astype(x.dtype)
-    # The padding's transpose as a gather: a scatter-add's zero buffer has no inputs, and
-    # XLA:CPU allocated those of every block at the start of the program.
-    token = _IN_REMAT_BACKWARD.set(True)
-    try:
-        _, vjp = jax.vjp(lambda s, a, e: nnx.merge(graphdef, s)(a, e), state, x, emb)
-        return vjp(g)
-    finally:
-        _IN_REMAT_BACKWARD.reset(token)
+    # (healpix.pad's own VJP has no zero-initialised full-size buffer, which XLA:CPU would
+    # allocate for every block at the start of the program)
+    _, vjp = jax.vjp(lambda s, a, e: nnx.merge(graphdef, s)(a, e), state, x, emb)
+    return vjp(g)
 
 
 _remat_block.defvjp(_remat_block_fwd, _remat_block_bwd)
