@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import platform
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide import guidance, healpix, xla_options
+from jaxguide import guidance, healpix, network, xla_options
 from jaxguide.config import CALENDAR_EMBED_CHANNELS, CHANNEL_MULT_EMB, BatchInfo, ModelConfig
 from jaxguide.denoiser import make_denoiser
 from jaxguide.model import CBottleModel, count_params, init_params
@@ -146,9 +147,10 @@ def timed_jit(name: str, fn: Callable, make_args: Callable[[int], tuple], repeat
     _, n_compiles, _ = LOG.since(m, name)
     mem = flops = None
     if analyse:  # hits the jit's compilation cache: no new compile
-        compiled = jf.lower(*args).compile()
-        mem = memory_of(compiled)
-        flops = flops_of(compiled)
+        mem = memory_of(jf.lower(*args).compile())
+        with unrolled_blocks():  # the FLOPs of every block (one extra compile)
+            unrolled = jax.jit(lambda *a: fn(*a), compiler_options=COMPILER_OPTIONS)  # a new trace
+            flops = flops_of(unrolled.lower(*args).compile())
     t = Timing(name, comp_s, backend_s, max(wall - comp_s, 0.0), runs, n_compiles, jf._cache_size(), mem, flops,
                out if keep_output else None, jf)
     print(f"  {name}: compile {t.compile_s:.1f}s, run {t.best:.3f}s (runs {[round(r, 3) for r in runs]}, "
@@ -166,6 +168,19 @@ def memory_of(compiled) -> dict:
     d["peak_bytes"] = d["argument_size_in_bytes"] + d["output_size_in_bytes"] + d["temp_size_in_bytes"] \
         - d["alias_size_in_bytes"]
     return d
+
+
+@contextlib.contextmanager
+def unrolled_blocks():
+    """Trace the network with every U-Net block unrolled (``network.SCAN_BLOCKS = False``):
+    XLA's cost analysis counts a loop body once, not once per iteration, so FLOPs are
+    counted on the unrolled program (same operations)."""
+    saved = network.SCAN_BLOCKS
+    network.SCAN_BLOCKS = False
+    try:
+        yield
+    finally:
+        network.SCAN_BLOCKS = saved
 
 
 def flops_of(compiled) -> float | None:

@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf import analytic_flops, memory_of, timed_jit  # noqa: E402
+from perf import analytic_flops, memory_of, timed_jit, unrolled_blocks  # noqa: E402
 
 from jaxguide import guidance, observations  # noqa: E402
 from jaxguide.conditioning import KnownFrames, read_amip_sst  # noqa: E402
@@ -199,7 +199,8 @@ def heun_step(den: CBottleDenoiser):
 
 
 def lowered_flops(fn, *args) -> float:
-    ca = jax.jit(fn).lower(*args).cost_analysis()
+    with unrolled_blocks():  # a scanned block would count once
+        ca = jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis()  # a new trace
     if isinstance(ca, (list, tuple)):
         ca = ca[0]
     return float(ca["flops"])
