@@ -45,7 +45,10 @@ def test_remat_same_vjp_and_less_memory(tiny_model, den):
     compiled = {r: program(r) for r in (False, True)}
     temp = {r: compiled[r].memory_analysis().temp_size_in_bytes for r in compiled}
     (D0, gx0, gp0), (D1, gx1, gp1) = (compiled[r](params, x, w) for r in (False, True))
-    assert rel_errors(D1, D0)[0] <= 1e-6
+    # float32 round-off: the rematerialised blocks' forward is a separate computation that
+    # XLA fuses apart from the scanned plain one (measured 4.7e-6; 0 before blocks were
+    # scanned, 2.4e-6 scanned vs unrolled); a wrong block or parameter gives O(1)
+    assert rel_errors(D1, D0)[0] <= 1e-5
     assert rel_errors(gx1, gx0)[0] <= 1e-5, rel_errors(gx1, gx0)
     leaves0, leaves1 = jax.tree_util.tree_leaves(gp0), jax.tree_util.tree_leaves(gp1)
     assert len(leaves0) == len(leaves1) > 100
