@@ -69,11 +69,14 @@ def test_runs_follow_the_layout(config):
 
 
 def _forward_and_vjp(model, x, sigma, cond, w):
+    """{scan: (D, VJP of w)} (w None: {scan: (D,)})."""
     graphdef, _ = graphdef_and_shapes(model.config)
 
     def run(params, x, scan):
         net = nnx.merge(graphdef, nnx.State(params))
         f = lambda z: precond_forward(net, z, sigma, scan_blocks=scan, **cond)  # noqa: E731
+        if w is None:
+            return (f(x),)
         d, vjp = jax.vjp(f, x)
         return d, vjp(w)[0]
 
@@ -81,7 +84,7 @@ def _forward_and_vjp(model, x, sigma, cond, w):
 
 
 def _check(results):
-    for i, (what, max_tol) in enumerate((("D", 5e-6), ("vjp", 1e-5))):
+    for i, (what, max_tol) in enumerate((("D", 5e-6), ("vjp", 1e-5))[:len(results[True])]):
         maxabs, rms = rel_errors(results[True][i], results[False][i])
         assert maxabs <= max_tol and rms <= 1e-6, (what, maxabs, rms)
 
@@ -97,13 +100,14 @@ def test_scanned_matches_unrolled_image(tiny_model, fixtures_dir):
     _check(_forward_and_vjp(tiny_model, x, jnp.asarray(d["sigma"][:2]), _cond(d, slice(0, 2)), w))
 
 
-@pytest.mark.slow  # video fixture: convert + two VJP compiles
+@pytest.mark.slow  # video fixture: convert + two compiles
 def test_scanned_matches_unrolled_video(fixtures_dir, tmp_path):
+    """The video model's runs (temporal attention in every encoder block, only the last
+    decoder block of a level): forward only; the scan's VJP is checked on the image model."""
     import jaxguide
     from jaxguide.convert import convert_checkpoints
 
     model = jaxguide.load_model(convert_checkpoints([fixtures_dir / "video" / "video.checkpoint"], tmp_path / "m"))
     d = np.load(fixtures_dir / "video" / "video_denoiser.npz")
     x = jnp.asarray(d["x"][:1])
-    w = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
-    _check(_forward_and_vjp(model, x, jnp.asarray(d["sigma"][:1]), _cond(d, slice(0, 1)), w))
+    _check(_forward_and_vjp(model, x, jnp.asarray(d["sigma"][:1]), _cond(d, slice(0, 1)), None))
