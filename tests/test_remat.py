@@ -49,7 +49,10 @@ def test_remat_same_vjp_and_less_memory(tiny_model, den):
     # XLA fuses apart from the scanned plain one (measured 4.7e-6; 0 before blocks were
     # scanned, 2.4e-6 scanned vs unrolled); a wrong block or parameter gives O(1)
     assert rel_errors(D1, D0)[0] <= 1e-5
-    assert rel_errors(gx1, gx0)[0] <= 1e-5, rel_errors(gx1, gx0)
+    # same reason: measured 2.4e-5 max-abs at a few pixels, 1.2e-6 RMS (1e-5 and 0 before
+    # blocks were scanned); bounded as the network's PyTorch parity (1e-4 max) plus RMS
+    maxabs, rms = rel_errors(gx1, gx0)
+    assert maxabs <= 1e-4 and rms <= 1e-5, (maxabs, rms)
     leaves0, leaves1 = jax.tree_util.tree_leaves(gp0), jax.tree_util.tree_leaves(gp1)
     assert len(leaves0) == len(leaves1) > 100
     worst = max(rel_errors(a, b)[1] for a, b in zip(leaves1, leaves0) if np.any(np.asarray(b)))
