@@ -35,10 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
 
-def run(cmd: list[str], env: dict) -> dict:
+def run(cmd: list[str], env: dict, cwd: Path) -> dict:
+    """Run ``cmd`` in ``cwd`` (not the repository: ``python -m`` would import the package
+    from the working directory before ``PYTHONPATH``)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if res.returncode != 0:
@@ -76,7 +78,7 @@ def main(argv=None) -> dict:
         envs[label].pop("JAXGUIDE_NO_CACHE", None)
     env = envs["this"]
     subprocess.run([*py, "convert", str(FIXTURE_CHECKPOINT), "--out", str(w / "model"), "--overwrite"], env=env,
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, cwd=w)
     era5 = read_era5_temperature(synthetic_era5(w / "era5.nc", t))
     table = era5_to_observations(era5, LEVELS, strategy="random", count=20, rng=np.random.default_rng(0), sigma=1.0,
                                  times=[t], noise=True)
@@ -92,7 +94,9 @@ def main(argv=None) -> dict:
             continue
         for label in checkouts:  # alternately: the baseline, then this checkout
             key = name if label == "this" else f"{label}_{name}"
-            out[key] = run(cmd + extra, envs[label])
+            out[key] = run(cmd + extra, envs[label], w)
+            out[key]["jaxguide"] = subprocess.run([sys.executable, "-c", "import jaxguide; print(jaxguide.__file__)"],
+                                                  env=envs[label], cwd=w, capture_output=True, text=True).stdout.strip()
             print(key, json.dumps(out[key]), flush=True)
     for prefix in ("", "baseline_") if args.baseline else ("",):
         first, second = out.get(prefix + "first_run"), out.get(prefix + "second_run_warm_cache")
