@@ -9,7 +9,7 @@ checkpoint, or ``--model DIR`` of an already converted one)::
 Measured (wall clock, seconds), on the fixture checkpoint (tiny cBottle U-Net, nside 64)
 with a synthetic SST file and 12 observations per time:
 
-- ``campaign``: :func:`jaxguide.campaign.assimilate_campaign` over N times in this
+- ``campaign``: :func:`jaxguide.campaign.run.assimilate_campaign` over N times in this
   process; the per-time cost is the median over times 2..N (the first compiles), and
   ``one sampler run`` is the median of 3 direct calls of the session's compiled ensemble
   program for one time (nothing else). Target: per-time <= 1.2 x one sampler run.
@@ -47,7 +47,7 @@ SECTIONS = ("campaign", "single", "processes")
 
 
 def observations(times: pd.DatetimeIndex, n: int = 12) -> pd.DataFrame:
-    from jaxguide import healpix
+    from jaxguide.grid import healpix
 
     lon, lat = healpix.lonlat(64, "nest")
     rng = np.random.default_rng(0)
@@ -66,7 +66,7 @@ def settings_args(a) -> list[str]:
 
 def run_cli(args: list[str], env=None) -> float:
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "jaxguide.cli", *args], env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "jaxguide.cli.commands", *args], env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"jaxguide {' '.join(args[:1])} failed:\n{res.stderr[-3000:]}")
     return time.perf_counter() - t0
@@ -89,9 +89,9 @@ def main() -> None:
 
     import jax
 
-    from jaxguide import pipeline
-    from jaxguide.campaign import assimilate_campaign
-    from jaxguide.campaign_times import time_key
+    from jaxguide.assimilation import pipeline
+    from jaxguide.campaign.run import assimilate_campaign
+    from jaxguide.campaign.times import time_key
 
     work = Path(tempfile.mkdtemp(prefix="jaxguide-campaign-bench-"))
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -101,11 +101,11 @@ def main() -> None:
     try:
         model = a.model
         if model is None:
-            from jaxguide.convert import convert_checkpoints
+            from jaxguide.model.convert import convert_checkpoints
 
             model = convert_checkpoints([FIXTURES / "tiny.checkpoint"], work / "model")
         times = pd.date_range("2020-01-20T00", periods=a.times, freq="6h")
-        from jaxguide.sst import write_synthetic_sst
+        from jaxguide.model.sst import write_synthetic_sst
 
         sst = write_synthetic_sst(work / "sst.nc", times[0], times[-1], resolution_deg=2.0)
         table = observations(times)
@@ -123,12 +123,12 @@ def main() -> None:
             secs = [e["seconds"] for e in summary["this_process"]]
             per_time = statistics.median(secs[1:]) if len(secs) > 1 else float("nan")
             # one sampler run: the session's compiled program alone, for the last time's inputs
-            from jaxguide.observations import prepare
+            from jaxguide.observations.table import prepare
 
             dm, fn = session.model_for(settings)
             t = times[-1]
-            from jaxguide.campaign import _padding
-            from jaxguide.observation_sources import open_observations
+            from jaxguide.campaign.run import _padding
+            from jaxguide.observations.sources import open_observations
 
             pad = _padding(open_observations(table), times, settings)
             prepared = prepare(table[table["time"] == t], dm.channels, dm.center, dm.scale, time=t, nside=dm.nside,
@@ -181,7 +181,7 @@ def main() -> None:
                 s.bind(("localhost", 0))
                 addr = f"localhost:{s.getsockname()[1]}"
             t1 = time.perf_counter()
-            procs = [subprocess.Popen([sys.executable, "-m", "jaxguide.cli", *base, "--out", str(work / "p2.zarr"),
+            procs = [subprocess.Popen([sys.executable, "-m", "jaxguide.cli.commands", *base, "--out", str(work / "p2.zarr"),
                                        "--coordinator", addr, "--num-processes", "2", "--process-id", str(i)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                      for i in range(2)]
@@ -190,7 +190,7 @@ def main() -> None:
                 if pr.returncode != 0:
                     raise RuntimeError(f"2-process campaign failed:\n{err[-3000:]}")
             two = time.perf_counter() - t1
-            from jaxguide.campaign_store import read_campaign
+            from jaxguide.campaign.store import read_campaign
 
             a1, a2 = read_campaign(work / "p1.zarr"), read_campaign(work / "p2.zarr")
             same = all(np.array_equal(a1[v].values, a2[v].values, equal_nan=True) for v in a1.data_vars

@@ -29,7 +29,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from jaxguide import healpix, load_model, pipeline
+from jaxguide.grid import healpix
+
+from jaxguide import load_model
+
+from jaxguide.assimilation import pipeline
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
@@ -37,7 +41,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
 
 def convert_tiny(out: Path) -> Path:
     try:
-        from jaxguide.convert import convert_checkpoints
+        from jaxguide.model.convert import convert_checkpoints
     except ImportError:  # older layout: top-level package
         from convert import convert_checkpoints
     return convert_checkpoints([FIXTURES / "tiny.checkpoint"], out)

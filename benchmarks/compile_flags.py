@@ -43,8 +43,9 @@ VARIANTS = {
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from jaxguide import guidance, pipeline
-from jaxguide.ensemble import EnsembleSampler
+from jaxguide.diffusion import guidance
+from jaxguide.assimilation import pipeline
+from jaxguide.diffusion.ensemble import EnsembleSampler
 w, cg, unroll, seq = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
 if seq:  # the previous behaviour: one program after the other
     concurrent = EnsembleSampler.compile_many

@@ -44,14 +44,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide import ensemble, guidance, network
-from jaxguide.config import BatchInfo, ModelConfig
-from jaxguide.model import CBottleModel, graphdef_and_shapes, load_model
-from jaxguide.network import NPIX
-from jaxguide.observations import PointObservationOperator
-from jaxguide.denoiser import CBottleDenoiser
-from jaxguide.guided import guided_denoiser
-from jaxguide.sampler import sample
+from jaxguide.diffusion import ensemble, guidance
+
+from jaxguide.model import network
+from jaxguide.model.config import BatchInfo, ModelConfig
+from jaxguide.model.checkpoint import CBottleModel, graphdef_and_shapes, load_model
+from jaxguide.model.network import NPIX
+from jaxguide.observations.table import PointObservationOperator
+from jaxguide.model.denoiser import CBottleDenoiser
+from jaxguide.diffusion.guided import guided_denoiser
+from jaxguide.diffusion.sampler import sample
 
 CONFIGS = {
     # the released coarse cBottle model (68,361,901 parameters), as benchmarks/perf.py

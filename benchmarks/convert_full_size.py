@@ -25,7 +25,7 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 t0 = time.perf_counter()
-import jaxguide.convert as convert, jaxguide.model  # imports: torch, jax, orbax
+import jaxguide.model.convert as convert, jaxguide.model.checkpoint  # imports: torch, jax, orbax
 import orbax.checkpoint, torch
 t1 = time.perf_counter()
 rss_before = status("VmRSS:")
@@ -52,9 +52,9 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="jaxguide-fullsize-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    from jaxguide.convert import write_cbottle_checkpoint
-    from jaxguide.config import BatchInfo, ModelConfig
-    from jaxguide.model import count_params, init_params
+    from jaxguide.model.convert import write_cbottle_checkpoint
+    from jaxguide.model.config import BatchInfo, ModelConfig
+    from jaxguide.model.checkpoint import count_params, init_params
 
     config = ModelConfig(model_channels=128, label_dim=1024, out_channels=45, condition_channels=1)
     channels = tuple(f"ch{i}" for i in range(45))

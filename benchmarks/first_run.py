@@ -52,9 +52,9 @@ def run(cmd: list[str], env: dict, cwd: Path) -> dict:
 def main(argv=None) -> dict:
     from convert_and_assimilate import FIXTURE_CHECKPOINT, LEVELS, synthetic_era5
 
-    from jaxguide.era5 import era5_to_observations, read_era5_temperature
-    from jaxguide.observations import write_observations
-    from jaxguide.sst import write_synthetic_sst
+    from jaxguide.observations.era5 import era5_to_observations, read_era5_temperature
+    from jaxguide.observations.table import write_observations
+    from jaxguide.model.sst import write_synthetic_sst
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/jaxguide_first_run"))
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
     t = "2020-01-20T00:00"
-    py = [sys.executable, "-m", "jaxguide.cli"]
+    py = [sys.executable, "-m", "jaxguide.cli.commands"]
     checkouts = {"this": REPO} if args.baseline is None else {"baseline": args.baseline.resolve(), "this": REPO}
     envs = {}
     for label, repo in checkouts.items():

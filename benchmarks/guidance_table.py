@@ -24,7 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide import gaussian, guidance, healpix, sampler
+from jaxguide.model import gaussian
+
+from jaxguide.diffusion import guidance, sampler
+
+from jaxguide.grid import healpix
 
 
 def make_problem(nside: int, n_obs: int, min_sep_km: float, seed: int):

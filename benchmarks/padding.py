@@ -1,6 +1,6 @@
 """HEALPix face padding: the former full gather against interior reshape + border gather.
 
-``jaxguide.healpix.pad`` used to be one ``jnp.take`` over every padded position
+``jaxguide.grid.healpix.pad`` used to be one ``jnp.take`` over every padded position
 (12 (n+2)^2 rows) with the averaged corner positions set after; reverse mode
 differentiated that gather into a scatter-add into a zero-initialised (12 n^2, C)
 buffer (``old``), or, inside rematerialised blocks, into the gather-transposed VJP
@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide import healpix
-from jaxguide.network import conv3x3_valid
+from jaxguide.grid import healpix
+from jaxguide.model.network import conv3x3_valid
 
 NSIDE = 64
 

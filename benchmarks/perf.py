@@ -35,12 +35,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide import guidance, healpix, network, xla_options
-from jaxguide.config import CALENDAR_EMBED_CHANNELS, CHANNEL_MULT_EMB, BatchInfo, ModelConfig
-from jaxguide.denoiser import make_denoiser
-from jaxguide.model import CBottleModel, count_params, init_params
-from jaxguide.network import NSIDE, decoder_layout, encoder_layout
-from jaxguide.sampler import sample
+from jaxguide.diffusion import guidance
+
+from jaxguide.grid import healpix
+
+from jaxguide.model import network, xla_options
+from jaxguide.model.config import CALENDAR_EMBED_CHANNELS, CHANNEL_MULT_EMB, BatchInfo, ModelConfig
+from jaxguide.model.denoiser import make_denoiser
+from jaxguide.model.checkpoint import CBottleModel, count_params, init_params
+from jaxguide.model.network import NSIDE, decoder_layout, encoder_layout
+from jaxguide.diffusion.sampler import sample
 
 CONFIGS = {
     # the released coarse cBottle model (68,361,901 parameters)
@@ -653,7 +657,7 @@ def main(argv=None):
     ap.add_argument("--guided", default="all", help=f"comma list of {GUIDED + EXTRA_GUIDED} or 'all' (= {GUIDED})")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--xla-options", choices=("jaxguide", "default"), default="jaxguide",
-                    help="compile the timed programs with jaxguide's compiler options (jaxguide.xla_options, "
+                    help="compile the timed programs with jaxguide's compiler options (jaxguide.model.xla_options, "
                          "what its ensemble programs use) or XLA's defaults")
     args = ap.parse_args(argv)
     global COMPILER_OPTIONS

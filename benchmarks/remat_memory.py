@@ -32,9 +32,9 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf import CONFIGS, SIGMA, SIGMA_Y, Problem, build, memory_of  # noqa: E402
 
-from jaxguide import guidance  # noqa: E402
-from jaxguide.config import ModelConfig  # noqa: E402
-from jaxguide.denoiser import make_denoiser  # noqa: E402
+from jaxguide.diffusion import guidance  # noqa: E402
+from jaxguide.model.config import ModelConfig  # noqa: E402
+from jaxguide.model.denoiser import make_denoiser  # noqa: E402
 
 # the fixture model of tests/ (tiny.checkpoint: model_channels 8, 6 channels)
 CONFIGS = dict(CONFIGS, fixture=ModelConfig(model_channels=8, label_dim=1024, out_channels=6, condition_channels=1))

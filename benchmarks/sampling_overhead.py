@@ -38,10 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxguide
-from jaxguide import guidance, network, sampler, xla_options
-from jaxguide.convert import convert_checkpoints
-from jaxguide.denoiser import CBottleDenoiser
-from jaxguide.sst import write_synthetic_sst
+from jaxguide.diffusion import guidance, sampler
+from jaxguide.model import network, xla_options
+from jaxguide.model.convert import convert_checkpoints
+from jaxguide.model.denoiser import CBottleDenoiser
+from jaxguide.model.sst import write_synthetic_sst
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("JAXGUIDE_FIXTURES", REPO.parent / "shared" / "fixtures"))

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxguide.model import graphdef_and_shapes, load_model
-from jaxguide.network import NPIX, precond_forward
+from jaxguide.model.checkpoint import graphdef_and_shapes, load_model
+from jaxguide.model.network import NPIX, precond_forward
 
 
 def forward_fn(model, scan: bool):

@@ -2,7 +2,7 @@
 # PyTorch cBottle vs jaxguide at the released coarse config, side by side, ROUNDS rounds:
 # ../shared/perf's torch_side.py and jax_side.py (same random weights and inputs, B=1,
 # float32, CPU), the jax side twice per round: with XLA's default compiler options and
-# with jaxguide's (jaxguide.xla_options, through XLA_FLAGS since jax_side.py jits itself).
+# with jaxguide's (jaxguide.model.xla_options, through XLA_FLAGS since jax_side.py jits itself).
 # Needs ../shared/perf/setup_cbottle_env.sh first (see ../shared/perf/README.md).
 #   bash benchmarks/torch_pair.sh 2>&1 | tee benchmarks/released_vs_torch.log
 set -uo pipefail
@@ -13,7 +13,7 @@ CB_PATH=$SRC/cbottle/src:$SRC/earth2grid:$PERF/shim:$PERF
 CK=${CHECKPOINT:-$W/released.checkpoint}
 [ -f "$CK" ] || (cd "$PERF" && PYTHONPATH=$CB_PATH PYTHONWARNINGS=ignore "$VENV_CB/bin/python" make_released.py "$CK")
 MD="$W/$(basename "$CK" .checkpoint)_model"
-[ -d "$MD" ] || PYTHONPATH=$PROJ "$PROJ/.venv/bin/python" -m jaxguide.cli convert "$CK" --out "$MD" >/dev/null
+[ -d "$MD" ] || PYTHONPATH=$PROJ "$PROJ/.venv/bin/python" -m jaxguide.cli.commands convert "$CK" --out "$MD" >/dev/null
 echo "# $(date -Is) $(uptime)"; echo "# jaxguide $(git -C "$PROJ" rev-parse --short HEAD)"
 for r in $(seq "${ROUNDS:-2}"); do
   (cd "$PERF" && PYTHONPATH=$CB_PATH PYTHONWARNINGS=ignore "$VENV_CB/bin/python" torch_side.py "$CK" 2 "${REPEAT:-3}")

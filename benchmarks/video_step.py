@@ -11,16 +11,16 @@ Sections:
 
 * ``time``: one jitted function per method (unguided, MMPS cg 1, MMPS cg 3, DPS), each a
   guided denoiser call ``fn(x, sigma, params, cond, method, obs)`` of
-  :func:`jaxguide.guided.guided_denoiser` on one member (C, T, npix), random weights,
+  :func:`jaxguide.diffusion.guided.guided_denoiser` on one member (C, T, npix), random weights,
   the window's conditioning from :meth:`CBottleDenoiser.window_conditioning` (per-frame
   calendar, ``[known * mask, SST, mask]`` with frame 0 known, a synthetic SST written by
-  :func:`jaxguide.sst.write_synthetic_sst`), point observations spread over the frames
+  :func:`jaxguide.model.sst.write_synthetic_sst`), point observations spread over the frames
   (times on and between frames: the operator interpolates linearly in time) from
-  :func:`jaxguide.observations.prepare` with ``window=``. Protocol as ``perf.py``
+  :func:`jaxguide.observations.table.prepare` with ``window=``. Protocol as ``perf.py``
   (:func:`perf.timed_jit`): the first call compiles (its compile time is reported
   separately), then ``--repeats`` calls on new data (new x, new y) are timed; the
   minimum is reported. A Heun step (predictor + corrector: two denoiser calls, as
-  :func:`jaxguide.sampler.sample` does on every step but the last) is timed as its own
+  :func:`jaxguide.diffusion.sampler.sample` does on every step but the last) is timed as its own
   jitted function for the methods in ``--heun``. All ratios come from the same process.
 * ``memory``: ``compiled.memory_analysis()`` of the timed programs and of the guided
   programs compiled with per-block rematerialisation (``CBottleDenoiser(remat=True)``),
@@ -57,13 +57,15 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf import analytic_flops, memory_of, timed_jit, unrolled_blocks  # noqa: E402
 
-from jaxguide import guidance, observations  # noqa: E402
-from jaxguide.conditioning import KnownFrames, read_amip_sst  # noqa: E402
-from jaxguide.config import BatchInfo, ModelConfig  # noqa: E402
-from jaxguide.denoiser import CBottleDenoiser  # noqa: E402
-from jaxguide.guided import guided_denoiser  # noqa: E402
-from jaxguide.model import CBottleModel, count_params, graphdef_and_shapes, init_params  # noqa: E402
-from jaxguide.sst import write_synthetic_sst  # noqa: E402
+from jaxguide.diffusion import guidance  # noqa: E402
+
+from jaxguide import observations
+from jaxguide.model.conditioning import KnownFrames, read_amip_sst  # noqa: E402
+from jaxguide.model.config import BatchInfo, ModelConfig  # noqa: E402
+from jaxguide.model.denoiser import CBottleDenoiser  # noqa: E402
+from jaxguide.diffusion.guided import guided_denoiser  # noqa: E402
+from jaxguide.model.checkpoint import CBottleModel, count_params, graphdef_and_shapes, init_params  # noqa: E402
+from jaxguide.model.sst import write_synthetic_sst  # noqa: E402
 
 START = "2020-06-01T00:00"
 TIME_STEP_H = 6
@@ -285,7 +287,7 @@ def run(args) -> dict:
         config=args.config, model_config=config.to_dict(), n_params=count_params(config), device=str(dev),
         platform=dev.platform, cpu_count=os.cpu_count(), jax=jax.__version__, python=platform.python_version(),
         n_obs=args.n_obs, repeats=args.repeats, sigma=SIGMA, label="icon (one network pass)",
-        conditioning="frame 0 known + synthetic SST (jaxguide.sst.write_synthetic_sst) + mask",
+        conditioning="frame 0 known + synthetic SST (jaxguide.model.sst.write_synthetic_sst) + mask",
         timings={}, ratios={}, memory={})
 
     def save():

@@ -6,7 +6,7 @@ command it is):
 1. ``jaxguide convert CKPT --out MODEL``: PyTorch checkpoint -> JAX parameters;
 2. point observations of ERA5 temperature at 850/500/300 hPa at station-like random
    locations, with 1 K noise, split into assimilated and held-out sets
-   (``jaxguide.era5.era5_to_observations``);
+   (``jaxguide.observations.era5.era5_to_observations``);
 3. ``jaxguide assimilate --method mmps``: the posterior ensemble, with the SST of the
    AMIP file as the model's condition;
 4. ``jaxguide evaluate``: RMSE / CRPS / spread-skill at assimilated and held-out
@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from jaxguide.era5 import era5_to_observations, read_era5_temperature
-from jaxguide.observations import write_observations
+from jaxguide.observations.era5 import era5_to_observations, read_era5_temperature
+from jaxguide.observations.table import write_observations
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_CHECKPOINT = REPO.parent / "shared" / "fixtures" / "tiny.checkpoint"
@@ -88,7 +88,7 @@ def jaxguide(*args: str) -> None:
     """Run a jaxguide command as a user would (same Python environment)."""
     cmd = ["jaxguide", *args]
     print("$", shlex.join(cmd), flush=True)
-    subprocess.run([sys.executable, "-m", "jaxguide.cli", *args], check=True)
+    subprocess.run([sys.executable, "-m", "jaxguide.cli.commands", *args], check=True)
 
 
 def main(argv: list[str] | None = None) -> dict:

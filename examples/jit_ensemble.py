@@ -4,9 +4,9 @@ Why: an operational cycle assimilates a new batch of observations every few hour
 the same model. Compiling the guided sampler costs far more than running it at small
 sizes, so the ensemble program must be compiled ONCE and re-run on new data. This
 example builds the guided denoiser once as a function of its data
-(:func:`jaxguide.guided.guided_denoiser`: network parameters, conditioning, the guidance
+(:func:`jaxguide.diffusion.guided.guided_denoiser`: network parameters, conditioning, the guidance
 method, the observations): those are traced ``operands`` of one
-:class:`jaxguide.ensemble.EnsembleSampler`, so a second analysis with a different set of
+:class:`jaxguide.diffusion.ensemble.EnsembleSampler`, so a second analysis with a different set of
 observations reuses the compiled program. It shows that by counting XLA compilations
 (``jax.monitoring``) and timing the first call against the second.
 
@@ -18,7 +18,7 @@ Steps:
      compiled program) is the "truth";
   3. draw ERA5-style point observations of T850/T500/T300 from the truth (radiosonde-like
      error ``--obs-sigma`` K) through the observation-table API
-     (:func:`jaxguide.strategies.sample_observations`, :func:`jaxguide.observations.prepare`);
+     (:func:`jaxguide.observations.strategies.sample_observations`, :func:`jaxguide.observations.table.prepare`);
   4. run the guided ensemble (MMPS by default), then again with a NEW observation network
      (other stations, other noise): no recompilation;
   5. print the observation-space RMSE (K) of the prior and of the analysis ensemble mean,
@@ -53,9 +53,13 @@ import numpy as np
 import pandas as pd
 
 import jaxguide
-from jaxguide import conditioning, ensemble, guidance, guided, healpix, observations, strategies, units
-from jaxguide.denoiser import CBottleDenoiser
-from jaxguide.model import CBottleModel
+from jaxguide.model import conditioning, units
+from jaxguide.diffusion import ensemble, guidance, guided
+from jaxguide.grid import healpix
+from jaxguide import observations
+from jaxguide.observations import strategies
+from jaxguide.model.denoiser import CBottleDenoiser
+from jaxguide.model.checkpoint import CBottleModel
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 200.0  # cBottle's CBottle3d sampler settings
 OBS_VARIABLES = ("T850", "T500", "T300")
@@ -136,7 +140,7 @@ def obs_rmse_k(members: jax.Array, table: pd.DataFrame, model: CBottleModel) -> 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="converted model directory (jaxguide.convert.convert_checkpoints)")
+    p.add_argument("--model", required=True, help="converted model directory (jaxguide.model.convert.convert_checkpoints)")
     p.add_argument("--members", type=int, default=4, help="ensemble size")
     p.add_argument("--steps", type=int, default=8, help="EDM sampler steps (Heun)")
     p.add_argument("--solver", default="heun", choices=("heun", "euler"),

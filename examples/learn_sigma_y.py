@@ -7,7 +7,7 @@ sample a small guided ensemble with a FIXED key, score it on held-out observatio
 with a proper score (CRPS), and follow the gradient of that score through every
 sampler step and every CG iteration of MMPS.
 
-Problem: the exact Gaussian random-field prior of :mod:`jaxguide.gaussian` (HEALPix
+Problem: the exact Gaussian random-field prior of :mod:`jaxguide.model.gaussian` (HEALPix
 nside 8, 3 correlated channels, unit-ish variance, 2000 km correlation length; the
 exact denoiser plays the network, so each step is cheap). A truth is drawn from the
 prior and observed at random points with noise of std ``--true-sigma`` (prior units).
@@ -53,7 +53,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxguide import gaussian, guidance, metrics, sampler
+from jaxguide.model import gaussian
+
+from jaxguide.diffusion import guidance, sampler
+
+from jaxguide.verification import metrics
 
 SIGMA_MIN, SIGMA_MAX = 0.01, 80.0  # prior std <= 1: sigma_max = 80 starts from ~pure noise
 

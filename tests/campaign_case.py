@@ -1,6 +1,6 @@
 """The small campaign shared by tests/test_campaign.py and the processes it starts.
 
-A Gaussian-prior model (the exact denoiser of :mod:`jaxguide.gaussian`, nside 8, two
+A Gaussian-prior model (the exact denoiser of :mod:`jaxguide.model.gaussian`, nside 8, two
 channels with physical center/scale) stands in for cBottle: it satisfies the denoiser
 contract and compiles in seconds. Four analysis times 6 h apart; the observations of the
 third are all rejected (latitude 100), so every run also records a skipped time.
@@ -23,7 +23,7 @@ TIMES = pd.date_range("2020-01-01T00", periods=4, freq="6h")
 
 
 def model():
-    from jaxguide import gaussian
+    from jaxguide.model import gaussian
 
     prior = gaussian.make_prior(NSIDE, [0.3, -0.2], [0.8, 0.6], [[1.0, 0.6], [0.6, 1.0]], 2500.0, max_modes=48)
     return gaussian.GaussianModel(prior, CHANNELS, CENTER, SCALE, NSIDE)
@@ -43,7 +43,7 @@ def table(seed: int = 0) -> pd.DataFrame:
 
 
 def settings(**over):
-    from jaxguide.pipeline import AssimilationSettings
+    from jaxguide.assimilation.pipeline import AssimilationSettings
 
     base = dict(method="dps", guidance_scale=0.5, members=2, prior_members=2, steps=3, seed=11, drop_bad=True)
     return AssimilationSettings(**{**base, **over})
@@ -59,12 +59,12 @@ def main(argv=None) -> None:
     p.add_argument("--process-id", type=int)
     p.add_argument("--sleep", type=float, default=0.0)
     a = p.parse_args(argv)
-    from jaxguide.distributed import ProcessInfo, initialize
+    from jaxguide.campaign.distributed import ProcessInfo, initialize
 
     info = ProcessInfo()
     if a.coordinator:
         info = initialize(coordinator=a.coordinator, num_processes=2, process_id=a.process_id)
-    from jaxguide.campaign import assimilate_campaign
+    from jaxguide.campaign.run import assimilate_campaign
 
     def slow(p):
         print(f"done {p.done}/{p.total} {p.time}", flush=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import pytest
 
-# jaxguide's CPU compiler options (jaxguide.xla_options) for every program of the tests, the
+# jaxguide's CPU compiler options (jaxguide.model.xla_options) for every program of the tests, the
 # ones tests jit themselves included (XLA_FLAGS is read when the CPU backend starts)
 _YNN = "--xla_cpu_experimental_ynn_fusion_type="
 if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
@@ -135,7 +135,7 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(fixtures_dir, tmp_path_factory) -> Path:
     """The fixture's tiny.checkpoint converted once per session (needs torch)."""
-    from jaxguide.convert import convert_checkpoints
+    from jaxguide.model.convert import convert_checkpoints
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     return convert_checkpoints([fixtures_dir / "tiny.checkpoint"], out)

@@ -19,10 +19,10 @@ import pytest
 
 import campaign_case as case
 from conftest import require_module
-from jaxguide.campaign import assimilate_campaign
-from jaxguide.campaign_store import ANALYSED, PENDING, SKIPPED, CampaignStore, SettingsMismatchError, read_campaign
-from jaxguide.ensemble import count_compiles
-from jaxguide.pipeline import Session
+from jaxguide.campaign.run import assimilate_campaign
+from jaxguide.campaign.store import ANALYSED, PENDING, SKIPPED, CampaignStore, SettingsMismatchError, read_campaign
+from jaxguide.diffusion.ensemble import count_compiles
+from jaxguide.assimilation.pipeline import Session
 
 require_module("zarr")
 TESTS = Path(__file__).resolve().parent

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import require_module
-from jaxguide.campaign_store import (
+from jaxguide.campaign.store import (
     ANALYSED,
     PENDING,
     SKIPPED,
@@ -15,8 +15,8 @@ from jaxguide.campaign_store import (
     SettingsMismatchError,
     read_campaign,
 )
-from jaxguide.campaign_times import parse_times
-from jaxguide.schema import REQUIRED_PROVENANCE, analysis_to_dataset, check_cf
+from jaxguide.campaign.times import parse_times
+from jaxguide.assimilation.dataset import REQUIRED_PROVENANCE, analysis_to_dataset, check_cf
 
 require_module("zarr")
 

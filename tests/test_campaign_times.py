@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxguide.campaign_times import (
+from jaxguide.campaign.times import (
     TimesError,
     parse_duration,
     parse_time,

@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide import gaussian, guidance
+from jaxguide.model import gaussian
+
+from jaxguide.diffusion import guidance
 
 
 def test_mmps_gradient_finite_after_cg_convergence():

@@ -10,8 +10,14 @@ from typer.testing import CliRunner
 
 from conftest import one_line_error
 
-from jaxguide import healpix, io, metrics, schema
-from jaxguide.cli import app
+from jaxguide.grid import healpix
+
+from jaxguide import io
+
+from jaxguide.verification import metrics
+
+from jaxguide.assimilation import dataset as schema
+from jaxguide.cli.commands import app
 
 NSIDE = 8
 NPIX = 12 * NSIDE**2
@@ -185,7 +191,9 @@ def test_era5_obs_member_option(tmp_path):
     """``jaxguide era5-obs``: an ensemble file needs --member; the values are that member's."""
     from test_era5 import _cfgrib_like
 
-    from jaxguide import era5, observations
+    from jaxguide.observations import era5
+
+    from jaxguide import observations
 
     ds, enc = _cfgrib_like(members=(0, 1, 2))
     ens = tmp_path / "ens.nc"
@@ -224,8 +232,8 @@ def test_programming_errors_keep_their_traceback(monkeypatch, tmp_path):
     """A ValueError from inside NumPy/JAX (a shape bug) is not an input error: it propagates
     with its traceback instead of becoming a one-line ``error:``; ``--debug`` does the
     same for input errors; without it an input error stays one line."""
-    from jaxguide import pipeline
-    from jaxguide.cli import app, is_input_error
+    from jaxguide.assimilation import pipeline
+    from jaxguide.cli.commands import app, is_input_error
 
     def shape_bug(*a, **k):
         return np.reshape(np.ones(3), (2, 2))  # ValueError raised by NumPy

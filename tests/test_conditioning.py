@@ -17,9 +17,9 @@ import xarray as xr
 from scipy.interpolate import RegularGridInterpolator
 
 from conftest import require_module
-from jaxguide import conditioning as C
-from jaxguide import grid_sampling as G
-from jaxguide import healpix as H
+from jaxguide.model import conditioning as C
+from jaxguide.grid import latlon as G
+from jaxguide.grid import healpix as H
 
 NSIDE = 64
 
@@ -212,7 +212,7 @@ def land_1deg():
 
 def test_real_land_mask_sst_condition_and_land_only(tmp_path, land_1deg):
     from jaxguide import observations as O
-    from jaxguide import strategies as S
+    from jaxguide.observations import strategies as S
 
     assert 0.25 < land_1deg.mean() < 0.40  # land share of 1-degree cells (area-unweighted)
     path = tmp_path / "tosbcs.nc"

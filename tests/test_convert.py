@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxguide.convert import (
+from jaxguide.model.convert import (
     ExpertMismatchError,
     LegacyCheckpointError,
     MissingMemberError,
@@ -19,8 +19,8 @@ from jaxguide.convert import (
     UnknownArchitectureError,
     convert_checkpoints,
 )
-from jaxguide.convert.checkpoint import CheckpointError
-from jaxguide.model import ModelLoadError, load_model, sha256_file
+from jaxguide.model.convert.checkpoint import CheckpointError
+from jaxguide.model.checkpoint import ModelLoadError, load_model, sha256_file
 
 
 def _rewrite(src: Path, dst: Path, *, drop=(), replace=None):
@@ -197,7 +197,7 @@ def test_load_errors(tmp_path, tiny_model_dir):
 
 def test_round_trip_writer(tmp_path, tiny_model):
     """write_cbottle_checkpoint (used for full-size checkpoints) inverts the converter exactly."""
-    from jaxguide.convert import read_checkpoint, write_cbottle_checkpoint
+    from jaxguide.model.convert import read_checkpoint, write_cbottle_checkpoint
 
     path = write_cbottle_checkpoint(
         tmp_path / "rt.checkpoint", tiny_model.config, tiny_model.batch_info, tiny_model.params[0]
@@ -210,15 +210,15 @@ def test_round_trip_writer(tmp_path, tiny_model):
 
 
 def test_importing_jaxguide_does_not_import_torch():
-    """The converter lives in jaxguide.convert (optional extra); the library and CLI import torch only on `convert`."""
+    """The converter lives in jaxguide.model.convert (optional extra); the library and CLI import torch only on `convert`."""
     import subprocess
     import sys
 
     code = (
-        "import sys, jaxguide, jaxguide.cli, jaxguide.pipeline, jaxguide.model, jaxguide.network; "
+        "import sys, jaxguide, jaxguide.cli.commands, jaxguide.assimilation.pipeline, jaxguide.model.checkpoint, jaxguide.model.network; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
-        "assert 'jaxguide.convert' not in sys.modules; "
-        "import jaxguide.convert; assert 'torch' not in sys.modules, 'jaxguide.convert imports torch eagerly'"
+        "assert 'jaxguide.model.convert' not in sys.modules; "
+        "import jaxguide.model.convert; assert 'torch' not in sys.modules, 'jaxguide.model.convert imports torch eagerly'"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stderr[-2000:]
@@ -226,8 +226,8 @@ def test_importing_jaxguide_does_not_import_torch():
 
 def test_checkpoint_with_noise_dependent_dropout_config(tmp_path, tiny):
     """A model.json that sets the (training-only) dropout dict converts, loads and keeps the dict (issue 11 item 5)."""
-    from jaxguide.config import ModelConfig
-    from jaxguide.model import graphdef_and_shapes
+    from jaxguide.model.config import ModelConfig
+    from jaxguide.model.checkpoint import graphdef_and_shapes
 
     dropout = {"sigma_breaks": [0.1, 10.0], "p": {"low": 0.0, "high": 0.2}}
     ck = _rewrite(tiny, tmp_path / "d.checkpoint", replace={"model.json": _model_json(tiny, noise_dependent_dropout_config=dropout)})

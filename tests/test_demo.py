@@ -1,4 +1,4 @@
-"""The demo (``jaxguide.demo.run_demo`` and ``jaxguide demo``) on a small configuration.
+"""The demo (``jaxguide.demo.experiment.run_demo`` and ``jaxguide demo``) on a small configuration.
 
 nside 8, 32 members, 16 Heun steps, 120 observation locations: one run is shared by
 the module (~20 s with compilation on two CPU cores; the CLI run reuses its compiled
@@ -17,8 +17,12 @@ from typer.testing import CliRunner
 
 from conftest import one_line_error
 
-from jaxguide import demo, gaussian, io, schema
-from jaxguide.cli import app
+from jaxguide import demo, io
+
+from jaxguide.model import gaussian
+
+from jaxguide.assimilation import dataset as schema
+from jaxguide.cli.commands import app
 
 SMALL = dict(nside=8, lmax=12, length_scale_km=1500.0, members=32, steps=16, obs_count=120, cg_iters=8)
 FILES = ("truth.nc", "obs.csv", "held_out.csv", "prior_ensemble.nc", "analysis_mmps.nc", "analysis_regression.nc",

@@ -1,4 +1,4 @@
-"""The window demo (``jaxguide.demo_window.run_window_demo`` and ``jaxguide demo --window``)
+"""The window demo (``jaxguide.demo.window_experiment.run_window_demo`` and ``jaxguide demo --window``)
 on a small configuration: nside 4, 4 frames 6 h apart, observations in frames 0-1, 64
 members, 16 steps.
 
@@ -17,8 +17,16 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from jaxguide import demo_window, grid_sampling, healpix, io, observations, schema, units
-from jaxguide.cli import app
+from jaxguide.demo import window_experiment as demo_window
+
+from jaxguide.grid import latlon as grid_sampling, healpix
+
+from jaxguide import io, observations
+
+from jaxguide.assimilation import dataset as schema
+
+from jaxguide.model import units
+from jaxguide.cli.commands import app
 
 SMALL = dict(nside=4, lmax=8, length_scale_km=2500.0, members=64, steps=16, obs_count=40, cg_iters=8)
 FILES = ("window_truth.nc", "window_prior_ensemble.nc", "window_analysis_mmps.nc", "window_obs.csv", "window_skill.csv",

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from jaxguide.distributed import DistributedError, ProcessInfo, detected_launcher, initialize, my_share
+from jaxguide.campaign.distributed import DistributedError, ProcessInfo, detected_launcher, initialize, my_share
 
 REPO = Path(__file__).resolve().parents[1]
 
 PROBE = textwrap.dedent("""
     import json, sys
-    from jaxguide.distributed import initialize, barrier, my_share
+    from jaxguide.campaign.distributed import initialize, barrier, my_share
     info = initialize(coordinator=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
     import jax, jax.numpy as jnp
     from jax.experimental import multihost_utils

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxguide.ensemble import EnsembleSampler, count_compiles, sample_ensemble
+from jaxguide.diffusion.ensemble import EnsembleSampler, count_compiles, sample_ensemble
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (2, 1, 48)
@@ -20,7 +20,7 @@ TRACES = {"n": 0}
 
 
 def stand_in_sampler(denoiser, key, shape, *, num_steps, sigma_min, sigma_max, rho=7.0):
-    """Stand-in for jaxguide.sampler.sample: EDM sigmas, stochastic Euler steps."""
+    """Stand-in for jaxguide.diffusion.sampler.sample: EDM sigmas, stochastic Euler steps."""
     TRACES["n"] += 1  # runs once per trace, i.e. once per compilation under jit
     i = jnp.arange(num_steps)
     sig = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
@@ -89,7 +89,7 @@ def test_compile_many_concurrent_is_bit_identical_and_compiles_once():
     """Two programs (analysis-like and prior-like: other member count, other denoiser)
     compiled at once in worker threads give the same bits as each compiled and run
     alone through ``jax.jit``, compile once each, and are reused by later calls."""
-    from jaxguide.ensemble import _build, _freeze
+    from jaxguide.diffusion.ensemble import _build, _freeze
 
     def den_a(x, sigma, mu):
         return gauss_denoiser(x, sigma, mu)
@@ -152,7 +152,7 @@ SHARD_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
     from tests.test_ensemble import SHAPE, KW, gauss_denoiser, stand_in_sampler
-    from jaxguide.ensemble import sample_ensemble
+    from jaxguide.diffusion.ensemble import sample_ensemble
     assert len(jax.devices()) == 4, jax.devices()
     mu = jnp.linspace(0.0, 2.0, 96).reshape(SHAPE)
     args = dict(sampler_kwargs=KW, operands=(mu,), sampler=stand_in_sampler)

@@ -15,8 +15,8 @@ import pytest
 import xarray as xr
 from scipy.interpolate import RegularGridInterpolator
 
-from jaxguide import era5 as E
-from jaxguide import healpix as H
+from jaxguide.observations import era5 as E
+from jaxguide.grid import healpix as H
 from jaxguide import observations as O
 
 RES = 5.0

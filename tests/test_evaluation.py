@@ -1,4 +1,4 @@
-"""jaxguide.evaluation: the analysis is read at the observations with the operator that
+"""jaxguide.verification.evaluation: the analysis is read at the observations with the operator that
 assimilate used (recorded in the file), and the scores account for observation noise.
 
 test_cli_evaluate_uses_the_assimilation_operator failed on the old code (``evaluate``
@@ -18,8 +18,14 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from jaxguide import evaluation, healpix, io, observations, schema
-from jaxguide.cli import app
+from jaxguide.verification import evaluation
+
+from jaxguide.grid import healpix
+
+from jaxguide import io, observations
+
+from jaxguide.assimilation import dataset as schema
+from jaxguide.cli.commands import app
 
 NSIDE = 16
 NPIX = 12 * NSIDE**2
@@ -101,7 +107,7 @@ def test_older_files_default_to_bilinear_with_a_note(tmp_path, caplog):
     path, ens = _analysis(tmp_path, None)
     ds = io.read_analysis(path)
     table = _observations(60, seed=4)
-    with caplog.at_level(logging.WARNING, logger="jaxguide.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="jaxguide.verification.evaluation"):
         result = evaluation.evaluate(ds, {"assimilated": table})
     assert result.operator == "bilinear"
     assert "observation_operator" in caplog.text and "bilinear" in caplog.text

@@ -1,4 +1,4 @@
-"""jaxguide.evaluation on trajectories (several frame times, a video model's run): the
+"""jaxguide.verification.evaluation on trajectories (several frame times, a video model's run): the
 ensemble is read in time with the rule assimilate used (the file's time_interpolation),
 and the scores are also given per frame.
 
@@ -21,8 +21,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from jaxguide import evaluation, io, metrics, observations, schema
-from jaxguide.cli import app
+from jaxguide.verification import evaluation, metrics
+
+from jaxguide import io, observations
+
+from jaxguide.assimilation import dataset as schema
+from jaxguide.cli.commands import app
 
 NSIDE = 8
 NPIX = 12 * NSIDE**2

@@ -13,7 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxguide import gaussian, guidance, healpix, sampler
+from jaxguide.model import gaussian
+
+from jaxguide.diffusion import guidance, sampler
+
+from jaxguide.grid import healpix
 
 NSIDE = 8
 N_OBS = 24

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import require_module
-from jaxguide import grid_sampling as G
-from jaxguide import healpix as H
-from jaxguide import io, observations, plots
+from jaxguide.grid import latlon as G
+from jaxguide.grid import healpix as H
+from jaxguide import io, observations
+from jaxguide.verification import plots
 
 hp = require_module("healpy")
 

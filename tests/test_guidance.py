@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxguide import gaussian, guidance, sampler
-from jaxguide.guidance import DPS, MMPS, SDA, GuidanceInputError, Observations, PiGDM, Regression, Replacement
+from jaxguide.model import gaussian
+
+from jaxguide.diffusion import guidance, sampler
+from jaxguide.diffusion.guidance import DPS, MMPS, SDA, GuidanceInputError, Observations, PiGDM, Regression, Replacement
 
 NSIDE = 4
 OPTIONS = {
@@ -245,7 +247,7 @@ def test_named_errors(prob):
 def test_methods_and_observations_are_jit_arguments(prob):
     """Method hyperparameters (scale, gamma) and observations are traced pytree leaves: new
     values reuse the program; static options (cg_iters) are part of the program."""
-    from jaxguide.observations import PointObservationOperator
+    from jaxguide.observations.table import PointObservationOperator
 
     prior, A, H, y, sigma_y, ch, px = prob
     op = PointObservationOperator(jnp.asarray(ch, jnp.int32), jnp.stack([jnp.asarray(px, jnp.int32)] * 4, 1),

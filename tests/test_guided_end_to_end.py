@@ -1,6 +1,6 @@
 """Guided assimilation end to end with a known answer, and compile-once across analyses.
 
-The exact Gaussian-prior denoiser (:class:`jaxguide.gaussian.GaussianModel`, nside 8, two
+The exact Gaussian-prior denoiser (:class:`jaxguide.model.gaussian.GaussianModel`, nside 8, two
 channels with their own center/scale in K) goes through ``pipeline.assimilate`` like a
 cBottle model: an observation table in physical units (with a wrong ``sigma`` column
 that the ``sigma_y`` setting overrides), normalisation, the bilinear operator, MMPS,
@@ -18,8 +18,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxguide import gaussian, grid_sampling, healpix, io, pipeline
-from jaxguide.ensemble import count_compiles
+from jaxguide.model import gaussian
+
+from jaxguide.grid import latlon as grid_sampling, healpix
+
+from jaxguide import io
+
+from jaxguide.assimilation import pipeline
+from jaxguide.diffusion.ensemble import count_compiles
 
 NSIDE = 8
 CHANNELS = ("T850", "T500")
@@ -138,8 +144,8 @@ def test_model_contract_errors(model, tmp_path):
 def test_settings_and_cli_options_reach_the_method(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    from jaxguide import guidance
-    from jaxguide.cli import app
+    from jaxguide.diffusion import guidance
+    from jaxguide.cli.commands import app
 
     S = pipeline.AssimilationSettings
     assert S(method="sda", gamma=0.05, guidance_scale=0.5).guidance_method() == guidance.SDA(gamma=0.05, scale=0.5)

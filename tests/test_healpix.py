@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxguide import healpix as hp
+from jaxguide.grid import healpix as hp
 
 ORDERS = ["nest", "ring", "net"]
 

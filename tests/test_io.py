@@ -13,7 +13,9 @@ import pytest
 import xarray as xr
 
 from conftest import require_module
-from jaxguide import grid_sampling, healpix, io, schema
+from jaxguide.grid import latlon as grid_sampling, healpix
+from jaxguide import io
+from jaxguide.assimilation import dataset as schema
 
 REPO = Path(__file__).resolve().parents[1]
 NSIDE = 4

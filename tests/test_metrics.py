@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import require_module
-from jaxguide import metrics
+from jaxguide.verification import metrics
 
 
 def _brute_crps(ens, obs, fair):

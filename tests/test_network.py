@@ -16,10 +16,10 @@ import pytest
 from flax import nnx
 
 from conftest import rel_errors
-from jaxguide import healpix
-from jaxguide.config import ModelConfig, UnsupportedArchitectureError
-from jaxguide.model import count_params, graphdef_and_shapes
-from jaxguide.network import GroupNorm, calendar_embedding, lon_shift_seconds, precond_forward
+from jaxguide.grid import healpix
+from jaxguide.model.config import ModelConfig, UnsupportedArchitectureError
+from jaxguide.model.checkpoint import count_params, graphdef_and_shapes
+from jaxguide.model.network import GroupNorm, calendar_embedding, lon_shift_seconds, precond_forward
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_activations_match_pytorch(forward_with_activations, den, torch_name):
 def test_embedding_layers_match(tiny_model, den):
     graphdef, _ = graphdef_and_shapes(tiny_model.config)
     model = nnx.merge(graphdef, nnx.State(tiny_model.params[0]))
-    from jaxguide.network import noise_embedding
+    from jaxguide.model.network import noise_embedding
 
     noise = np.asarray(noise_embedding(jnp.asarray(den["c_noise"]), 8))
     # the fixture stores map_noise before the sin/cos swap
@@ -144,7 +144,7 @@ def test_groupnorm(fixtures_dir):
 
 @pytest.mark.slow  # > 20 s on 2 cores: in the `-m slow` set that CI also runs (README, Tests)
 def test_mixture_of_experts(fixtures_dir, tmp_path):
-    from jaxguide.convert import convert_checkpoints
+    from jaxguide.model.convert import convert_checkpoints
     import jaxguide
 
     moe = np.load(fixtures_dir / "moe_denoiser.npz")
@@ -241,7 +241,7 @@ def _parse_state_dict_txt(path):
 )
 def test_key_mapping_covers_state_dict(fixtures_dir, name, config):
     """Every key and shape of the real state dicts (tiny and the released coarse model)."""
-    from jaxguide.convert.mapping import key_map, to_torch
+    from jaxguide.model.convert.mapping import key_map, to_torch
 
     rows = _parse_state_dict_txt(fixtures_dir / name)
     mapping, buffers = key_map(config)

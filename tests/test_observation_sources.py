@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxguide.observation_sources import (
+from jaxguide.observations.sources import (
     EARTH2STUDIO_VARIABLES,
     PartitionFileError,
     PartitionedSource,
@@ -15,7 +15,7 @@ from jaxguide.observation_sources import (
     open_observations,
     standard_layout,
 )
-from jaxguide.observations import MissingColumnsError, make_table, validate_observations, write_observations
+from jaxguide.observations.table import MissingColumnsError, make_table, validate_observations, write_observations
 
 CHANNELS = ["T850", "T500", "T300", "tas", "pres_msl", "rlut"]
 

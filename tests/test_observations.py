@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxguide import grid_sampling as G
-from jaxguide import healpix as H
+from jaxguide.grid import latlon as G
+from jaxguide.grid import healpix as H
 from jaxguide import observations as O
 
 CHANNELS = ["T850", "T500", "T300", "tas", "pres_msl", "rlut"]
@@ -112,7 +112,7 @@ def test_bad_rows_raise_with_counts():
 
 
 def test_drop_bad_reports_and_logs(caplog):
-    with caplog.at_level(logging.WARNING, logger="jaxguide.observations"):
+    with caplog.at_level(logging.WARNING, logger="jaxguide.observations.table"):
         clean, counts = O.validate_observations(_bad_table(), CHANNELS, drop_bad=True)
     assert sum(counts.values()) == 9
     assert len(clean) == 12 - 9
@@ -329,7 +329,7 @@ def test_prepare_normalises_overrides_and_pads():
     padded = prepare(t, CHANNELS, CENTER, SCALE, pad_to="bucket")
     assert padded.obs.y.shape == (O.bucket_size(len(t)),) and padded.n_obs == len(t) < padded.obs.y.shape[0]
     assert O.bucket_size(33) == 64 and O.bucket_size(5) == 32 and O.bucket_size(64) == 64
-    from jaxguide import guidance
+    from jaxguide.diffusion import guidance
 
     def den(x, sigma, cond=None):  # a nonlinear stand-in network on nside-64 states
         return jnp.tanh(x) / (1.0 + sigma**2) + 0.1 * jnp.roll(x, 1, axis=-1)
@@ -346,7 +346,7 @@ def test_prepare_normalises_overrides_and_pads():
 
 # ---------------------------------------------------------------- strategies
 
-from jaxguide import strategies as S  # noqa: E402
+from jaxguide.observations import strategies as S  # noqa: E402
 
 
 def _truth(rng):

@@ -23,8 +23,12 @@ from typer.testing import CliRunner
 
 from conftest import one_line_error
 
-from jaxguide import healpix, io, schema
-from jaxguide.cli import app
+from jaxguide.grid import healpix
+
+from jaxguide import io
+
+from jaxguide.assimilation import dataset as schema
+from jaxguide.cli.commands import app
 
 TIME = "2020-01-20T00:00"
 N_OBS = 12
@@ -222,8 +226,8 @@ def test_assimilate_names_the_right_thing(case, fixtures_dir, tmp_path):
 
 
 def test_plausibility_check_can_be_overridden(case):
-    from jaxguide.model import load_model
-    from jaxguide.observations import ImplausibleObservationsError, prepare, read_observations
+    from jaxguide.model.checkpoint import load_model
+    from jaxguide.observations.table import ImplausibleObservationsError, prepare, read_observations
 
     model = load_model(case["model"])
     info = model.batch_info

@@ -6,7 +6,9 @@ import struct
 import numpy as np
 import pytest
 
-from jaxguide import healpix, plots
+from jaxguide.grid import healpix
+
+from jaxguide.verification import plots
 
 
 def png_size(path) -> tuple[int, int]:

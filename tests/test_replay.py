@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import rel_errors
-from jaxguide import guidance, sampler
-from jaxguide.denoiser import CBottleDenoiser, postprocess
+from jaxguide.diffusion import guidance, sampler
+from jaxguide.model.denoiser import CBottleDenoiser, postprocess
 
 
 def _run(model, rec, guided: bool):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxguide import sampler
+from jaxguide.diffusion import sampler
 
 CONFIGS = ("heun_nochurn", "heun_churn", "euler_churn", "reverse_heun")
 

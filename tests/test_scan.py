@@ -20,9 +20,9 @@ import pytest
 from flax import nnx
 
 from conftest import rel_errors
-from jaxguide.config import ModelConfig
-from jaxguide.model import graphdef_and_shapes
-from jaxguide.network import (
+from jaxguide.model.config import ModelConfig
+from jaxguide.model.checkpoint import graphdef_and_shapes
+from jaxguide.model.network import (
     decoder_layout,
     decoder_scan_keys,
     decoder_skip_channels,
@@ -105,7 +105,7 @@ def test_scanned_matches_unrolled_video(fixtures_dir, tmp_path):
     """The video model's runs (temporal attention in every encoder block, only the last
     decoder block of a level): forward only; the scan's VJP is checked on the image model."""
     import jaxguide
-    from jaxguide.convert import convert_checkpoints
+    from jaxguide.model.convert import convert_checkpoints
 
     model = jaxguide.load_model(convert_checkpoints([fixtures_dir / "video" / "video.checkpoint"], tmp_path / "m"))
     d = np.load(fixtures_dir / "video" / "video_denoiser.npz")

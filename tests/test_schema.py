@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import skip_or_fail
-from jaxguide import grid_sampling, healpix, io, schema
+from jaxguide.grid import latlon as grid_sampling, healpix
+from jaxguide import io
+from jaxguide.assimilation import dataset as schema
 
 NSIDE = 4
 NPIX = 12 * NSIDE**2

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from jaxguide import conditioning as C
-from jaxguide import sst
-from jaxguide.cli import app
+from jaxguide.model import conditioning as C
+from jaxguide.model import sst
+from jaxguide.cli.commands import app
 
 
 def test_synthetic_sst_layout_and_metadata(tmp_path):

@@ -18,11 +18,12 @@ import pytest
 from flax import nnx
 
 from conftest import rel_errors
-from jaxguide import conditioning, sampler
-from jaxguide.config import ModelConfig, UnsupportedArchitectureError
-from jaxguide.denoiser import make_denoiser, postprocess
-from jaxguide.model import count_params, graphdef_and_shapes
-from jaxguide.network import Attention, TemporalAttention, precond_forward
+from jaxguide.model import conditioning
+from jaxguide.diffusion import sampler
+from jaxguide.model.config import ModelConfig, UnsupportedArchitectureError
+from jaxguide.model.denoiser import make_denoiser, postprocess
+from jaxguide.model.checkpoint import count_params, graphdef_and_shapes
+from jaxguide.model.network import Attention, TemporalAttention, precond_forward
 
 VIDEO_CONFIG = dict(model_channels=8, label_dim=1024, out_channels=3, condition_channels=5, time_length=4)
 
@@ -34,7 +35,7 @@ def video_dir(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def video_model(video_dir, tmp_path_factory):
-    from jaxguide.convert import convert_checkpoints
+    from jaxguide.model.convert import convert_checkpoints
     import jaxguide
 
     out = convert_checkpoints([video_dir / "video.checkpoint"], tmp_path_factory.mktemp("video") / "model")
@@ -200,9 +201,9 @@ def test_window_conditioning_rebuilds_the_sampler_batch(video_dir, video_model, 
     """CBottleDenoiser.window_conditioning for the fixture's window and its known frame 0
     gives cBottle's batch: calendar per frame, [frame * mask, SST, mask] (the fixture's
     SST came from a synthetic loader, so channel 3 is checked against our AMIP path)."""
-    from jaxguide.denoiser import CBottleDenoiser
-    from jaxguide.sst import write_synthetic_sst
-    from jaxguide.window import FrameWindow
+    from jaxguide.model.denoiser import CBottleDenoiser
+    from jaxguide.model.sst import write_synthetic_sst
+    from jaxguide.model.window import FrameWindow
 
     rec = np.load(video_dir / "video_sampler.npz")
     dm = CBottleDenoiser(video_model)
@@ -292,7 +293,7 @@ RELEASED_VIDEO = ModelConfig(
     ],
 )
 def test_video_key_mapping_covers_state_dict(video_dir, name, config):
-    from jaxguide.convert.mapping import key_map, to_torch
+    from jaxguide.model.convert.mapping import key_map, to_torch
 
     rows = _parse_state_dict_txt(video_dir / name)
     mapping, buffers = key_map(config)
@@ -322,8 +323,8 @@ def test_video_shape_errors(video_model, vden):
 
 def test_video_mixture_converts_with_thresholds(video_dir, tmp_path):
     """cbottle-3d-video is a mixture of 3 video experts split at sigma 316 and 10."""
-    from jaxguide.convert import convert_checkpoints
-    from jaxguide.model import expert_index, load_model
+    from jaxguide.model.convert import convert_checkpoints
+    from jaxguide.model.checkpoint import expert_index, load_model
 
     ck = video_dir / "video.checkpoint"
     model = load_model(convert_checkpoints([ck, ck, ck], tmp_path / "moe", sigma_thresholds=[316.0, 10.0]))

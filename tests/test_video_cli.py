@@ -24,9 +24,11 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from conftest import one_line_error
-from jaxguide import healpix, io, schema
-from jaxguide.cli import app
-from jaxguide.grid_sampling import LatLonGrid
+from jaxguide.grid import healpix
+from jaxguide import io
+from jaxguide.assimilation import dataset as schema
+from jaxguide.cli.commands import app
+from jaxguide.grid.latlon import LatLonGrid
 
 START = pd.Timestamp("2016-02-28T18:00")
 STEP = pd.Timedelta(hours=6)
@@ -256,7 +258,7 @@ def test_image_model_refuses_video_options(tiny_model_dir, case):
 def test_video_options_reach_the_pipeline(monkeypatch, tmp_path):
     """The CLI only parses: --end (any ISO form, to UTC), --condition, --conditioning-frames,
     --time-matching arrive at pipeline.assimilate; left out, the settings' defaults hold."""
-    from jaxguide import pipeline
+    from jaxguide.assimilation import pipeline
 
     seen = {}
 

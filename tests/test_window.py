@@ -11,10 +11,12 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from jaxguide import healpix, observations as O
-from jaxguide.conditioning import KnownFrames, frame_condition, window_conditioning
-from jaxguide.known_frames import ConditioningFileError, read_known_frames
-from jaxguide.window import FrameWindow, WindowError, chain, trajectory_times
+from jaxguide.grid import healpix
+
+from jaxguide import observations as O
+from jaxguide.model.conditioning import KnownFrames, frame_condition, window_conditioning
+from jaxguide.assimilation.known_frames import ConditioningFileError, read_known_frames
+from jaxguide.model.window import FrameWindow, WindowError, chain, trajectory_times
 
 CHANNELS = ["T850", "T500"]
 CENTER = np.array([280.0, 250.0])

@@ -6,8 +6,8 @@ lag-one correlation 0.78), K_space squared-exponential 3000 km. Its exact denois
 its dense covariance and its Kalman posterior are checked against independent float64
 references (a dense Sigma built from the kernels directly, the forward Kalman filter +
 RTS smoother over frames); then MMPS ensembles (the prior as a
-:class:`~jaxguide.gaussian.GaussianModel` through :func:`jaxguide.guided.guided_denoiser`
-and :class:`~jaxguide.ensemble.EnsembleSampler`) with observations from an observation
+:class:`~jaxguide.model.gaussian.GaussianModel` through :func:`jaxguide.diffusion.guided.guided_denoiser`
+and :class:`~jaxguide.diffusion.ensemble.EnsembleSampler`) with observations from an observation
 TABLE, times on and between frames, put through ``observations.prepare(window=...)``,
 are checked against the exact posterior (computed with an H built here from the
 bilinear stencil and linear time weights, not from the operator under test). The two
@@ -30,9 +30,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxguide import ensemble, gaussian, grid_sampling, guidance, guided, observations
-from jaxguide.conditioning import KnownFrames
-from jaxguide.window import FrameWindow
+from jaxguide.diffusion import ensemble, guidance, guided
+
+from jaxguide.model import gaussian
+
+from jaxguide.grid import latlon as grid_sampling
+
+from jaxguide import observations
+from jaxguide.model.conditioning import KnownFrames
+from jaxguide.model.window import FrameWindow
 
 NSIDE = 4
 NPIX = 12 * NSIDE**2

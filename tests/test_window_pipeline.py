@@ -1,11 +1,11 @@
 """A chained video run through the whole pipeline, exact against the Kalman smoother.
 
-The model is a space-time Gaussian prior (:class:`~jaxguide.gaussian.GaussianModel`,
+The model is a space-time Gaussian prior (:class:`~jaxguide.model.gaussian.GaussianModel`,
 nside 4, one channel, windows of T = 4 frames 6 h apart, AR(1) time correlation with a
 24 h time scale, so the process is Markov in time). The run covers 7 frames: two windows
 chained through one conditioning frame (the second window starts at frame 3 and is
 conditioned, member by member, on frame 3 of the first; known frames enter the Gaussian
-model exactly, :func:`jaxguide.gaussian.given_frames`). Observations lie in the first
+model exactly, :func:`jaxguide.model.gaussian.given_frames`). Observations lie in the first
 window only (on and between frames). For a Markov prior this chain is exact: the first
 window is the smoother posterior given all observations, and the forecast frames 4-6
 follow from frame 3 alone. So the trajectory file must match the exact posterior of the
@@ -21,9 +21,13 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from jaxguide import gaussian, healpix, observations, units
-from jaxguide.pipeline import AssimilationSettings, Session
-from jaxguide.window import FrameWindow
+from jaxguide.model import gaussian, units
+
+from jaxguide.grid import healpix
+
+from jaxguide import observations
+from jaxguide.assimilation.pipeline import AssimilationSettings, Session
+from jaxguide.model.window import FrameWindow
 
 NSIDE = 4
 NPIX = 12 * NSIDE**2
@@ -125,7 +129,7 @@ def test_options_of_the_other_kind_of_model_are_errors(tmp_path, case):
                                    settings=AssimilationSettings(time_matching="exact"))
     with pytest.raises(ValueError, match="window_hours .* is for single-time models"):
         Session(video).assimilate(table, tmp_path / "a.nc", time=START, settings=AssimilationSettings(window_hours=6))
-    from jaxguide.window import WindowError
+    from jaxguide.model.window import WindowError
 
     with pytest.raises(WindowError, match="not a whole number of the model's 6 h frames"):
         Session(video).assimilate(table, tmp_path / "a.nc", time=START, end=START + pd.Timedelta(hours=20))

@@ -1,4 +1,4 @@
-"""Compiler options per backend (jaxguide.xla_options) and their use by the ensemble programs."""
+"""Compiler options per backend (jaxguide.model.xla_options) and their use by the ensemble programs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide import xla_options
-from jaxguide.ensemble import EnsembleSampler
+from jaxguide.model import xla_options
+from jaxguide.diffusion.ensemble import EnsembleSampler
 
 
 class _Device:
@@ -45,7 +45,7 @@ def test_ensemble_programs_compile_with_the_options(monkeypatch):
         out = EnsembleSampler()(den, jax.random.key(0), (6, 6, 4), 2, sampler_kwargs=kwargs, operands=(w,),
                                 devices=jax.devices()[:1])
     assert seen == [xla_options.compiler_options(jax.devices()[:1])]
-    from jaxguide.sampler import sample
+    from jaxguide.diffusion.sampler import sample
 
     ref = jax.jit(jax.vmap(lambda k: sample(lambda x, s: den(x, s, w), k, (6, 6, 4), **kwargs)))(
         jax.random.split(jax.random.key(0), 2))
