@@ -123,7 +123,7 @@ def main() -> None:
             secs = [e["seconds"] for e in summary["this_process"]]
             per_time = statistics.median(secs[1:]) if len(secs) > 1 else float("nan")
             # one sampler run: the session's compiled program alone, for the last time's inputs
-            from jaxguide.observations.table import prepare
+            from jaxguide.observations.prepare import prepare
 
             dm, fn = session.model_for(settings)
             t = times[-1]

@@ -50,7 +50,7 @@ from jaxguide.model import network
 from jaxguide.model.config import BatchInfo, ModelConfig
 from jaxguide.model.checkpoint import CBottleModel, graphdef_and_shapes, load_model
 from jaxguide.model.network import NPIX
-from jaxguide.observations.table import PointObservationOperator
+from jaxguide.observations.operator import PointObservationOperator
 from jaxguide.model.denoiser import CBottleDenoiser
 from jaxguide.diffusion.guided import guided_denoiser
 from jaxguide.diffusion.sampler import sample

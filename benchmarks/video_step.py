@@ -16,7 +16,7 @@ Sections:
   calendar, ``[known * mask, SST, mask]`` with frame 0 known, a synthetic SST written by
   :func:`jaxguide.model.sst.write_synthetic_sst`), point observations spread over the frames
   (times on and between frames: the operator interpolates linearly in time) from
-  :func:`jaxguide.observations.table.prepare` with ``window=``. Protocol as ``perf.py``
+  :func:`jaxguide.observations.prepare.prepare` with ``window=``. Protocol as ``perf.py``
   (:func:`perf.timed_jit`): the first call compiles (its compile time is reported
   separately), then ``--repeats`` calls on new data (new x, new y) are timed; the
   minimum is reported. A Heun step (predictor + corrector: two denoiser calls, as

@@ -18,7 +18,7 @@ Steps:
      compiled program) is the "truth";
   3. draw ERA5-style point observations of T850/T500/T300 from the truth (radiosonde-like
      error ``--obs-sigma`` K) through the observation-table API
-     (:func:`jaxguide.observations.strategies.sample_observations`, :func:`jaxguide.observations.table.prepare`);
+     (:func:`jaxguide.observations.strategies.sample_observations`, :func:`jaxguide.observations.prepare.prepare`);
   4. run the guided ensemble (MMPS by default), then again with a NEW observation network
      (other stations, other noise): no recompilation;
   5. print the observation-space RMSE (K) of the prior and of the analysis ensemble mean,

@@ -42,7 +42,7 @@ OLD_PATHS: dict[str, tuple[str, ...]] = {
     "jaxguide.era5": ("jaxguide.observations.era5",),
     "jaxguide.strategies": ("jaxguide.observations.strategies",),
     "jaxguide.pipeline": ("jaxguide.assimilation.pipeline",),
-    "jaxguide.schema": ("jaxguide.assimilation.dataset",),
+    "jaxguide.schema": ("jaxguide.assimilation.dataset", "jaxguide.model.channels"),
     "jaxguide.known_frames": ("jaxguide.assimilation.known_frames",),
     "jaxguide.campaign_store": ("jaxguide.campaign.store",),
     "jaxguide.campaign_times": ("jaxguide.campaign.times",),

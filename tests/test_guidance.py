@@ -247,7 +247,7 @@ def test_named_errors(prob):
 def test_methods_and_observations_are_jit_arguments(prob):
     """Method hyperparameters (scale, gamma) and observations are traced pytree leaves: new
     values reuse the program; static options (cg_iters) are part of the program."""
-    from jaxguide.observations.table import PointObservationOperator
+    from jaxguide.observations.operator import PointObservationOperator
 
     prior, A, H, y, sigma_y, ch, px = prob
     op = PointObservationOperator(jnp.asarray(ch, jnp.int32), jnp.stack([jnp.asarray(px, jnp.int32)] * 4, 1),

@@ -15,7 +15,9 @@ from jaxguide.observations.sources import (
     open_observations,
     standard_layout,
 )
-from jaxguide.observations.table import MissingColumnsError, make_table, validate_observations, write_observations
+from jaxguide.observations.errors import MissingColumnsError
+from jaxguide.observations.table import make_table, write_observations
+from jaxguide.observations.validation import validate_observations
 
 CHANNELS = ["T850", "T500", "T300", "tas", "pres_msl", "rlut"]
 

@@ -48,7 +48,7 @@ def test_roundtrip(tmp_path, suffix):
     path = O.write_observations(table, tmp_path / f"obs{suffix}")
     assert path.exists() and not list(tmp_path.glob("*.tmp"))
     back = O.read_observations(path)
-    pd.testing.assert_frame_equal(back[list(O.COLUMNS)], O._coerce(table)[list(O.COLUMNS)])
+    pd.testing.assert_frame_equal(back[list(O.COLUMNS)], O.coerce_table(table)[list(O.COLUMNS)])
 
 
 def test_write_is_atomic_on_failure(tmp_path):
@@ -112,7 +112,7 @@ def test_bad_rows_raise_with_counts():
 
 
 def test_drop_bad_reports_and_logs(caplog):
-    with caplog.at_level(logging.WARNING, logger="jaxguide.observations.table"):
+    with caplog.at_level(logging.WARNING, logger="jaxguide.observations.validation"):
         clean, counts = O.validate_observations(_bad_table(), CHANNELS, drop_bad=True)
     assert sum(counts.values()) == 9
     assert len(clean) == 12 - 9

@@ -227,7 +227,9 @@ def test_assimilate_names_the_right_thing(case, fixtures_dir, tmp_path):
 
 def test_plausibility_check_can_be_overridden(case):
     from jaxguide.model.checkpoint import load_model
-    from jaxguide.observations.table import ImplausibleObservationsError, prepare, read_observations
+    from jaxguide.observations.errors import ImplausibleObservationsError
+    from jaxguide.observations.prepare import prepare
+    from jaxguide.observations.table import read_observations
 
     model = load_model(case["model"])
     info = model.batch_info

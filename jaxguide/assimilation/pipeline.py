@@ -6,7 +6,7 @@ their modules, a Python user composes them the same way.
 Stages: the model (a converted cBottle directory, a loaded
 :class:`~jaxguide.model.checkpoint.CBottleModel` or any :class:`~jaxguide.model.denoiser.DenoiserModel`,
 e.g. :class:`~jaxguide.model.gaussian.GaussianModel`) -> the observation table, validated,
-normalised, located and padded (:func:`jaxguide.observations.table.prepare`) -> the model's
+normalised, located and padded (:func:`jaxguide.observations.prepare.prepare`) -> the model's
 conditioning for the analysis time (calendar, AMIP SST: ``model.conditioning``) -> the
 guidance method (:mod:`jaxguide.diffusion.guidance`, from the settings) -> the guided ensemble and
 the unguided prior ensemble (:func:`jaxguide.diffusion.guided.guided_denoiser` run by an
@@ -21,7 +21,7 @@ per-member operand of the one compiled program), and the file holds the trajecto
 Compiling: a :class:`Session` owns the compiled ensemble programs of one model; its
 calls pass parameters, conditioning, method hyperparameters and observations as
 arguments, and observation counts are padded to a power of two
-(:func:`jaxguide.observations.table.bucket_size`), so a series of analyses (new times, new
+(:func:`jaxguide.observations.prepare.bucket_size`), so a series of analyses (new times, new
 observations, a count in the same bucket, a new ``guidance_scale``) compiles once.
 :func:`assimilate` without a session builds a fresh one (compiles every call).
 """
@@ -54,8 +54,9 @@ from jaxguide.model.checkpoint import CBottleModel, load_model
 from jaxguide.model.conditioning import KnownFrames, read_amip_sst
 from jaxguide.diffusion.guidance import Observations
 from jaxguide.assimilation.known_frames import read_known_frames
-from jaxguide.observations.table import (PreparedObservations, bucket_size, build_operator, pad, parse_time, prepare,
-                                   read_observations)
+from jaxguide.observations.operator import build_operator
+from jaxguide.observations.prepare import PreparedObservations, bucket_size, pad, prepare
+from jaxguide.observations.table import parse_time, read_observations
 from jaxguide.assimilation.dataset import analysis_to_dataset, describe_sigma_y
 from jaxguide.model.window import FrameWindow, WindowError, chain, trajectory_times
 
@@ -91,7 +92,7 @@ class AssimilationSettings:
       ~1/3 (see benchmarks/remat_memory.py) for ~1 extra network forward per VJP.
     check_plausibility: refuse observations more than 8 climatological scales from the
       model's center (a unit mistake; see ``observations.check_plausible``).
-    pad_observations: pad observation counts to :func:`~jaxguide.observations.table.bucket_size`
+    pad_observations: pad observation counts to :func:`~jaxguide.observations.prepare.bucket_size`
       (one compiled program for all counts in a bucket; padding rows change nothing).
     conditioning_frames: video models: frames each chained window takes from the end of
       the previous one (cBottle's ``VideoAutoregression.step_forward``; 0 = independent

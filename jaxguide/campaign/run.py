@@ -38,14 +38,8 @@ from jaxguide.campaign.times import time_key
 from jaxguide.campaign.distributed import ProcessInfo, barrier, my_share
 from jaxguide.grid.latlon import LatLonGrid
 from jaxguide.observations.sources import ObservationSource, PartitionedSource, TableSource, open_observations
-from jaxguide.observations.table import (
-    BadObservationsError,
-    EmptyTableError,
-    ObservationError,
-    UnknownVariableError,
-    bucket_size,
-    prepare,
-)
+from jaxguide.observations.errors import BadObservationsError, EmptyTableError, ObservationError, UnknownVariableError
+from jaxguide.observations.prepare import bucket_size, prepare
 from jaxguide.assimilation.pipeline import AssimilationSettings, Session, _model_sha256, denoiser_calls, run_provenance
 from jaxguide.assimilation.dataset import analysis_to_dataset
 

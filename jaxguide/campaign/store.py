@@ -33,6 +33,7 @@ import pandas as pd
 import xarray as xr
 
 from jaxguide.io.files import _output_parent, _remove, _require_zarr, replace_into_place, temp_beside
+from jaxguide.io.times import parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -222,9 +223,7 @@ class CampaignStore:
         return [int(i) for i in np.flatnonzero(self.status() == PENDING)]
 
     def index(self, time) -> int:
-        t = pd.Timestamp(time)
-        if t.tzinfo is not None:
-            t = t.tz_convert("UTC").tz_localize(None)
+        t = parse_time(time)
         try:
             return int(self.times.get_loc(t))
         except KeyError:

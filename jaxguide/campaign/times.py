@@ -14,7 +14,6 @@ order in which times are processed, on how they are split over processes, or on 
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import re
 from collections.abc import Sequence
@@ -24,11 +23,12 @@ import jax
 import numpy as np
 import pandas as pd
 
+from jaxguide.io import times as io_times
+
 TIMES_FORM = "START/END/STEP in ISO 8601, e.g. 2020-01-01T00/2020-01-05T00/PT6H (END inclusive), or one time like 2020-01-01T06:00"
 TIME_FORM = "YYYY-MM-DDTHH[:MM[:SS]][Z|+HH:MM], e.g. 2020-01-01T06:00"
 DURATION_FORM = "PnDTnHnMnS or PnW, e.g. PT6H, PT30M, P1D, P1DT12H"
 
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}(:\d{2}(:\d{2}(\.\d+)?)?)?)?(Z|[+-]\d{2}(:?\d{2})?)?")
 _DURATION = re.compile(
     r"P(?:(?P<weeks>\d+(?:\.\d+)?)W|(?:(?P<days>\d+(?:\.\d+)?)D)?"
     r"(?:T(?=\d)(?:(?P<hours>\d+(?:\.\d+)?)H)?(?:(?P<minutes>\d+(?:\.\d+)?)M)?(?:(?P<seconds>\d+(?:\.\d+)?)S)?)?)"
@@ -41,15 +41,7 @@ class TimesError(ValueError):
 
 def parse_time(text: str, what: str = "time") -> pd.Timestamp:
     """One ISO 8601 time -> UTC ``pd.Timestamp`` without timezone, whole seconds."""
-    s = str(text).strip()
-    if not _DATE.fullmatch(s):
-        raise TimesError(f"{what} {text!r} is not an ISO 8601 time; expected {TIME_FORM}")
-    try:
-        t = pd.Timestamp(_dt.datetime.fromisoformat(s))
-    except ValueError as e:
-        raise TimesError(f"{what} {text!r} is not a valid time ({e}); expected {TIME_FORM}") from None
-    if t.tzinfo is not None:
-        t = t.tz_convert("UTC").tz_localize(None)
+    t = io_times.parse_time(str(text), what, expected=TIME_FORM, error=TimesError)
     if t != t.floor("s"):
         raise TimesError(f"{what} {text!r} has fractions of a second; campaign times are whole seconds")
     return t.as_unit("ns")
@@ -132,9 +124,7 @@ def read_times_file(path: str | os.PathLike) -> pd.DatetimeIndex:
 
 def unix_seconds(time) -> int:
     """Whole seconds since 1970-01-01T00 UTC (negative before)."""
-    t = pd.Timestamp(time)
-    if t.tzinfo is not None:
-        t = t.tz_convert("UTC").tz_localize(None)
+    t = io_times.parse_time(time, expected=TIME_FORM, error=TimesError)
     ns = t.as_unit("ns").value
     if ns % 1_000_000_000:
         raise TimesError(f"time {t} has fractions of a second; campaign times are whole seconds")

@@ -35,10 +35,10 @@ when the guided denoiser is built outside ``jit``; shape checks also run at trac
 inside ``jit`` (shapes are static). Failures raise :class:`GuidanceInputError`.
 
 Padding: an observation whose operator row is zero (e.g. a
-:class:`~jaxguide.observations.table.PointObservationOperator` row with zero weights), with
+:class:`~jaxguide.observations.operator.PointObservationOperator` row with zero weights), with
 y = 0 and any sigma_y > 0, contributes exactly nothing to any method (its residual and
 its row of ``A'`` are zero, so CG/GMRES never leave the subspace of the real rows);
-:func:`jaxguide.observations.table.pad` uses this so that different observation counts share
+:func:`jaxguide.observations.prepare.pad` uses this so that different observation counts share
 one compiled program.
 """
 
@@ -70,7 +70,7 @@ class Observations:
 
     Fields (all pytree leaves):
       A: differentiable ``x -> (n_obs,)`` (linear or not; linearised at D). A registered
-        pytree (e.g. :class:`~jaxguide.observations.table.PointObservationOperator`) can be
+        pytree (e.g. :class:`~jaxguide.observations.operator.PointObservationOperator`) can be
         passed through ``jit`` as an argument; a plain function only closed over.
       y: (n_obs,) observations, in the units A returns.
       sigma_y: scalar or (n_obs,) observation-error std (same units as y).

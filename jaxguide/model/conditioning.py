@@ -29,6 +29,7 @@ import pandas as pd
 import xarray as xr
 
 from jaxguide.grid import healpix
+from jaxguide.io.times import parse_time
 from jaxguide.model.config import LABELS, MAX_CLASSES  # cBottle: one-hot index 0 = ICON, 1 = ERA5
 
 logger = logging.getLogger(__name__)
@@ -49,17 +50,15 @@ class SSTTimeError(ValueError):
 
 def _fields(t) -> tuple[int, int, int, int, int, int]:
     """(year, month, day, hour, minute, second), UTC, fractional seconds truncated."""
-    if isinstance(t, (str, np.datetime64)) or not hasattr(t, "year"):
-        t = pd.Timestamp(t)
-    if isinstance(t, (pd.Timestamp, datetime.datetime)) and t.tzinfo is not None:
-        t = pd.Timestamp(t).tz_convert("UTC")
+    if isinstance(t, (str, np.datetime64, datetime.datetime)) or not hasattr(t, "year"):
+        t = parse_time(t)  # ISO 8601 text or datetime-like -> UTC (cftime objects pass as they are)
     return int(t.year), int(t.month), int(t.day), int(t.hour), int(t.minute), int(t.second)
 
 
 def calendar_inputs(times: Sequence) -> tuple[np.ndarray, np.ndarray]:
     """cBottle's ``(second_of_day, day_of_year)`` for timestamps, each (N, 1) float32.
 
-    ``times``: anything ``pd.Timestamp`` accepts, or datetime / cftime objects
+    ``times``: ISO 8601 text (:mod:`jaxguide.io.times`), or datetime / cftime objects
     (Gregorian calendar; tz-aware times are converted to UTC). ``day_of_year`` is
     0-based and fractional: 2000-02-29 12:30 -> 59.5208.
     """

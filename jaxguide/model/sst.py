@@ -29,6 +29,7 @@ import pandas as pd
 import xarray as xr
 
 from jaxguide.io.files import atomic_write
+from jaxguide.io.times import parse_time
 
 SST_VARIABLE = "tosbcs"
 SST_TIME_UNITS = "days since 1870-01-01"
@@ -61,8 +62,6 @@ def write_synthetic_sst(
     values are deg C (float32). The metadata names the file as synthetic.
     """
     import cftime
-
-    from jaxguide.observations.table import parse_time
 
     t0, t1 = parse_time(start, "start"), parse_time(end, "end")
     if t1 < t0:

@@ -17,14 +17,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from jaxguide.io.times import parse_time
+
 
 class WindowError(ValueError):
     """A window or a run that does not fit the model's frames (time step, length)."""
-
-
-def _timestamp(t) -> pd.Timestamp:
-    t = pd.Timestamp(t)
-    return t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +33,7 @@ class FrameWindow:
     length: int
 
     def __post_init__(self):
-        object.__setattr__(self, "start", _timestamp(self.start))
+        object.__setattr__(self, "start", parse_time(self.start))
         if int(self.length) != self.length or self.length < 1:
             raise WindowError(f"a window needs a whole number of frames >= 1, got {self.length}")
         object.__setattr__(self, "length", int(self.length))
@@ -78,7 +75,7 @@ def chain(start, end, *, time_step_hours: float, length: int, overlap: int) -> l
     when ``end`` precedes ``start``, or when ``overlap`` is not in [0, length).
     """
     first = FrameWindow(start, time_step_hours, length)
-    end = _timestamp(end)
+    end = parse_time(end)
     span = (end - first.start) / first.step
     if span < 0:
         raise WindowError(f"the run ends ({end}) before it starts ({first.start})")

@@ -39,7 +39,8 @@ import pandas as pd
 import xarray as xr
 
 from jaxguide.grid import healpix
-from jaxguide.observations.table import make_table
+from jaxguide.observations.strategies import sample_locations
+from jaxguide.observations.table import make_table, parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -386,8 +387,6 @@ def era5_to_observations(
     if (points is None) == (strategy is None):
         raise ValueError("give exactly one of points= or strategy=")
     if points is None:
-        from jaxguide.observations.strategies import sample_locations
-
         if count is None or rng is None:
             raise ValueError("strategy= needs count= and an explicit rng= (numpy Generator)")
         lon, lat = sample_locations(strategy, count, rng)
@@ -403,11 +402,9 @@ def era5_to_observations(
     sel = ds["t"].sel(level=levels)
     if times is not None:
         try:
-            want = pd.DatetimeIndex([pd.Timestamp(t) for t in times])
+            want = pd.DatetimeIndex([parse_time(t) for t in times])
         except (TypeError, ValueError) as e:
             raise ValueError(f"times must be dates (ISO 8601, UTC): {e}") from None
-        if want.tz is not None:
-            want = want.tz_convert("UTC").tz_localize(None)
         have = pd.DatetimeIndex(ds["time"].values)
         absent = want[~want.isin(have)]
         if len(absent):

@@ -16,7 +16,7 @@ columns ``time, lat, lon, observation, variable`` with lon in [0, 360), plus ``s
 ``elev`` ... which are kept): ``observation`` is read as ``value``, earth2studio variable
 names become cBottle channel names (:data:`EARTH2STUDIO_VARIABLES`, e.g. ``t2m`` ->
 ``tas``; the units already agree: K, Pa, m s-1), and as those frames carry no error
-column, ``sigma_y`` must be given (else :class:`~jaxguide.observations.table.MissingColumnsError`
+column, ``sigma_y`` must be given (else :class:`~jaxguide.observations.errors.MissingColumnsError`
 says so).
 """
 
@@ -33,14 +33,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from jaxguide.observations.table import (
-    COLUMNS,
-    EmptyTableError,
-    MissingColumnsError,
-    ObservationFileError,
-    _coerce,  # the one place where table columns get their types
-    _format,
-)
+from jaxguide.io import times
+from jaxguide.observations.errors import EmptyTableError, MissingColumnsError, ObservationFileError
+from jaxguide.observations.table import COLUMNS, coerce_table, table_format
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +106,13 @@ def standard_layout(table: pd.DataFrame, *, sigma_y=None, source: str = "observa
     if "sigma" not in out.columns and all(c in out.columns for c in COLUMNS if c != "sigma"):
         out = _fill_sigma(out, sigma_y, source)
     try:
-        return _coerce(out)
+        return coerce_table(out)
     except MissingColumnsError as e:
         raise MissingColumnsError(f"{source}: {e}") from None
 
 
 def _read_raw(path: Path) -> pd.DataFrame:
-    fmt = _format(path)
+    fmt = table_format(path)
     if fmt == "csv":
         try:
             return pd.read_csv(path, dtype={"variable": str})
@@ -182,13 +177,13 @@ def _partition_time(path: Path, root: Path) -> pd.Timestamp | None:
 
 
 def _label_time(text: str, path: Path) -> pd.Timestamp:
-    try:
-        t = pd.Timestamp(text)
-    except ValueError:
-        raise PartitionFileError(f"observation file {str(path)!r}: partition time {text!r} is not an ISO 8601 time", path) from None
-    if t is pd.NaT:
+    """A partition's time (``time=...`` or the file stem): ISO 8601 only (:mod:`jaxguide.io.times`)."""
+    if not text.strip():
         raise PartitionFileError(f"observation file {str(path)!r}: empty partition time", path)
-    return t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t
+    try:
+        return times.parse_time(text, "partition time")
+    except times.TimeFormatError:
+        raise PartitionFileError(f"observation file {str(path)!r}: partition time {text!r} is not an ISO 8601 time", path) from None
 
 
 def _time_range(path: Path, root: Path) -> _Part:

@@ -20,7 +20,8 @@ import pandas as pd
 from jaxguide.grid import latlon as grid_sampling, healpix
 
 from jaxguide.model import units
-from jaxguide.observations.table import channel_index, make_table
+from jaxguide.observations.operator import channel_index
+from jaxguide.observations.table import make_table, parse_time
 
 STRATEGIES: tuple[str, ...] = ("random", "uniform", "land_only")
 _GOLDEN_ANGLE_DEG = 180.0 * (3.0 - np.sqrt(5.0))
@@ -160,7 +161,7 @@ def sample_observations(
     def table(mask):
         v = len(variables)
         return make_table(
-            time=pd.Timestamp(time),
+            time=parse_time(time),
             lat=np.tile(lat[mask], v),
             lon=np.tile(lon[mask], v),
             variable=np.repeat(np.asarray(variables, dtype=object), mask.sum()),

@@ -14,7 +14,7 @@ Trajectories (a video model's run, dims (member, time, pixel) with several frame
 are read in time with the SAME rule ``assimilate`` used, recorded in the global
 attribute :data:`TIME_ATTR`: ``"linear"`` interpolates linearly in time between the
 two frames around each observation (the operator's frame stencil,
-:func:`jaxguide.observations.table.time_stencil`); ``"exact"``, no attribute (older files,
+:func:`jaxguide.observations.operator.time_stencil`); ``"exact"``, no attribute (older files,
 campaign stores) or one time only take the nearest time, as before. Under the linear
 rule an observation outside the file's first..last time cannot be read:
 :func:`ensemble_at_observations` raises ValueError, :func:`evaluate` leaves it out and
@@ -41,7 +41,10 @@ from jaxguide.grid import latlon as grid_sampling, healpix
 from jaxguide.verification import metrics
 from jaxguide.io.files import read_analysis
 from jaxguide.assimilation.dataset import PRIOR_SUFFIX, channel_variables
-from jaxguide.observations.table import to_utc_naive, read_observations, time_stencil
+from jaxguide.io.times import epoch_ns
+from jaxguide.observations.errors import TimeFormatError
+from jaxguide.observations.operator import time_stencil
+from jaxguide.observations.table import read_observations
 
 logger = logging.getLogger(__name__)
 
@@ -165,17 +168,12 @@ def time_rule(ds: xr.Dataset) -> str:
     return TIME_RULES[str(value)]
 
 
-def _ns(times) -> np.ndarray:
-    """Times (datetime-like, ISO text) as int64 nanoseconds, UTC naive."""
-    return to_utc_naive(np.asarray(times)).to_numpy("datetime64[ns]").astype(np.int64)
-
-
 def _time_index(ds_times: np.ndarray, obs_times) -> np.ndarray:
     """Index of the analysis time nearest to each observation time (a tie: the earlier)."""
     if ds_times.size == 1:
         return np.zeros(len(obs_times), dtype=np.int64)
-    t = _ns(obs_times)
-    d = _ns(ds_times)
+    t = epoch_ns(obs_times, error=TimeFormatError)
+    d = epoch_ns(ds_times, error=TimeFormatError)
     return np.argmin(np.abs(t[:, None] - d[None, :]), axis=1)
 
 
@@ -185,8 +183,8 @@ def outside_times(ds: xr.Dataset, obs_times, rule: str | None = None) -> np.ndar
     rule = time_rule(ds) if rule is None else rule
     if rule != "linear":
         return np.zeros(len(obs_times), dtype=bool)
-    t = _ns(obs_times)
-    d = _ns(ds["time"].values)
+    t = epoch_ns(obs_times, error=TimeFormatError)
+    d = epoch_ns(ds["time"].values, error=TimeFormatError)
     return (t < d.min()) | (t > d.max())
 
 
@@ -197,10 +195,10 @@ def _time_weights(ds_times: np.ndarray, obs_times, rule: str) -> tuple[np.ndarra
     if rule != "linear":
         idx = _time_index(ds_times, obs_times)
         return np.stack([idx, idx], 1), np.stack([np.ones(n), np.zeros(n)], 1)
-    d = _ns(ds_times)
+    d = epoch_ns(ds_times, error=TimeFormatError)
     if np.any(np.diff(d) <= 0):
         raise ValueError("the analysis times are not increasing; cannot interpolate in time")
-    t = _ns(obs_times)
+    t = epoch_ns(obs_times, error=TimeFormatError)
     # fractional index, piecewise linear in time (offsets from the first time: exact in float64)
     position = np.interp((t - d[0]).astype(np.float64), (d - d[0]).astype(np.float64), np.arange(d.size, dtype=np.float64))
     frames, weights = time_stencil(position, d.size)
@@ -241,7 +239,7 @@ def ensemble_at_observations(
     if several:
         frames, tw = _time_weights(ds_times, table["time"], "nearest" if rule == "single" else rule)  # (n, 2)
         nearest = _time_index(ds_times, table["time"])
-        obs_ns = _ns(table["time"]).astype("datetime64[ns]")
+        obs_ns = epoch_ns(table["time"], error=TimeFormatError).astype("datetime64[ns]")
     else:
         frames, tw = np.zeros((len(table), 2), np.int64), np.tile([1.0, 0.0], (len(table), 1))
     out = {}
