@@ -1,4 +1,4 @@
-"""Files: atomic writes, JSON, NetCDF/zarr datasets.
+"""Files (atomic writes, JSON, NetCDF/zarr datasets) and ISO 8601 times (:mod:`jaxguide.io.times`).
 
 The bottom layer: imports nothing else from jaxguide.
 """

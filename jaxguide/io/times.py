@@ -1,7 +1,7 @@
 """Times: the one ISO 8601 parser of jaxguide.
 
-Every time jaxguide reads (``--time``, a campaign's ``--times``, an observation table's
-``time`` column, a partition directory's ``time=...``, a video window's start) goes
+The times jaxguide reads (``--time``, a campaign's ``--times``, an observation table's
+``time`` column, a partition directory's ``time=...``, a video window's start) go
 through :func:`parse_time` (one value) or :func:`to_utc_naive` (a column). Text must be
 ISO 8601 (:data:`ISO_FORMAT`): ``05/01/2020`` is May 1st or January 5th depending on
 who wrote it, so it is refused rather than guessed. Results are UTC without a timezone
