@@ -24,9 +24,9 @@ from jaxguide.cli.app import (  # noqa: F401
 )
 
 # the commands, registered on ``app`` in this order; the public names of the former module jaxguide.cli
-from jaxguide.cli.convert import convert  # noqa: F401, E402  (isort: skip)
-from jaxguide.cli.assimilate import assimilate  # noqa: F401, E402  (isort: skip)
-from jaxguide.cli.demo import synthetic_sst, demo  # noqa: F401, E402  (isort: skip)
-from jaxguide.cli.era5_obs import era5_obs  # noqa: F401, E402  (isort: skip)
-from jaxguide.cli.evaluate import evaluate  # noqa: F401, E402  (isort: skip)
-from jaxguide.cli.campaign import campaign as _campaign  # noqa: F401, E402  (isort: skip); jaxguide.cli.campaign stays the module
+from jaxguide.cli.convert import convert  # noqa: F401
+from jaxguide.cli.assimilate import assimilate  # noqa: F401
+from jaxguide.cli.demo import synthetic_sst, demo  # noqa: F401
+from jaxguide.cli.era5_obs import era5_obs  # noqa: F401
+from jaxguide.cli.evaluate import evaluate  # noqa: F401
+from jaxguide.cli.campaign import campaign as _campaign  # noqa: F401  (jaxguide.cli.campaign stays the module)

@@ -195,13 +195,6 @@ def handle_errors(fn):
     return wrapper
 
 
-def status(text: str):
-    """A spinner with ``text`` on stderr while a step runs (``with status(...):``)."""
-    from rich.console import Console
-
-    return Console(stderr=True).status(text)
-
-
 # --------------------------------------------------------------------------------------
 # persistent compilation cache
 

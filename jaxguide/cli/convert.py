@@ -6,8 +6,15 @@ from pathlib import Path
 
 import typer
 
-from jaxguide.cli.app import app, handle_errors, status
+from jaxguide.cli.app import app, handle_errors
 from jaxguide.cli.options import parse_floats
+
+
+def _status(text: str):
+    """A spinner with ``text`` on stderr while a step runs."""
+    from rich.console import Console
+
+    return Console(stderr=True).status(text)
 
 
 @app.command()
@@ -27,6 +34,6 @@ def convert(
         if not ck.is_file():
             raise FileNotFoundError(f"no such checkpoint: {str(ck)!r}")
     thresholds = parse_floats(sigma_thresholds, "--sigma-thresholds")
-    with status(f"converting {len(checkpoints)} checkpoint(s)"):
+    with _status(f"converting {len(checkpoints)} checkpoint(s)"):
         path = convert_checkpoints(checkpoints, out, sigma_thresholds=thresholds, overwrite=overwrite)
     typer.echo(f"wrote {path}")
