@@ -66,7 +66,7 @@ def settings_args(a) -> list[str]:
 
 def run_cli(args: list[str], env=None) -> float:
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "jaxguide.cli.commands", *args], env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "jaxguide.cli", *args], env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"jaxguide {' '.join(args[:1])} failed:\n{res.stderr[-3000:]}")
     return time.perf_counter() - t0
@@ -181,7 +181,7 @@ def main() -> None:
                 s.bind(("localhost", 0))
                 addr = f"localhost:{s.getsockname()[1]}"
             t1 = time.perf_counter()
-            procs = [subprocess.Popen([sys.executable, "-m", "jaxguide.cli.commands", *base, "--out", str(work / "p2.zarr"),
+            procs = [subprocess.Popen([sys.executable, "-m", "jaxguide.cli", *base, "--out", str(work / "p2.zarr"),
                                        "--coordinator", addr, "--num-processes", "2", "--process-id", str(i)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                      for i in range(2)]

@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
     t = "2020-01-20T00:00"
-    py = [sys.executable, "-m", "jaxguide.cli.commands"]
+    py = [sys.executable, "-m", "jaxguide.cli"]
     checkouts = {"this": REPO} if args.baseline is None else {"baseline": args.baseline.resolve(), "this": REPO}
     envs = {}
     for label, repo in checkouts.items():

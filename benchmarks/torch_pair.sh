@@ -13,7 +13,7 @@ CB_PATH=$SRC/cbottle/src:$SRC/earth2grid:$PERF/shim:$PERF
 CK=${CHECKPOINT:-$W/released.checkpoint}
 [ -f "$CK" ] || (cd "$PERF" && PYTHONPATH=$CB_PATH PYTHONWARNINGS=ignore "$VENV_CB/bin/python" make_released.py "$CK")
 MD="$W/$(basename "$CK" .checkpoint)_model"
-[ -d "$MD" ] || PYTHONPATH=$PROJ "$PROJ/.venv/bin/python" -m jaxguide.cli.commands convert "$CK" --out "$MD" >/dev/null
+[ -d "$MD" ] || PYTHONPATH=$PROJ "$PROJ/.venv/bin/python" -m jaxguide.cli convert "$CK" --out "$MD" >/dev/null
 echo "# $(date -Is) $(uptime)"; echo "# jaxguide $(git -C "$PROJ" rev-parse --short HEAD)"
 for r in $(seq "${ROUNDS:-2}"); do
   (cd "$PERF" && PYTHONPATH=$CB_PATH PYTHONWARNINGS=ignore "$VENV_CB/bin/python" torch_side.py "$CK" 2 "${REPEAT:-3}")

@@ -88,7 +88,7 @@ def jaxguide(*args: str) -> None:
     """Run a jaxguide command as a user would (same Python environment)."""
     cmd = ["jaxguide", *args]
     print("$", shlex.join(cmd), flush=True)
-    subprocess.run([sys.executable, "-m", "jaxguide.cli.commands", *args], check=True)
+    subprocess.run([sys.executable, "-m", "jaxguide.cli", *args], check=True)
 
 
 def main(argv: list[str] | None = None) -> dict:

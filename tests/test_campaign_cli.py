@@ -14,7 +14,7 @@ from conftest import one_line_error, require_module
 from jaxguide.grid import healpix
 from jaxguide.assimilation import dataset as schema
 from jaxguide.campaign.store import ANALYSED, SKIPPED, read_campaign
-from jaxguide.cli.commands import app
+from jaxguide.cli import app
 from test_pipeline import write_sst
 
 require_module("zarr")

@@ -17,7 +17,7 @@ from jaxguide import io
 from jaxguide.verification import metrics
 
 from jaxguide.assimilation import dataset as schema
-from jaxguide.cli.commands import app
+from jaxguide.cli import app
 
 NSIDE = 8
 NPIX = 12 * NSIDE**2
@@ -233,7 +233,7 @@ def test_programming_errors_keep_their_traceback(monkeypatch, tmp_path):
     with its traceback instead of becoming a one-line ``error:``; ``--debug`` does the
     same for input errors; without it an input error stays one line."""
     from jaxguide.assimilation import pipeline
-    from jaxguide.cli.commands import app, is_input_error
+    from jaxguide.cli import app, is_input_error
 
     def shape_bug(*a, **k):
         return np.reshape(np.ones(3), (2, 2))  # ValueError raised by NumPy

@@ -22,7 +22,7 @@ from jaxguide import demo, io
 from jaxguide.model import gaussian
 
 from jaxguide.assimilation import dataset as schema
-from jaxguide.cli.commands import app
+from jaxguide.cli import app
 
 SMALL = dict(nside=8, lmax=12, length_scale_km=1500.0, members=32, steps=16, obs_count=120, cg_iters=8)
 FILES = ("truth.nc", "obs.csv", "held_out.csv", "prior_ensemble.nc", "analysis_mmps.nc", "analysis_regression.nc",

@@ -26,7 +26,7 @@ from jaxguide import io, observations
 from jaxguide.assimilation import dataset as schema
 
 from jaxguide.model import units
-from jaxguide.cli.commands import app
+from jaxguide.cli import app
 
 SMALL = dict(nside=4, lmax=8, length_scale_km=2500.0, members=64, steps=16, obs_count=40, cg_iters=8)
 FILES = ("window_truth.nc", "window_prior_ensemble.nc", "window_analysis_mmps.nc", "window_obs.csv", "window_skill.csv",

@@ -25,7 +25,7 @@ from jaxguide.grid import healpix
 from jaxguide import io, observations
 
 from jaxguide.assimilation import dataset as schema
-from jaxguide.cli.commands import app
+from jaxguide.cli import app
 
 NSIDE = 16
 NPIX = 12 * NSIDE**2

@@ -26,7 +26,7 @@ from jaxguide.verification import evaluation, metrics
 from jaxguide import io, observations
 
 from jaxguide.assimilation import dataset as schema
-from jaxguide.cli.commands import app
+from jaxguide.cli import app
 
 NSIDE = 8
 NPIX = 12 * NSIDE**2

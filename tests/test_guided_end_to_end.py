@@ -145,7 +145,7 @@ def test_settings_and_cli_options_reach_the_method(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     from jaxguide.diffusion import guidance
-    from jaxguide.cli.commands import app
+    from jaxguide.cli import app
 
     S = pipeline.AssimilationSettings
     assert S(method="sda", gamma=0.05, guidance_scale=0.5).guidance_method() == guidance.SDA(gamma=0.05, scale=0.5)

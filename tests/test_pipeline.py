@@ -28,7 +28,7 @@ from jaxguide.grid import healpix
 from jaxguide import io
 
 from jaxguide.assimilation import dataset as schema
-from jaxguide.cli.commands import app
+from jaxguide.cli import app
 
 TIME = "2020-01-20T00:00"
 N_OBS = 12

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from jaxguide.model import conditioning as C
 from jaxguide.model import sst
-from jaxguide.cli.commands import app
+from jaxguide.cli import app
 
 
 def test_synthetic_sst_layout_and_metadata(tmp_path):

@@ -27,7 +27,7 @@ from conftest import one_line_error
 from jaxguide.grid import healpix
 from jaxguide import io
 from jaxguide.assimilation import dataset as schema
-from jaxguide.cli.commands import app
+from jaxguide.cli import app
 from jaxguide.grid.latlon import LatLonGrid
 
 START = pd.Timestamp("2016-02-28T18:00")
