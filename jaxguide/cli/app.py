@@ -6,7 +6,7 @@ line ``error: ...`` on stderr and exit status 2, never a traceback or usage pane
 error about a file names the option that gave it. Inputs are checked before any
 output is created.
 
-The commands live in their own modules (``jaxguide.cli.convert``, ...), each adding
+The commands live in their own modules (``jaxguide.cli.commands.convert``, ...), each adding
 itself with ``@app.command``; ``jaxguide.cli`` imports them all. Nothing here imports
 JAX at start-up (``jaxguide --help`` stays fast).
 """
