@@ -65,7 +65,7 @@ def campaign(
     from jaxguide.campaign.run import assimilate_campaign
     from jaxguide.campaign.times import parse_times, read_times_file
     from jaxguide.io.files import check_writable_dir, write_json_atomic
-    from jaxguide.assimilation.pipeline import AssimilationSettings
+    from jaxguide.assimilation.settings import AssimilationSettings
 
     if (times is None or not times) == (times_file is None):
         raise ValueError("give the analysis times with exactly one of --times START/END/STEP or --times-file FILE")

@@ -377,6 +377,7 @@ def assimilate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from jaxguide.assimilation import pipeline
+    from jaxguide.assimilation.settings import AssimilationSettings
     from jaxguide.io.files import check_writable_dir, write_json_atomic
 
     from jaxguide.observations.table import parse_time
@@ -411,7 +412,7 @@ def assimilate(
     # only the options given: their defaults live in AssimilationSettings
     video_settings = {k: v for k, v in (("conditioning_frames", conditioning_frames),
                                         ("time_matching", time_matching)) if v is not None}
-    settings = pipeline.AssimilationSettings(
+    settings = AssimilationSettings(
         check_plausibility=not allow_implausible,
         method=method,
         members=members,
