@@ -90,6 +90,8 @@ def main() -> None:
     import jax
 
     from jaxguide.assimilation import pipeline
+    from jaxguide.assimilation.session import Session
+    from jaxguide.assimilation.settings import AssimilationSettings
     from jaxguide.campaign.run import assimilate_campaign
     from jaxguide.campaign.times import time_key
 
@@ -111,12 +113,12 @@ def main() -> None:
         table = observations(times)
         obs_path = work / "obs.parquet"
         table.to_parquet(obs_path)
-        settings = pipeline.AssimilationSettings(method=a.method, members=a.members, steps=a.steps, prior_members=0)
+        settings = AssimilationSettings(method=a.method, members=a.members, steps=a.steps, prior_members=0)
         spec = f"{times[0]:%Y-%m-%dT%H:%M}/{times[-1]:%Y-%m-%dT%H:%M}/PT6H"
         per_time = a.per_time
 
         if "campaign" in sections:
-            session = pipeline.Session(model)
+            session = Session(model)
             t0 = time.perf_counter()
             summary = assimilate_campaign(None, table, work / "c.zarr", times, settings, sst=sst, session=session)
             wall = time.perf_counter() - t0

@@ -45,6 +45,7 @@ import json, sys, time
 t0 = time.perf_counter()
 from jaxguide.diffusion import guidance
 from jaxguide.assimilation import pipeline
+from jaxguide.assimilation.settings import AssimilationSettings
 from jaxguide.diffusion.ensemble import EnsembleSampler
 w, cg, unroll, seq = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
 if seq:  # the previous behaviour: one program after the other
@@ -52,7 +53,7 @@ if seq:  # the previous behaviour: one program after the other
     def one_by_one(self, calls, **kw):
         return [concurrent(self, [c], **kw)[0] for c in calls]
     EnsembleSampler.compile_many = one_by_one
-settings = pipeline.AssimilationSettings(method=guidance.MMPS(cg_iters=cg, cg_unroll=unroll), members=2, steps=4)
+settings = AssimilationSettings(method=guidance.MMPS(cg_iters=cg, cg_unroll=unroll), members=2, steps=4)
 s = pipeline.assimilate(w + "/model", w + "/obs.csv", w + "/flags.nc", time="2020-01-20T00:00", settings=settings,
                         sst=w + "/sst.nc", overwrite=True)
 print(json.dumps({k: round(s[k], 2) for k in ("seconds_compile", "seconds_analysis", "seconds_prior", "seconds_total")}

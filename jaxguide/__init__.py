@@ -22,8 +22,8 @@ __version__ = "0.1.0"
 _ENTRY_POINTS = {
     "load_model": "jaxguide.model.checkpoint",
     "assimilate": "jaxguide.assimilation.pipeline",
-    "AssimilationSettings": "jaxguide.assimilation.pipeline",
-    "Session": "jaxguide.assimilation.pipeline",
+    "AssimilationSettings": "jaxguide.assimilation.settings",
+    "Session": "jaxguide.assimilation.session",
     "guidance": "jaxguide.diffusion.guidance",
 }
 

@@ -43,7 +43,7 @@ def table(seed: int = 0) -> pd.DataFrame:
 
 
 def settings(**over):
-    from jaxguide.assimilation.pipeline import AssimilationSettings
+    from jaxguide.assimilation.settings import AssimilationSettings
 
     base = dict(method="dps", guidance_scale=0.5, members=2, prior_members=2, steps=3, seed=11, drop_bad=True)
     return AssimilationSettings(**{**base, **over})

@@ -22,7 +22,7 @@ from conftest import require_module
 from jaxguide.campaign.run import assimilate_campaign
 from jaxguide.campaign.store import ANALYSED, PENDING, SKIPPED, CampaignStore, SettingsMismatchError, read_campaign
 from jaxguide.diffusion.ensemble import count_compiles
-from jaxguide.assimilation.pipeline import Session
+from jaxguide.assimilation.session import Session
 
 require_module("zarr")
 TESTS = Path(__file__).resolve().parent

@@ -25,6 +25,8 @@ from jaxguide.grid import latlon as grid_sampling, healpix
 from jaxguide import io
 
 from jaxguide.assimilation import pipeline
+from jaxguide.assimilation.session import Session
+from jaxguide.assimilation.settings import AssimilationSettings
 from jaxguide.diffusion.ensemble import count_compiles
 
 NSIDE = 8
@@ -78,7 +80,7 @@ def kalman_physical(model, table: pd.DataFrame):
             mu.reshape(C, npix))
 
 
-SETTINGS = pipeline.AssimilationSettings(
+SETTINGS = AssimilationSettings(
     method="mmps", cg_iters=12, members=256, prior_members=0, steps=24, sigma_min=0.002, sigma_max=800.0,
     sigma_y=SIGMA_Y_K, seed=3)
 
@@ -106,8 +108,8 @@ def test_second_analysis_compiles_nothing(model, tmp_path):
     """Same session, new time, new observations (another count in the same bucket) and a
     new guidance scale: no XLA compilation at all. Without padding the count changes the
     shapes, and the counter sees the recompilation (the test can fail)."""
-    settings = pipeline.AssimilationSettings(method="mmps", members=4, prior_members=2, steps=4, sigma_y=SIGMA_Y_K)
-    session = pipeline.Session(model)
+    settings = AssimilationSettings(method="mmps", members=4, prior_members=2, steps=4, sigma_y=SIGMA_Y_K)
+    session = Session(model)
     with count_compiles() as first:
         pipeline.assimilate(model, observation_table(model, 20, seed=2), tmp_path / "a.nc", time=TIME,
                             settings=settings, session=session)
@@ -116,12 +118,12 @@ def test_second_analysis_compiles_nothing(model, tmp_path):
     calls = []
     with count_compiles() as second:
         s2 = pipeline.assimilate(model, observation_table(model, 27, seed=3, time=t2), tmp_path / "b.nc", time=t2,
-                                 settings=pipeline.AssimilationSettings(**{**settings.__dict__, "guidance_scale": 0.7}),
+                                 settings=AssimilationSettings(**{**settings.__dict__, "guidance_scale": 0.7}),
                                  session=session, progress=lambda *a: calls.append(a))
     assert second == [], f"{len(second)} compilations on the second analysis"
     assert s2["n_obs"] == 27 and calls and calls[-1][1] == calls[-1][2]  # progress ran to the end
     assert session.programs.num_programs == 2
-    unpadded = pipeline.AssimilationSettings(**{**settings.__dict__, "pad_observations": False})
+    unpadded = AssimilationSettings(**{**settings.__dict__, "pad_observations": False})
     pipeline.assimilate(model, observation_table(model, 20, seed=2), tmp_path / "c.nc", time=TIME,
                         settings=unpadded, session=session)
     with count_compiles() as third:
@@ -138,7 +140,7 @@ def test_model_contract_errors(model, tmp_path):
         pipeline.assimilate(NotAModel(), observation_table(model, 4, seed=0), tmp_path / "x.nc", time=TIME)
     with pytest.raises(ValueError, match="another model"):
         pipeline.assimilate(model, observation_table(model, 4, seed=0), tmp_path / "x.nc", time=TIME,
-                            session=pipeline.Session(gaussian.GaussianModel(model.prior, CHANNELS, CENTER, SCALE, NSIDE)))
+                            session=Session(gaussian.GaussianModel(model.prior, CHANNELS, CENTER, SCALE, NSIDE)))
 
 
 def test_settings_and_cli_options_reach_the_method(monkeypatch, tmp_path):
@@ -147,7 +149,7 @@ def test_settings_and_cli_options_reach_the_method(monkeypatch, tmp_path):
     from jaxguide.diffusion import guidance
     from jaxguide.cli import app
 
-    S = pipeline.AssimilationSettings
+    S = AssimilationSettings
     assert S(method="sda", gamma=0.05, guidance_scale=0.5).guidance_method() == guidance.SDA(gamma=0.05, scale=0.5)
     assert S(cg_iters=7, solver="gmres").guidance_method() == guidance.MMPS(cg_iters=7, solver="gmres")
     assert S(method="regression", norm_matching=True).guidance_method() == guidance.Regression(norm_matching=True)

@@ -15,6 +15,7 @@ import xarray as xr
 from conftest import require_module
 from jaxguide.grid import latlon as grid_sampling, healpix
 from jaxguide import io
+from jaxguide.io import files as io_files
 from jaxguide.assimilation import dataset as schema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,7 +283,7 @@ def test_stale_temporary_rules(tmp_path):
     """Only temporaries of dead writers on this host (or legacy ones over an hour old) go."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    host = io._writer_tag().rsplit("-", 1)[0]
+    host = io_files._writer_tag().rsplit("-", 1)[0]
     names = {
         f".m.json.{host}-{dead_pid}.abcd1234.tmp": False,  # dead writer, this host: removed
         f".m.json.{host}-{dead_pid}.old": False,

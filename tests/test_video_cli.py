@@ -259,6 +259,7 @@ def test_video_options_reach_the_pipeline(monkeypatch, tmp_path):
     """The CLI only parses: --end (any ISO form, to UTC), --condition, --conditioning-frames,
     --time-matching arrive at pipeline.assimilate; left out, the settings' defaults hold."""
     from jaxguide.assimilation import pipeline
+    from jaxguide.assimilation.settings import AssimilationSettings
 
     seen = {}
 
@@ -282,7 +283,7 @@ def test_video_options_reach_the_pipeline(monkeypatch, tmp_path):
     res = CliRunner().invoke(app, base)
     assert isinstance(res.exception, Stop), res.output
     assert seen["end"] is None and seen["condition"] is None
-    defaults = pipeline.AssimilationSettings()
+    defaults = AssimilationSettings()
     assert (seen["settings"].conditioning_frames, seen["settings"].time_matching) == (
         defaults.conditioning_frames, defaults.time_matching)
     assert "--end" in one_line_error(CliRunner().invoke(app, base + ["--end", "tomorrow"]))

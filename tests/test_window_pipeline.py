@@ -26,7 +26,8 @@ from jaxguide.model import gaussian, units
 from jaxguide.grid import healpix
 
 from jaxguide import observations
-from jaxguide.assimilation.pipeline import AssimilationSettings, Session
+from jaxguide.assimilation.session import Session
+from jaxguide.assimilation.settings import AssimilationSettings
 from jaxguide.model.window import FrameWindow
 
 NSIDE = 4

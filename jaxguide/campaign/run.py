@@ -3,7 +3,7 @@
 :func:`assimilate_campaign` assimilates each time's observation window and writes it
 into one zarr store (:mod:`jaxguide.campaign.store`) with a ``time`` dimension:
 
-- one compile: one :class:`~jaxguide.assimilation.pipeline.Session` (compiled ensemble programs) for
+- one compile: one :class:`~jaxguide.assimilation.session.Session` (compiled ensemble programs) for
   every time, and every time's observations padded to ONE size (the bucket of the
   largest window of the campaign), so shapes never change;
 - reproducible: time ``t`` uses the key :func:`~jaxguide.campaign.times.time_key`
@@ -40,7 +40,9 @@ from jaxguide.grid.latlon import LatLonGrid
 from jaxguide.observations.sources import ObservationSource, PartitionedSource, TableSource, open_observations
 from jaxguide.observations.errors import BadObservationsError, EmptyTableError, ObservationError, UnknownVariableError
 from jaxguide.observations.prepare import bucket_size, prepare
-from jaxguide.assimilation.pipeline import AssimilationSettings, Session, _model_sha256, denoiser_calls, run_provenance
+from jaxguide.assimilation.provenance import model_sha256, run_provenance
+from jaxguide.assimilation.session import Session
+from jaxguide.assimilation.settings import AssimilationSettings, denoiser_calls
 from jaxguide.assimilation.dataset import analysis_to_dataset
 
 logger = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def campaign_settings(settings: AssimilationSettings, dm, *, obs_name: str, sst,
     out = {k: v for k, v in dataclasses.asdict(settings).items() if k != "method"}
     out["method"] = settings.method_name
     out["method_options"] = {k: (np.asarray(v).tolist() if hasattr(v, "shape") else v) for k, v in method.options().items()}
-    out["model_sha256"] = _model_sha256(dm)
+    out["model_sha256"] = model_sha256(dm)
     out["model"] = type(dm).__name__
     out["observations"] = obs_name
     out["sst"] = _path_id(sst)

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from jaxguide.io.files import _output_parent, _remove, _require_zarr, replace_into_place, temp_beside
+from jaxguide.io.files import output_parent, remove_path, replace_into_place, require_zarr, temp_beside
 from jaxguide.io.times import parse_time
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class CampaignStore:
         Raises FileExistsError (exists and not ``overwrite``), FileNotFoundError (no parent
         directory), CampaignStoreError (bad template or times).
         """
-        _require_zarr()
+        require_zarr()
         import zarr
 
         path = Path(path)
@@ -125,7 +125,7 @@ class CampaignStore:
         names = _time_vars(template)
         if not names:
             raise CampaignStoreError("the template has no variable with a time dimension")
-        _output_parent(path)  # names a missing or unwritable directory
+        output_parent(path)  # names a missing or unwritable directory
         if path.exists() and not overwrite:
             raise FileExistsError(f"{str(path)!r} exists (pass --resume to continue that campaign, or --overwrite)")
 
@@ -168,7 +168,7 @@ class CampaignStore:
             group["time"][:] = times.asi8 // 1_000_000_000
             replace_into_place(target, path)
         finally:
-            _remove(tmp)
+            remove_path(tmp)
         logger.info("created campaign store %s: %d times", path, len(times))
         return cls(path, times, settings, tuple(names))
 
@@ -178,7 +178,7 @@ class CampaignStore:
         """Open an existing store to continue it. With ``times`` / ``settings`` given,
         they must equal the store's: otherwise :class:`SettingsMismatchError` naming the
         first differing setting (``"times"``, checked first, for the time list)."""
-        _require_zarr()
+        require_zarr()
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no such campaign store: {str(path)!r}")
@@ -277,7 +277,7 @@ class CampaignStore:
 
 def read_campaign(path: str | os.PathLike) -> xr.Dataset:
     """A campaign store loaded into memory (times not yet complete hold NaN)."""
-    _require_zarr()
+    require_zarr()
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such campaign store: {str(path)!r}")

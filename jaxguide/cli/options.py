@@ -92,7 +92,7 @@ class RunOptions:
         """The checked :class:`~jaxguide.assimilation.pipeline.AssimilationSettings` of these
         options; ``video`` adds the video-model settings a command was given
         (``conditioning_frames``, ``time_matching``)."""
-        from jaxguide.assimilation.pipeline import AssimilationSettings  # imports JAX: not at start-up
+        from jaxguide.assimilation.settings import AssimilationSettings  # imports JAX: not at start-up
 
         settings = AssimilationSettings(
             check_plausibility=not self.allow_implausible, method=self.method, members=self.members,

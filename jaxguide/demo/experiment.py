@@ -57,7 +57,10 @@ from jaxguide.model import gaussian, units
 
 from jaxguide.grid import healpix
 
-from jaxguide import io, observations
+from jaxguide.io.files import check_writable_dir, write_dataset, write_json_atomic
+from jaxguide.observations.operator import PointObservationOperator
+from jaxguide.observations.prepare import prepare
+from jaxguide.observations.table import write_observations
 
 from jaxguide.verification import metrics, plots
 
@@ -226,7 +229,7 @@ def sample_method(method: str, config: DemoConfig, prior: gaussian.GaussianPrior
 # verification
 
 
-def at_observations(ens: np.ndarray, op: observations.PointObservationOperator, center, scale) -> np.ndarray:
+def at_observations(ens: np.ndarray, op: PointObservationOperator, center, scale) -> np.ndarray:
     """Ensemble (M, C, 1, npix) normalised -> (M, n_obs) physical at the observations,
     through the observation operator itself (bilinear, as the observations were made)."""
     vals = np.asarray(jax.vmap(op)(jnp.asarray(ens, jnp.float32)), np.float64)
@@ -310,10 +313,12 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {str(out)!r} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    return io.check_writable_dir(out)
+    return check_writable_dir(out)
 
 
-def _provenance(config: DemoConfig, method: str, *, sigma_y, scale, n_obs: int, sha: str, command: str) -> dict:
+def file_provenance(config: DemoConfig, method: str, *, sigma_y, scale, n_obs: int, sha: str, command: str) -> dict:
+    """The provenance attributes of a demo file (truth, prior or analysis of ``method``;
+    the single-time and the window demo write the same keys)."""
     return {
         "method": method,
         "sigma_y": sigma_y,
@@ -410,9 +415,9 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
         truth, channels, channels, time=config.time, strategy=config.strategy, count=config.obs_count,
         rng=np.random.default_rng(config.seed), sigma=config.sigma_obs_k, holdout_fraction=config.holdout_fraction,
         center=center, scale=scale)
-    obs = observations.prepare(assim, channels, center, scale, nside=config.nside).obs
+    obs = prepare(assim, channels, center, scale, nside=config.nside).obs
     A, sigma_y = obs.A, obs.sigma_y
-    A_held = observations.prepare(held, channels, center, scale, nside=config.nside).obs.A
+    A_held = prepare(held, channels, center, scale, nside=config.nside).obs.A
 
     stage(2)
     post_mean, post_std = gaussian.kalman_marginals(prior, A.dense(prior.shape), obs.y, sigma_y)
@@ -460,9 +465,9 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
         "prior": out / "prior_ensemble.nc", "mmps": out / "analysis_mmps.nc",
         "regression": out / "analysis_regression.nc", "summary": out / "summary.json",
     }
-    observations.write_observations(assim, files["obs"])
-    observations.write_observations(held, files["held_out"])
-    prov = functools.partial(_provenance, config, n_obs=len(assim), sha=sha, command=command)
+    write_observations(assim, files["obs"])
+    write_observations(held, files["held_out"])
+    prov = functools.partial(file_provenance, config, n_obs=len(assim), sha=sha, command=command)
     sig_k = config.sigma_obs_k
     writes = {
         "truth": (truth[None], prov("truth (one draw from the prior)", sigma_y="none (no observations used)", scale=None),
@@ -476,7 +481,7 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
                        ens["prior"]),
     }
     for name, (e, p, title, pr) in writes.items():
-        io.write_dataset(_dataset(e, config, p, title, prior=pr), files[name], overwrite=True)
+        write_dataset(_dataset(e, config, p, title, prior=pr), files[name], overwrite=True)
     pngs = _plots(out, config, ens["mmps"], np.asarray(prior.mu), truth, assim, results, held)
 
     summary = {
@@ -491,5 +496,5 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), *, p
     }
     stage(len(STAGES))
     summary["timing_s"] = timings
-    io.write_json_atomic(files["summary"], summary)
+    write_json_atomic(files["summary"], summary)
     return summary

@@ -41,7 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from jaxguide import demo, io, observations
+from jaxguide.demo.experiment import (DemoConfig, Progress, climatology_k, file_provenance, posterior_scores,
+                                      prepare_out_dir, prior_sha256, stage_clock)
+from jaxguide.io.files import atomic_write, write_dataset, write_json_atomic
+from jaxguide.observations.operator import build_operator
+from jaxguide.observations.prepare import prepare
+from jaxguide.observations.table import write_observations
 
 from jaxguide.diffusion import ensemble, guidance, guided
 
@@ -61,7 +66,7 @@ STAGES: tuple[str, ...] = ("prior", "truth and observations", "exact posterior",
 
 
 @dataclasses.dataclass(frozen=True)
-class WindowDemoConfig(demo.DemoConfig):
+class WindowDemoConfig(DemoConfig):
     """The window demo's settings: :class:`jaxguide.demo.experiment.DemoConfig`'s (climatology,
     channels, spatial kernel, members, steps, observation count and error, cg_iters,
     seed; ``time`` is the window start) plus the window: ``frames`` frames
@@ -97,7 +102,7 @@ def build_prior(config: WindowDemoConfig) -> gaussian.GaussianPrior:
     """The space-time prior in normalised units, (C, T, npix) net order: the single-time
     demo's climatology (the same in every frame) and covariance, times K_time."""
     _, lat = healpix.lonlat(config.nside, "net")
-    mu = units.normalise(demo.climatology_k(config, lat), config.center, config.scale, axis=-2)
+    mu = units.normalise(climatology_k(config, lat), config.center, config.scale, axis=-2)
     return gaussian.harmonic_prior(config.nside, mu, np.asarray(config.std_k) / config.scale, config.channel_corr,
                                    config.length_scale_km, config.lmax, time_length=config.frames,
                                    time_step_hours=config.time_step_hours, correlation_hours=config.correlation_hours)
@@ -113,7 +118,7 @@ def observation_table(config: WindowDemoConfig, truth: np.ndarray, rng: np.rando
     C = len(config.channels)
     loc = {"lat": np.repeat(lat, C), "lon": np.repeat(lon, C), "variable": np.tile(np.arange(C), n)}
     position = np.repeat(pos, C)
-    op = observations.build_operator(loc, config.channels, nside=config.nside, frame_position=position,
+    op = build_operator(loc, config.channels, nside=config.nside, frame_position=position,
                                      n_frames=config.frames)
     ch = loc["variable"]
     value_n = np.asarray(op(jnp.asarray(truth, jnp.float32)), np.float64)
@@ -162,11 +167,11 @@ def _dataset(ens, config: WindowDemoConfig, provenance: dict, title: str, prior=
 
 
 def run_window_demo(out_dir: str | os.PathLike, config: WindowDemoConfig = WindowDemoConfig(), *,
-                    progress: demo.Progress | None = None, command: str = "jaxguide demo --window") -> dict[str, Any]:
+                    progress: Progress | None = None, command: str = "jaxguide demo --window") -> dict[str, Any]:
     """Run the window demo, write its files into ``out_dir`` and return the summary
     (also ``out_dir/window_summary.json``). progress/command as :func:`jaxguide.demo.experiment.run_demo`."""
-    out = demo.prepare_out_dir(out_dir)
-    stage, timings = demo.stage_clock(STAGES, progress, "window demo")
+    out = prepare_out_dir(out_dir)
+    stage, timings = stage_clock(STAGES, progress, "window demo")
 
     channels, center, scale = list(config.channels), config.center, config.scale
     window = config.window
@@ -174,14 +179,14 @@ def run_window_demo(out_dir: str | os.PathLike, config: WindowDemoConfig = Windo
 
     stage(0)
     prior = build_prior(config)
-    sha = demo.prior_sha256(prior)
+    sha = prior_sha256(prior)
     model = gaussian.GaussianModel(prior, tuple(channels), center, scale, config.nside,
                                    time_step_hours=config.time_step_hours)
 
     stage(1)
     truth = np.asarray(prior.sample(k_truth, 1)[0], np.float64)  # (C, T, npix) normalised
     table = observation_table(config, truth, np.random.default_rng(config.seed))
-    prep = observations.prepare(table, channels, center, scale, window=window, nside=config.nside, pad_to="bucket")
+    prep = prepare(table, channels, center, scale, window=window, nside=config.nside, pad_to="bucket")
     obs, n_obs = prep.obs, prep.n_obs
 
     stage(2)
@@ -205,15 +210,15 @@ def run_window_demo(out_dir: str | os.PathLike, config: WindowDemoConfig = Windo
 
     stage(4)
     rows = frame_scores(config, ens, truth, prior, post_mean, post_std, prep.table["frame_position"].to_numpy())
-    overall = {name: demo.posterior_scores(e, post_mean, post_std, prior_std, channels)["all"]
+    overall = {name: posterior_scores(e, post_mean, post_std, prior_std, channels)["all"]
                for name, e in ens.items()}
 
     stage(5)
     files = {"truth": out / "window_truth.nc", "prior": out / "window_prior_ensemble.nc",
              "mmps": out / "window_analysis_mmps.nc", "obs": out / "window_obs.csv", "skill": out / "window_skill.csv",
              "summary": out / "window_summary.json", "plot": out / "window_skill.png"}
-    observations.write_observations(table, files["obs"])
-    prov = functools.partial(demo._provenance, config, n_obs=n_obs, sha=sha, command=command)
+    write_observations(table, files["obs"])
+    prov = functools.partial(file_provenance, config, n_obs=n_obs, sha=sha, command=command)
     extra = {"time_interpolation": "linear between frames", "time_step_hours": config.time_step_hours}
     none = "none (no observations used)"
     writes = {
@@ -225,9 +230,9 @@ def run_window_demo(out_dir: str | os.PathLike, config: WindowDemoConfig = Windo
                  "jaxguide window demo analysis, MMPS (space-time Gaussian prior, not cBottle)", ens["prior"]),
     }
     for name, (e, p, title, pr) in writes.items():
-        io.write_dataset(_dataset(e, config, p | extra, title, prior=pr), files[name], overwrite=True)
+        write_dataset(_dataset(e, config, p | extra, title, prior=pr), files[name], overwrite=True)
     skill = pd.DataFrame(rows)
-    io.atomic_write(files["skill"], lambda tmp: skill.to_csv(tmp, index=False))
+    atomic_write(files["skill"], lambda tmp: skill.to_csv(tmp, index=False))
     plots.plot_frame_skill(
         files["plot"], skill["hours"].to_numpy(),
         {"MMPS RMSE": skill["rmse_mmps"], "MMPS spread": skill["spread_mmps"],
@@ -251,5 +256,5 @@ def run_window_demo(out_dir: str | os.PathLike, config: WindowDemoConfig = Windo
     }
     stage(len(STAGES))
     summary["timing_s"] = timings
-    io.write_json_atomic(files["summary"], summary)
+    write_json_atomic(files["summary"], summary)
     return summary

@@ -57,7 +57,8 @@ def _chmod_tree(path: Path) -> None:
         os.chmod(path, _default_mode())
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file or a directory tree (not following a symlink); a missing path is fine."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -123,7 +124,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         else:
             continue
         if stale:
-            _remove(Path(entry.path))
+            remove_path(Path(entry.path))
             removed.append(Path(entry.path))
     if removed:
         logger.warning("removed %d temporary file(s) of %s left by an interrupted earlier run: %s",
@@ -149,14 +150,17 @@ def temp_beside(path: str | os.PathLike, *, directory: bool) -> Path:
     return Path(tmp)
 
 
-def _require_zarr() -> None:
+def require_zarr() -> None:
+    """Raise a ValueError naming the missing package unless ``zarr`` is importable."""
     try:
         import zarr  # noqa: F401
     except ImportError:
         raise ValueError("the zarr format needs the 'zarr' package (tested with zarr==3.1.6)") from None
 
 
-def _output_parent(path: Path) -> Path:
+def output_parent(path: Path) -> Path:
+    """The existing directory ``path`` will be written into (``.`` for a bare name);
+    NotADirectoryError / FileNotFoundError naming it otherwise."""
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise NotADirectoryError(f"{str(parent)!r} is a file, not a directory (output {str(path)!r})")
@@ -194,9 +198,9 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "
     if format not in ("netcdf", "zarr"):
         raise ValueError(f"unknown format {format!r}; expected 'netcdf' or 'zarr'")
     if format == "zarr":
-        _require_zarr()
+        require_zarr()
     path = Path(path)
-    parent = _output_parent(path)
+    parent = output_parent(path)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"output directory {str(parent)!r} is not writable")
     if path.exists() and not overwrite:
@@ -218,7 +222,7 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "
         replace_into_place(target, path)
         logger.info("wrote %s (%s)", path, format)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
     return path
 
 
@@ -231,7 +235,7 @@ def read_analysis(path: str | os.PathLike) -> xr.Dataset:
         raise FileNotFoundError(f"no such analysis file: {str(path)!r}")
     try:
         if path.is_dir():
-            _require_zarr()
+            require_zarr()
             ds = xr.open_zarr(path, consolidated=False)
         else:
             ds = xr.open_dataset(path, engine="netcdf4")
@@ -271,7 +275,7 @@ def replace_into_place(target: Path, path: Path) -> None:
         old = path.parent / f".{path.name}.{_writer_tag()}.old"
         os.replace(path, old)
         os.replace(target, path)
-        _remove(old)
+        remove_path(old)
     else:
         os.replace(target, path)
 
@@ -287,7 +291,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     directory), PermissionError (not writable).
     """
     path = Path(path)
-    _output_parent(path)  # names a missing or unwritable directory
+    output_parent(path)  # names a missing or unwritable directory
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; expected a file name")
     tmp = temp_beside(path, directory=False)

@@ -38,7 +38,7 @@ import xarray as xr
 
 from jaxguide.grid import latlon as grid_sampling, healpix
 
-from jaxguide.verification import metrics
+from jaxguide.verification import metrics, plots
 from jaxguide.io.files import read_analysis
 from jaxguide.assimilation.dataset import PRIOR_SUFFIX, channel_variables
 from jaxguide.io.times import epoch_ns
@@ -376,8 +376,6 @@ def write_plots(result: Evaluation, analysis: xr.Dataset, plots_dir: str | os.Pa
     increment vs the prior mean, spread, assimilated and held-out observation locations)
     and a rank histogram per set and variable,
     into ``plots_dir`` (created if missing; its parent must exist)."""
-    from jaxguide.verification import plots
-
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(exist_ok=True)
     written = []
