@@ -55,7 +55,12 @@ def test_remat_same_vjp_and_less_memory(tiny_model, den):
     assert maxabs <= 1e-4 and rms <= 1e-5, (maxabs, rms)
     leaves0, leaves1 = jax.tree_util.tree_leaves(gp0), jax.tree_util.tree_leaves(gp1)
     assert len(leaves0) == len(leaves1) > 100
+    # parameter gradients, relative RMS per leaf: float32 round-off of two fusions of the same
+    # maths. Measured 3.9e-5 at the 8x8 encoder blocks (attention, few pixels to average
+    # over); the plain network scanned vs unrolled differs by 5.1e-5 at the same leaves, so
+    # this is the round-off of any regrouping, not remat (0 before blocks were scanned, when
+    # the two programs fused alike). A wrong block or parameter gives O(1).
     worst = max(rel_errors(a, b)[1] for a, b in zip(leaves1, leaves0) if np.any(np.asarray(b)))
-    assert worst <= 1e-5, worst
+    assert worst <= 1e-4, worst
     assert temp[True] <= 0.7 * temp[False], temp
 
