@@ -1,6 +1,6 @@
 """The flat module paths of jaxguide 0.1 (``jaxguide.healpix``, ``jaxguide.pipeline``, ...), kept
 for one release: importing one warns with a ``DeprecationWarning`` naming the new module and
-gives a module with the same public names.
+gives that module (or, for a module split in several, one with all their public names).
 
 ``install()`` (called by ``import jaxguide``) adds one finder to ``sys.meta_path`` that
 answers only for the names in ``OLD_PATHS``; nothing else is imported until an old path is.
@@ -53,18 +53,28 @@ OLD_PATHS: dict[str, tuple[str, ...]] = {
     "jaxguide.evaluation": ("jaxguide.verification.evaluation",),
     "jaxguide.plots": ("jaxguide.verification.plots",),
     "jaxguide.demo_window": ("jaxguide.demo.window_experiment",),
+    "jaxguide.cli_campaign": ("jaxguide.cli.commands.campaign",),
 }
 PACKAGES = frozenset({"jaxguide.convert"})  # old paths that had submodules
 
 
 class _OldPathLoader(importlib.abc.Loader):
+    """An old path with one new module is that module (same object); one split over several
+    new modules is a module holding their public names."""
+
+    def __init__(self, old: str):
+        self.old = old
+
     def create_module(self, spec):
-        return None  # the default module object
+        new = OLD_PATHS[self.old]
+        return importlib.import_module(new[0]) if len(new) == 1 else None
 
     def exec_module(self, module: types.ModuleType) -> None:
-        new = OLD_PATHS[module.__name__]
-        warnings.warn(f"{module.__name__} is deprecated and will be removed in jaxguide 0.3; "
+        new = OLD_PATHS[self.old]
+        warnings.warn(f"{self.old} is deprecated and will be removed in jaxguide 0.3; "
                       f"import from {' / '.join(new)}", DeprecationWarning, stacklevel=2)
+        if module.__name__ != self.old:
+            return  # the new module itself
         for name in new:
             target = importlib.import_module(name)
             public = getattr(target, "__all__", None) or [n for n in vars(target) if not n.startswith("_")]
@@ -78,10 +88,10 @@ class _OldPathFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in OLD_PATHS:
             return None
-        return importlib.machinery.ModuleSpec(fullname, _OldPathLoader(), is_package=fullname in PACKAGES)
+        return importlib.machinery.ModuleSpec(fullname, _OldPathLoader(fullname), is_package=fullname in PACKAGES)
 
 
 def install() -> None:
     """Answer imports of the old paths (idempotent)."""
     if not any(isinstance(f, _OldPathFinder) for f in sys.meta_path):
-        sys.meta_path.append(_OldPathFinder())
+        sys.meta_path.insert(0, _OldPathFinder())  # before the path finder: an old package path is the new package, whose directory holds the submodules
