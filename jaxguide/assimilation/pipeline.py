@@ -51,7 +51,8 @@ from jaxguide.diffusion.guided import guided_denoiser
 from jaxguide.grid.latlon import LatLonGrid
 from jaxguide.io.files import check_writable_dir, write_dataset
 from jaxguide.model.checkpoint import CBottleModel, load_model
-from jaxguide.model.conditioning import KnownFrames, read_amip_sst
+from jaxguide.model.conditioning import KnownFrames
+from jaxguide.model.sst import read_amip_sst
 from jaxguide.diffusion.guidance import Observations
 from jaxguide.assimilation.known_frames import read_known_frames
 from jaxguide.observations.table import (PreparedObservations, bucket_size, build_operator, pad, parse_time, prepare,
@@ -87,7 +88,7 @@ class AssimilationSettings:
       and the stored prior mean; 0 skips it.
     bf16: evaluate the cBottle network in bfloat16 (guidance algebra stays float32).
     remat: recompute each U-Net block in the guidance VJPs instead of keeping its
-      activations (``network.call_block``; cBottle models): peak memory of a guided step
+      activations (``layers.call_block``; cBottle models): peak memory of a guided step
       ~1/3 (see benchmarks/remat_memory.py) for ~1 extra network forward per VJP.
     check_plausibility: refuse observations more than 8 climatological scales from the
       model's center (a unit mistake; see ``observations.check_plausible``).
