@@ -48,7 +48,7 @@ def precond_forward(
         one-hot (or None: zeros, as cBottle); condition (B, condition_channels, T, X): the
         encoded SST (image model), or for the video model ``[target * mask (C), SST (1),
         mask (1)]`` per frame, NaN becomes 0; second_of_day, day_of_year (B, T) float32 per
-        frame (``calendar.calendar_inputs``).
+        frame (:func:`jaxguide.model.calendar.calendar_inputs`).
       options: the static :class:`~jaxguide.model.inputs.ForwardOptions` (compute_dtype,
         remat: a VJP through D keeps ~one block's activations instead of all, for one
         extra forward; scan_blocks: see :meth:`CBottleUNet.__call__`).
