@@ -19,7 +19,7 @@ Parameters are abstract (``jax.ShapeDtypeStruct``): nothing is allocated, so the
 released configuration (68 M parameters) compiles on a laptop.
 
 ``--blocks scan,unrolled`` measures every variant with the U-Net's runs of identical
-blocks as one ``lax.scan`` each (``network.SCAN_BLOCKS = True``, the default) and with
+blocks as one ``lax.scan`` each (``unet.SCAN_BLOCKS = True``, the default) and with
 every block unrolled (the former program), alternating per variant, in one process.
 Video models (time_length T > 1, e.g. the video fixture's converted checkpoint) get
 members (C, T, npix), per-frame conditioning and observations spread over the frames.
@@ -46,10 +46,10 @@ import numpy as np
 
 from jaxguide.diffusion import ensemble, guidance
 
-from jaxguide.model import network
+from jaxguide.model import unet
 from jaxguide.model.config import BatchInfo, ModelConfig
 from jaxguide.model.checkpoint import CBottleModel, graphdef_and_shapes, load_model
-from jaxguide.model.network import NPIX
+from jaxguide.model.config import NPIX
 from jaxguide.observations.operator import PointObservationOperator
 from jaxguide.model.denoiser import CBottleDenoiser
 from jaxguide.diffusion.guided import guided_denoiser
@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     # one unguided denoiser call: the unit of "network copies"
     units = {}
     for mode in modes:
-        network.SCAN_BLOCKS = mode == "scan"
+        unet.SCAN_BLOCKS = mode == "scan"
         one = guided_denoiser(CBottleDenoiser(model, "era5"))
         x = jax.ShapeDtypeStruct(member_shape, jnp.float32)
         units[mode] = measure(jax.jit(one), x, jax.ShapeDtypeStruct((), jnp.float32), params, cond, None, None)
@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
     for name in args.variants.split(","):
         method, cg, unroll, label, chunk = VARIANTS[name]
         for mode in modes:  # alternating, so that both see the same machine load
-            network.SCAN_BLOCKS = mode == "scan"
+            unet.SCAN_BLOCKS = mode == "scan"
             m = None if method is None else guidance.MMPS(cg_iters=cg, cg_unroll=unroll)
             fn = guided_denoiser(CBottleDenoiser(model, label))
             program = ensemble._build(fn, sample, member_shape, args.members, kwargs, (), chunk)
@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
             result["blocks"][mode]["variants"][name] = stats
             print(f"{mode:8s} {name:16s} {stats}", flush=True)
             write()
-    network.SCAN_BLOCKS = True
+    unet.SCAN_BLOCKS = True
     return result
 
 

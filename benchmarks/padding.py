@@ -15,7 +15,7 @@ Measured at nside 64 (the network's finest level), batch 1, float32, padding 1, 
 
 * ``pad``: the padding alone, forward; ``pad + VJP``: forward and the VJP of a
   random cotangent;
-* ``block``: padding + ``network.conv3x3_valid`` (C -> C), forward; ``block + VJP``:
+* ``block``: padding + ``layers.conv3x3_valid`` (C -> C), forward; ``block + VJP``:
   forward and the VJP with respect to the input;
 * ``scan2 ...``: the same inside a ``lax.scan`` of 2 iterations (the sampler and the
   CG loops run the network in a loop body; XLA:CPU compiles loop bodies differently).
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxguide.grid import healpix
-from jaxguide.model.network import conv3x3_valid
+from jaxguide.model.layers import conv3x3_valid
 
 NSIDE = 64
 

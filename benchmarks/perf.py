@@ -39,11 +39,12 @@ from jaxguide.diffusion import guidance
 
 from jaxguide.grid import healpix
 
-from jaxguide.model import network, xla_options
+from jaxguide.model import unet, xla_options
 from jaxguide.model.config import CALENDAR_EMBED_CHANNELS, CHANNEL_MULT_EMB, BatchInfo, ModelConfig
 from jaxguide.model.denoiser import make_denoiser
 from jaxguide.model.checkpoint import CBottleModel, count_params, init_params
-from jaxguide.model.network import NSIDE, decoder_layout, encoder_layout
+from jaxguide.model.config import NSIDE
+from jaxguide.model.unet import decoder_layout, encoder_layout
 from jaxguide.diffusion.sampler import sample
 
 CONFIGS = {
@@ -176,15 +177,15 @@ def memory_of(compiled) -> dict:
 
 @contextlib.contextmanager
 def unrolled_blocks():
-    """Trace the network with every U-Net block unrolled (``network.SCAN_BLOCKS = False``):
+    """Trace the network with every U-Net block unrolled (``unet.SCAN_BLOCKS = False``):
     XLA's cost analysis counts a loop body once, not once per iteration, so FLOPs are
     counted on the unrolled program (same operations)."""
-    saved = network.SCAN_BLOCKS
-    network.SCAN_BLOCKS = False
+    saved = unet.SCAN_BLOCKS
+    unet.SCAN_BLOCKS = False
     try:
         yield
     finally:
-        network.SCAN_BLOCKS = saved
+        unet.SCAN_BLOCKS = saved
 
 
 def flops_of(compiled) -> float | None:

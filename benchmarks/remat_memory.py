@@ -13,7 +13,7 @@ it compiles ``jax.jit(f)`` without running it and prints XLA's
 "peak" = argument + output + temp - alias (what the executable holds at once; temp is
 the scheduled peak of the intermediates). ``remat`` = ``make_denoiser(..., remat=True)``:
 every U-Net block keeps only its inputs for the VJP and recomputes its activations when
-the cotangent arrives (``network.call_block``). Compile only: the figures do not depend
+the cotangent arrives (``layers.call_block``). Compile only: the figures do not depend
 on the machine's load. See ``benchmarks/README.md``.
 """
 

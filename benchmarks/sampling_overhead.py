@@ -12,7 +12,7 @@ point observations) run two ways:
 and prints ``sampler / calls`` (target <= 1.25). Variants, each compiled separately:
 
 - ``grad``: the 3x3 convolution's input gradient as written in
-  ``network.conv3x3_valid`` (``written``, today) or JAX's own transposed convolution
+  ``layers.conv3x3_valid`` (``written``, today) or JAX's own transposed convolution
   (``autodiff``, the code before; its kernel is labelled (out, in), which XLA:CPU
   only canonicalises for its fast kernels outside loop bodies);
 - ``options``: the programs compiled with ``xla_options.compiler_options()`` (``jaxguide``,
@@ -39,7 +39,7 @@ import numpy as np
 
 import jaxguide
 from jaxguide.diffusion import guidance, sampler
-from jaxguide.model import network, xla_options
+from jaxguide.model import layers, xla_options
 from jaxguide.model.convert import convert_checkpoints
 from jaxguide.model.denoiser import CBottleDenoiser
 from jaxguide.model.sst import write_synthetic_sst
@@ -69,9 +69,9 @@ def build(den, method, obs, cond, members, steps, options, grad):
     traj = jax.jit(trajectory)
     keys = jax.random.split(jax.random.key(0), members)
     x = jnp.zeros((members, *shape), jnp.float32)
-    original = network.conv3x3_valid
+    original = layers.conv3x3_valid
     if grad == "autodiff":
-        network.conv3x3_valid = _autodiff_conv  # traced now: the compiled programs keep it
+        layers.conv3x3_valid = _autodiff_conv  # traced now: the compiled programs keep it
     try:
         t0 = time.perf_counter()
         c_call = call.lower(x, jnp.float32(1.0), den.params).compile(options)
@@ -79,7 +79,7 @@ def build(den, method, obs, cond, members, steps, options, grad):
         c_traj = traj.lower(keys, den.params).compile(options)
         t2 = time.perf_counter()
     finally:
-        network.conv3x3_valid = original
+        layers.conv3x3_valid = original
     return c_call, c_traj, keys, {"compile_calls_s": round(t1 - t0, 1), "compile_sampler_s": round(t2 - t1, 1)}
 
 

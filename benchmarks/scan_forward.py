@@ -20,7 +20,9 @@ import numpy as np
 from flax import nnx
 
 from jaxguide.model.checkpoint import graphdef_and_shapes, load_model
-from jaxguide.model.network import NPIX, precond_forward
+from jaxguide.model.config import NPIX
+from jaxguide.model.inputs import Conditioning, ForwardOptions
+from jaxguide.model.precond import precond_forward
 
 
 def forward_fn(model, scan: bool):
@@ -28,7 +30,8 @@ def forward_fn(model, scan: bool):
     graphdef, _ = graphdef_and_shapes(model.config)
 
     def run(params, x, sigma, cond):
-        return precond_forward(nnx.merge(graphdef, nnx.State(params)), x, sigma, scan_blocks=scan, **cond)
+        return precond_forward(nnx.merge(graphdef, nnx.State(params)), x, sigma, Conditioning(**cond),
+                               ForwardOptions(scan_blocks=scan))
 
     return jax.jit(run)
 

@@ -60,7 +60,8 @@ from perf import analytic_flops, memory_of, timed_jit, unrolled_blocks  # noqa: 
 from jaxguide.diffusion import guidance  # noqa: E402
 
 from jaxguide import observations
-from jaxguide.model.conditioning import KnownFrames, read_amip_sst  # noqa: E402
+from jaxguide.model.conditioning import KnownFrames  # noqa: E402
+from jaxguide.model.sst import read_amip_sst  # noqa: E402
 from jaxguide.model.config import BatchInfo, ModelConfig  # noqa: E402
 from jaxguide.model.denoiser import CBottleDenoiser  # noqa: E402
 from jaxguide.diffusion.guided import guided_denoiser  # noqa: E402

@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 
 import jaxguide
-from jaxguide.model import conditioning, units
+from jaxguide.model import calendar, sst, units
 from jaxguide.diffusion import ensemble, guidance, guided
 from jaxguide.grid import healpix
 from jaxguide import observations
@@ -85,11 +85,11 @@ def synthetic_sst_k(nside: int = 64) -> np.ndarray:
 
 def build_conditioning(when: pd.Timestamp, sst_path: str | None, nside: int = 64) -> dict[str, np.ndarray]:
     """Condition (1, 1, 1, npix) encoded SST, second_of_day and day_of_year (1, 1) float32."""
-    sod, doy = conditioning.calendar_inputs([when])
+    sod, doy = calendar.calendar_inputs([when])
     if sst_path is None:
-        cond = conditioning.encode_sst(synthetic_sst_k(nside))[None, None, None, :]
+        cond = sst.encode_sst(synthetic_sst_k(nside))[None, None, None, :]
     else:
-        cond = conditioning.sst_at(conditioning.read_amip_sst(sst_path), when, nside)
+        cond = sst.sst_at(sst.read_amip_sst(sst_path), when, nside)
     return {"condition": np.asarray(cond, np.float32), "second_of_day": sod, "day_of_year": doy}
 
 

@@ -1,4 +1,4 @@
-"""The network's 3x3 convolution (jaxguide.model.network.conv3x3_valid) and its written-out input gradient."""
+"""The network's 3x3 convolution (jaxguide.model.layers.conv3x3_valid) and its written-out input gradient."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide.model.network import conv3x3_valid
+from jaxguide.model.layers import conv3x3_valid
 
 
 def _plain(x, w):

@@ -215,7 +215,7 @@ def test_importing_jaxguide_does_not_import_torch():
     import sys
 
     code = (
-        "import sys, jaxguide, jaxguide.cli, jaxguide.assimilation.pipeline, jaxguide.model.checkpoint, jaxguide.model.network; "
+        "import sys, jaxguide, jaxguide.cli, jaxguide.assimilation.pipeline, jaxguide.model.checkpoint, jaxguide.model.unet; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'jaxguide.model.convert' not in sys.modules; "
         "import jaxguide.model.convert; assert 'torch' not in sys.modules, 'jaxguide.model.convert imports torch eagerly'"

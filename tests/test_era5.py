@@ -17,6 +17,7 @@ from scipy.interpolate import RegularGridInterpolator
 
 from jaxguide.observations import era5 as E
 from jaxguide.grid import healpix as H
+from jaxguide.grid.latlon import bilinear_latlon
 from jaxguide import observations as O
 
 RES = 5.0
@@ -176,7 +177,7 @@ def test_observations_at_grid_nodes_and_strategy(tmp_path):
 def test_regional_grid_rejected():
     lat, lon = np.array([0.0, 1.0]), np.array([10.0, 11.0, 12.0])
     with pytest.raises(ValueError, match="global"):
-        E.bilinear_latlon(np.zeros((2, 3)), lat, lon, np.array([0.5]), np.array([10.5]))
+        bilinear_latlon(np.zeros((2, 3)), lat, lon, np.array([0.5]), np.array([10.5]))
 
 
 # --------------------------------------------------------------------------------------

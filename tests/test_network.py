@@ -19,7 +19,10 @@ from conftest import rel_errors
 from jaxguide.grid import healpix
 from jaxguide.model.config import ModelConfig, UnsupportedArchitectureError
 from jaxguide.model.checkpoint import count_params, graphdef_and_shapes
-from jaxguide.model.network import GroupNorm, calendar_embedding, lon_shift_seconds, precond_forward
+from jaxguide.model.embedding import calendar_embedding, lon_shift_seconds, noise_embedding
+from jaxguide.model.inputs import Conditioning
+from jaxguide.model.layers import GroupNorm
+from jaxguide.model.precond import precond_forward
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def forward_with_activations(tiny_model, den):
 
     def run(params, x, sigma, cond):
         model = nnx.merge(graphdef, nnx.State(params))
-        return precond_forward(model, x, sigma, return_intermediates=True, **cond)
+        return precond_forward(model, x, sigma, Conditioning(**cond), return_intermediates=True)
 
     return jax.jit(run)(tiny_model.params[0], den["x"], den["sigma"], _conditioning(den))
 
@@ -84,8 +87,6 @@ def test_activations_match_pytorch(forward_with_activations, den, torch_name):
 def test_embedding_layers_match(tiny_model, den):
     graphdef, _ = graphdef_and_shapes(tiny_model.config)
     model = nnx.merge(graphdef, nnx.State(tiny_model.params[0]))
-    from jaxguide.model.network import noise_embedding
-
     noise = np.asarray(noise_embedding(jnp.asarray(den["c_noise"]), 8))
     # the fixture stores map_noise before the sin/cos swap
     ref = den["act__model.map_noise"]

@@ -22,13 +22,14 @@ from flax import nnx
 from conftest import rel_errors
 from jaxguide.model.config import ModelConfig
 from jaxguide.model.checkpoint import graphdef_and_shapes
-from jaxguide.model.network import (
+from jaxguide.model.inputs import Conditioning, ForwardOptions
+from jaxguide.model.precond import precond_forward
+from jaxguide.model.unet import (
     decoder_layout,
     decoder_scan_keys,
     decoder_skip_channels,
     encoder_layout,
     encoder_scan_keys,
-    precond_forward,
     scan_runs,
 )
 
@@ -74,7 +75,7 @@ def _forward_and_vjp(model, x, sigma, cond, w):
 
     def run(params, x, scan):
         net = nnx.merge(graphdef, nnx.State(params))
-        f = lambda z: precond_forward(net, z, sigma, scan_blocks=scan, **cond)  # noqa: E731
+        f = lambda z: precond_forward(net, z, sigma, Conditioning(**cond), ForwardOptions(scan_blocks=scan))  # noqa: E731
         if w is None:
             return (f(x),)
         d, vjp = jax.vjp(f, x)

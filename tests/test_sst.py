@@ -1,6 +1,6 @@
 """The synthetic SST file: the AMIP tosbcs layout the conditioning reader needs, marked
 synthetic, covering the requested times (checked with netCDF4 directly and through
-``conditioning.read_amip_sst`` / ``sst_at``)."""
+``sst.read_amip_sst`` / ``sst_at``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from jaxguide.model import conditioning as C
 from jaxguide.model import sst
 from jaxguide.cli import app
 
@@ -28,12 +27,12 @@ def test_synthetic_sst_layout_and_metadata(tmp_path):
                                                              (2020, 3, 15), (2020, 4, 15)]
         data = v[:]
         assert -1.9 < data.min() and data.max() < 29.0
-    ds = C.read_amip_sst(path)
+    ds = sst.read_amip_sst(path)
     for t in ("2020-01-05T00:00", "2020-03-20T18:00"):
-        cond = C.sst_at(ds, t)
+        cond = sst.sst_at(ds, t)
         assert cond.shape == (1, 1, 1, 12 * 64**2) and np.isfinite(cond).all()
-    with pytest.raises(C.SSTTimeError):
-        C.sst_at(ds, "2020-05-01")
+    with pytest.raises(sst.SSTTimeError):
+        sst.sst_at(ds, "2020-05-01")
 
 
 def test_synthetic_sst_command(tmp_path):

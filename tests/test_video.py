@@ -18,12 +18,15 @@ import pytest
 from flax import nnx
 
 from conftest import rel_errors
-from jaxguide.model import conditioning
+from jaxguide.model import calendar, conditioning
+from jaxguide.model import sst as sst_lib
 from jaxguide.diffusion import sampler
 from jaxguide.model.config import ModelConfig, UnsupportedArchitectureError
 from jaxguide.model.denoiser import make_denoiser, postprocess
 from jaxguide.model.checkpoint import count_params, graphdef_and_shapes
-from jaxguide.model.network import Attention, TemporalAttention, precond_forward
+from jaxguide.model.inputs import Conditioning
+from jaxguide.model.layers import Attention, TemporalAttention
+from jaxguide.model.precond import precond_forward
 
 VIDEO_CONFIG = dict(model_channels=8, label_dim=1024, out_channels=3, condition_channels=5, time_length=4)
 
@@ -62,7 +65,7 @@ def video_forward(video_model, vden):
 
     def run(params, x, sigma, cond):
         model = nnx.merge(graphdef, nnx.State(params))
-        return precond_forward(model, x, sigma, return_intermediates=True, **cond)
+        return precond_forward(model, x, sigma, Conditioning(**cond), return_intermediates=True)
 
     return jax.jit(run)(video_model.params[0], vden["x"], vden["sigma"], _cond(vden))
 
@@ -181,7 +184,7 @@ def test_temporal_attention_gradient_matches_finite_differences():
 def test_frame_inputs_rebuild_the_fixture_batches(vden, video_dir):
     """Frame times, per-frame calendar and the [target * mask, SST, mask] condition as cBottle builds them."""
     for b in range(3):
-        sod, doy = conditioning.frame_calendar_inputs(str(vden["window_start"][b]), 4, 6)
+        sod, doy = calendar.frame_calendar_inputs(str(vden["window_start"][b]), 4, 6)
         np.testing.assert_array_equal(sod, vden["second_of_day"][b : b + 1])
         np.testing.assert_array_equal(doy, vden["day_of_year"][b : b + 1])
         cond = vden["condition"][b]
@@ -190,7 +193,7 @@ def test_frame_inputs_rebuild_the_fixture_batches(vden, video_dir):
         rebuilt = conditioning.frame_condition(target, keep, cond[3])
         np.testing.assert_array_equal(rebuilt[0], cond)
     rec = np.load(video_dir / "video_sampler.npz")
-    sod, doy = conditioning.frame_calendar_inputs(str(rec["window_start"]), 4, int(rec["time_step_hours"]))
+    sod, doy = calendar.frame_calendar_inputs(str(rec["window_start"]), 4, int(rec["time_step_hours"]))
     np.testing.assert_array_equal(sod, rec["second_of_day"])
     np.testing.assert_array_equal(doy, rec["day_of_year"])
     with pytest.raises(ValueError, match="frames"):
@@ -217,9 +220,9 @@ def test_window_conditioning_rebuilds_the_sampler_batch(video_dir, video_model, 
     np.testing.assert_array_equal(cond["second_of_day"], rec["second_of_day"][0])
     np.testing.assert_array_equal(cond["day_of_year"], rec["day_of_year"][0])
     np.testing.assert_array_equal(cond["condition"][[0, 1, 2, 4]], fixture[[0, 1, 2, 4]])
-    sst = conditioning.read_amip_sst(sst_path)
+    sst = sst_lib.read_amip_sst(sst_path)
     for f, t in enumerate(window.times):
-        np.testing.assert_array_equal(cond["condition"][3, f], conditioning.sst_at(sst, t).reshape(-1))
+        np.testing.assert_array_equal(cond["condition"][3, f], sst_lib.sst_at(sst, t).reshape(-1))
     with pytest.raises(ValueError, match="this model samples 4"):
         dm.window_conditioning(FrameWindow(window.start, 6, 3), sst_path=sst_path)
 

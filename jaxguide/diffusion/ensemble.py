@@ -16,7 +16,9 @@ arguments, so new values compile nothing (new shapes or pytree structures do). K
 sampler (and one denoiser function) for a series of calls; the programs, and the
 denoiser functions they were built from, live as long as the sampler object (no
 module-global cache). :func:`sample_ensemble` is the one-shot form (a fresh sampler:
-compiles every call). :func:`count_compiles` counts XLA compilations (tests, benchmarks).
+compiles every call). The arguments of a call are the fields of :class:`EnsembleRequest`,
+for all three entries (``EnsembleSampler(...)``, ``prepare``, ``sample_ensemble``).
+:func:`count_compiles` counts XLA compilations (tests, benchmarks).
 
 Several programs (e.g. an analysis and a prior ensemble) compile concurrently with
 :meth:`EnsembleSampler.compile_many` (``prepare`` each call, compile them all, ``run``
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxguide.diffusion.sampler import sample
 from jaxguide.model import xla_options
 
 logger = logging.getLogger(__name__)
@@ -47,12 +52,6 @@ logger = logging.getLogger(__name__)
 Denoiser = Callable[..., Any]
 
 MEMBER_AXIS = "member"
-
-
-def _default_sampler():
-    from jaxguide.diffusion.sampler import sample  # lazy: the sampler module is written in parallel
-
-    return sample
 
 
 def _freeze(value):
@@ -138,6 +137,94 @@ def _build(denoiser_fn, sampler, member_shape, n_members, frozen_kwargs, devices
     return jax.jit(program)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class EnsembleRequest:
+    """The inputs of one ensemble call: the one signature of :meth:`EnsembleSampler.__call__`,
+    :meth:`EnsembleSampler.prepare` and :func:`sample_ensemble` (each takes these fields as
+    its arguments). Checked on construction.
+
+    Fields:
+      denoiser_fn: ``denoiser_fn(x, sigma, *operands) -> x0_hat`` for one member,
+        x of ``member_shape`` (e.g. (C, 1, npix), normalised, net order). Its
+        identity is part of the configuration: reuse the same function object.
+      key: one PRNG key; member ``i`` uses ``jax.random.split(key, n_members)[i]``.
+      member_shape: shape of one member.
+      n_members: ensemble size M; a multiple of the device count when sharded.
+      sampler_kwargs: keyword options of the sampler (num_steps, sigma_min, ...);
+        static (part of the compiled configuration).
+      devices: devices for the member axis; default all of ``jax.devices()``. One
+        device means no sharding.
+      chunk_size: run members ``chunk_size`` at a time (``jax.lax.map``) instead of
+        all at once (per device when sharded).
+      operands: tuple (pytree) of arrays passed to the denoiser as traced arguments
+        (parameters, conditioning, guidance method, observations): new values do
+        not recompile; weak types are stripped first.
+      per_member: one flag per operand: True for an operand whose every leaf has a
+        leading ``n_members`` axis, member ``i`` getting entry ``i`` (e.g. each
+        member's own conditioning frames in a chained video run); default none.
+        Stored as a tuple of bools, one per operand.
+    """
+
+    denoiser_fn: Denoiser
+    key: jax.Array
+    member_shape: tuple[int, ...]
+    n_members: int
+    _: dataclasses.KW_ONLY
+    sampler_kwargs: dict[str, Any]
+    devices: Sequence[Any] | None = None
+    chunk_size: int | None = None
+    operands: Any = ()
+    per_member: Sequence[bool] | None = None
+
+    def __post_init__(self):
+        n_members, chunk_size = self.n_members, self.chunk_size
+        if n_members < 1:
+            raise ValueError(f"n_members must be >= 1, got {n_members}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        operands = tuple(self.operands)
+        per_member = self.per_member
+        per_member = (False,) * len(operands) if per_member is None else tuple(bool(m) for m in per_member)
+        if len(per_member) != len(operands):
+            raise ValueError(f"per_member has {len(per_member)} flags for {len(operands)} operands")
+        for i, m in enumerate(per_member):
+            if m:
+                bad = [np.shape(x) for x in jax.tree_util.tree_leaves(operands[i]) if np.shape(x)[:1] != (n_members,)]
+                if bad:
+                    raise ValueError(f"operand {i} is per member but has leaves of shapes {bad} "
+                                     f"(each needs a leading axis of n_members={n_members})")
+        object.__setattr__(self, "operands", operands)
+        object.__setattr__(self, "per_member", per_member)
+
+
+def _takes_request(fn: Callable) -> Callable:
+    """``fn(*head, request, **extra)`` called as ``fn(*head, <EnsembleRequest's arguments>, **extra)``
+    (or with a built :class:`EnsembleRequest` in the request's place).
+
+    ``head``: ``self`` for a method; ``extra``: keyword-only parameters of ``fn`` after
+    the request. The signature shown by ``help``/``inspect`` is the request's, so the call
+    signature is written once (:class:`EnsembleRequest`).
+    """
+    params = list(inspect.signature(fn).parameters.values())
+    at = [p.name for p in params].index("request")
+    head, extra = params[:at], params[at + 1:]
+    extra_names = {p.name for p in extra}
+    fields = list(inspect.signature(EnsembleRequest).parameters.values())
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k in extra_names}
+        rest = args[len(head):]
+        if len(rest) == 1 and isinstance(rest[0], EnsembleRequest) and not kwargs:
+            request = rest[0]
+        else:
+            request = EnsembleRequest(*rest, **kwargs)
+        return fn(*args[:len(head)], request, **own)
+
+    wrapper.__signature__ = inspect.signature(fn).replace(parameters=[*head, *fields, *extra])
+    return wrapper
+
+
 class EnsembleSampler:
     """Ensemble programs compiled once per configuration and kept by this object.
 
@@ -146,7 +233,7 @@ class EnsembleSampler:
     """
 
     def __init__(self, sampler: Callable[..., Any] | None = None):
-        self.sampler = _default_sampler() if sampler is None else sampler
+        self.sampler = sample if sampler is None else sampler
         self._programs: dict[tuple, Callable] = {}
         self._compiled: dict[tuple, Any] = {}  # (config, argument signature) -> jax.stages.Compiled
 
@@ -160,95 +247,43 @@ class EnsembleSampler:
         self._programs.clear()
         self._compiled.clear()
 
-    def __call__(
-        self,
-        denoiser_fn: Denoiser,
-        key: jax.Array,
-        member_shape: tuple[int, ...],
-        n_members: int,
-        *,
-        sampler_kwargs: dict[str, Any],
-        devices: Sequence[Any] | None = None,
-        chunk_size: int | None = None,
-        operands: Any = (),
-        per_member: Sequence[bool] | None = None,
-    ) -> jax.Array:
-        """Sample ``n_members`` members; returns (n_members, *member_shape).
-
-        Args:
-          denoiser_fn: ``denoiser_fn(x, sigma, *operands) -> x0_hat`` for one member,
-            x of ``member_shape`` (e.g. (C, 1, npix), normalised, net order). Its
-            identity is part of the configuration: reuse the same function object.
-          key: one PRNG key; member ``i`` uses ``jax.random.split(key, n_members)[i]``.
-          member_shape: shape of one member.
-          n_members: ensemble size M; a multiple of the device count when sharded.
-          sampler_kwargs: keyword options of the sampler (num_steps, sigma_min, ...);
-            static (part of the compiled configuration).
-          devices: devices for the member axis; default all of ``jax.devices()``. One
-            device means no sharding.
-          chunk_size: run members ``chunk_size`` at a time (``jax.lax.map``) instead of
-            all at once (per device when sharded).
-          operands: tuple (pytree) of arrays passed to the denoiser as traced arguments
-            (parameters, conditioning, guidance method, observations): new values do
-            not recompile; weak types are stripped first.
-          per_member: one flag per operand: True for an operand whose every leaf has a
-            leading ``n_members`` axis, member ``i`` getting entry ``i`` (e.g. each
-            member's own conditioning frames in a chained video run); default none.
-        """
-        call = self.prepare(denoiser_fn, key, member_shape, n_members, sampler_kwargs=sampler_kwargs,
-                            devices=devices, chunk_size=chunk_size, operands=operands, per_member=per_member)
+    @_takes_request
+    def __call__(self, request: EnsembleRequest) -> jax.Array:
+        """Sample ``n_members`` members; returns (n_members, *member_shape). Arguments:
+        the fields of :class:`EnsembleRequest`."""
+        call = self._bind(request)
         self.compile_many([call])
         return self.run(call)
 
-    def prepare(
-        self,
-        denoiser_fn: Denoiser,
-        key: jax.Array,
-        member_shape: tuple[int, ...],
-        n_members: int,
-        *,
-        sampler_kwargs: dict[str, Any],
-        devices: Sequence[Any] | None = None,
-        chunk_size: int | None = None,
-        operands: Any = (),
-        per_member: Sequence[bool] | None = None,
-    ) -> "EnsembleCall":
-        """Check and bind one call (arguments as :meth:`__call__`) without compiling or
-        running it: for :meth:`compile_many` then :meth:`run`."""
-        if n_members < 1:
-            raise ValueError(f"n_members must be >= 1, got {n_members}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        operands = tuple(operands)
-        per_member = (False,) * len(operands) if per_member is None else tuple(bool(m) for m in per_member)
-        if len(per_member) != len(operands):
-            raise ValueError(f"per_member has {len(per_member)} flags for {len(operands)} operands")
-        for i, m in enumerate(per_member):
-            if m:
-                bad = [np.shape(x) for x in jax.tree_util.tree_leaves(operands[i]) if np.shape(x)[:1] != (n_members,)]
-                if bad:
-                    raise ValueError(f"operand {i} is per member but has leaves of shapes {bad} "
-                                     f"(each needs a leading axis of n_members={n_members})")
-        devs = resolve_devices(devices)
+    @_takes_request
+    def prepare(self, request: EnsembleRequest) -> "EnsembleCall":
+        """Check and bind one call (arguments as :meth:`__call__`: the fields of
+        :class:`EnsembleRequest`) without compiling or running it: for
+        :meth:`compile_many` then :meth:`run`."""
+        return self._bind(request)
+
+    def _bind(self, request: EnsembleRequest) -> "EnsembleCall":
+        devs = resolve_devices(request.devices)
+        n_members, chunk_size = request.n_members, request.chunk_size
         if len(devs) > 1 and n_members % len(devs):
             raise ValueError(
                 f"n_members={n_members} is not a multiple of the {len(devs)} devices; "
                 f"use a multiple of {len(devs)} or pass devices= explicitly"
             )
         config = (
-            denoiser_fn,
-            tuple(int(s) for s in member_shape),
+            request.denoiser_fn,
+            tuple(int(s) for s in request.member_shape),
             int(n_members),
-            _freeze(dict(sampler_kwargs)),
+            _freeze(dict(request.sampler_kwargs)),
             devs if len(devs) > 1 else (),
             None if chunk_size is None else int(chunk_size),
-            per_member,
+            request.per_member,
         )
         # strip weak types so that e.g. jnp.full(shape, 5.0) and a concrete array share a program
-        operands = jax.tree_util.tree_map(_strong, operands)
-        leaves, treedef = jax.tree_util.tree_flatten((key, operands))
+        operands = jax.tree_util.tree_map(_strong, request.operands)
+        leaves, treedef = jax.tree_util.tree_flatten((request.key, operands))
         signature = (treedef, tuple((tuple(np.shape(x)), str(x.dtype)) for x in leaves))
-        return EnsembleCall(config, signature, key, operands)
+        return EnsembleCall(config, signature, request.key, operands)
 
     def is_compiled(self, call: "EnsembleCall") -> bool:
         """Whether ``call``'s program is compiled already (running it compiles nothing)."""
@@ -320,26 +355,14 @@ class EnsembleCall:
     operands: tuple
 
 
-
-def sample_ensemble(
-    denoiser_fn: Denoiser,
-    key: jax.Array,
-    member_shape: tuple[int, ...],
-    n_members: int,
-    *,
-    sampler_kwargs: dict[str, Any],
-    devices: Sequence[Any] | None = None,
-    chunk_size: int | None = None,
-    operands: tuple = (),
-    per_member: Sequence[bool] | None = None,
-    sampler: Callable[..., Any] | None = None,
-) -> jax.Array:
-    """One ensemble with a fresh :class:`EnsembleSampler` (see its ``__call__``).
+@_takes_request
+def sample_ensemble(request: EnsembleRequest, *, sampler: Callable[..., Any] | None = None) -> jax.Array:
+    """One ensemble with a fresh :class:`EnsembleSampler` (arguments: the fields of
+    :class:`EnsembleRequest`, and the ``sampler``).
 
     Compiles on every call: for a series of calls keep one ``EnsembleSampler``.
     """
-    return EnsembleSampler(sampler)(denoiser_fn, key, member_shape, n_members, sampler_kwargs=sampler_kwargs,
-                                    devices=devices, chunk_size=chunk_size, operands=operands, per_member=per_member)
+    return EnsembleSampler(sampler)(request)
 
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

@@ -1,6 +1,8 @@
-"""The cBottle model: config, the U-Net in Flax (network), loading converted checkpoints
-(checkpoint), conditioning inputs (calendar, labels, SST, video frames), the denoiser contract
-(denoiser), the exact Gaussian model of tests and the demo (gaussian), the converter (convert).
+"""The cBottle model: config, the U-Net in Flax (layers, embedding, unet, precond, and inputs:
+the conditioning pytree a forward takes), loading converted checkpoints (checkpoint),
+conditioning inputs (calendar, labels, sst, and conditioning: video frames and the assembled
+pytree), the denoiser contract (denoiser), the exact Gaussian model of tests and the demo
+(gaussian), the converter (convert).
 
 Imports only from jaxguide.grid and jaxguide.io.
 """

@@ -23,7 +23,9 @@ import numpy as np
 from flax import nnx
 
 from jaxguide.model.config import BatchInfo, ModelConfig
-from jaxguide.model.network import CBottleUNet, precond_forward
+from jaxguide.model.inputs import Conditioning, ForwardOptions
+from jaxguide.model.precond import precond_forward
+from jaxguide.model.unet import CBottleUNet
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +59,9 @@ def count_params(config: ModelConfig) -> int:
     return int(sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)))
 
 
-def _expert_apply(
-    graphdef, params, x, sigma, class_labels, condition, second_of_day, day_of_year, compute_dtype, remat=False
-):
+def _expert_apply(graphdef, params, x, sigma, cond: Conditioning, options: ForwardOptions):
     model = nnx.merge(graphdef, nnx.State(params))
-    return precond_forward(
-        model,
-        x,
-        sigma,
-        class_labels=class_labels,
-        condition=condition,
-        second_of_day=second_of_day,
-        day_of_year=day_of_year,
-        compute_dtype=compute_dtype,
-        remat=remat,
-    )
+    return precond_forward(model, x, sigma, cond, options)
 
 
 def expert_index(sigma: jax.Array, thresholds: tuple[float, ...], n_experts: int) -> jax.Array:
@@ -90,9 +80,12 @@ def make_apply(config: ModelConfig, sigma_thresholds: tuple[float, ...]) -> Call
     network pixel order, normalised units; T = ``config.time_length``, 1 for the image
     model): x (B, C, T, 49152), sigma scalar or (B,), class_labels (B, label_dim),
     condition (B, condition_channels, T, 49152), second_of_day and day_of_year (B, T).
-    Returns D (B, C, T, 49152), float32 unless ``compute_dtype`` is float64.
-    ``remat=True`` recomputes each U-Net block in the backward pass: a VJP through D
-    (guidance) then needs far less memory (same values). jit/vmap/grad friendly.
+    Instead of those four keywords a built :class:`~jaxguide.model.inputs.Conditioning`
+    can be passed as ``cond=``. Returns D (B, C, T, 49152), float32 unless
+    ``compute_dtype`` is float64. ``remat=True`` recomputes each U-Net block in the
+    backward pass: a VJP through D (guidance) then needs far less memory (same values).
+    jit/vmap/grad friendly. The inputs become one ``Conditioning`` pytree and one static
+    ``ForwardOptions`` here, passed unchanged to every layer below.
     """
     graphdef, _ = graphdef_and_shapes(config)
     thresholds = tuple(float(t) for t in sigma_thresholds)
@@ -104,18 +97,24 @@ def make_apply(config: ModelConfig, sigma_thresholds: tuple[float, ...]) -> Call
         *,
         class_labels=None,
         condition=None,
-        second_of_day,
-        day_of_year,
+        second_of_day=None,
+        day_of_year=None,
+        cond: Conditioning | None = None,
         compute_dtype=jnp.float32,
         remat: bool = False,
     ):
-        run = functools.partial(_expert_apply, graphdef, compute_dtype=compute_dtype, remat=remat)
-        args = (x, sigma, class_labels, condition, second_of_day, day_of_year)
+        if cond is None:
+            if second_of_day is None or day_of_year is None:
+                raise TypeError("apply() needs second_of_day and day_of_year (or cond=Conditioning(...))")
+            cond = Conditioning(second_of_day, day_of_year, class_labels, condition)
+        elif any(v is not None for v in (class_labels, condition, second_of_day, day_of_year)):
+            raise TypeError("apply() takes either cond= or the conditioning keywords, not both")
+        run = functools.partial(_expert_apply, graphdef, options=ForwardOptions(compute_dtype, remat))
         if len(params) == 1:
-            return run(params[0], *args)
+            return run(params[0], x, sigma, cond)
         branches = [functools.partial(lambda i, ps, *a: run(ps[i], *a), i) for i in range(len(params))]
         idx = expert_index(sigma, thresholds, len(params))
-        return jax.lax.switch(idx, branches, params, *args)
+        return jax.lax.switch(idx, branches, params, x, sigma, cond)
 
     return apply
 

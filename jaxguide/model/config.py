@@ -147,6 +147,8 @@ class ModelConfig:
 
 # The fixed architecture choices of cBottle's SongUNetHPX64 (not in model.json).
 HPX64_LEVEL = 6  # HEALPix level of the network grid: nside 64, 49152 pixels
+NSIDE = 2**HPX64_LEVEL
+NPIX = 12 * NSIDE * NSIDE
 CHANNEL_MULT = (1, 2, 2, 2)
 NUM_BLOCKS = 4
 ATTN_RESOLUTIONS = (8,)

@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxguide.model import conditioning as conditioning_lib
 from jaxguide.grid import healpix
+from jaxguide.model import conditioning as conditioning_lib
 from jaxguide.model import units
-from jaxguide.model.conditioning import label_one_hot
 from jaxguide.model.checkpoint import CBottleModel
-from jaxguide.model.network import NPIX, NSIDE
+from jaxguide.model.config import NPIX, NSIDE
+from jaxguide.model.inputs import Conditioning
+from jaxguide.model.labels import label_one_hot
 from jaxguide.model.window import FrameWindow
 
 Denoiser = Callable[..., jax.Array]  # (x, sigma, cond) -> x0_hat
@@ -85,7 +86,7 @@ class CBottleDenoiser:
     (two network evaluations, run as one batch of two); otherwise one pass.
     ``compute_dtype``: the network's dtype (bfloat16 for ``--bf16``); D is returned in
     x's dtype. ``remat``: recompute each U-Net block in reverse mode (less memory for the
-    guidance VJPs, see :func:`jaxguide.model.network.call_block`). ``label``, ``compute_dtype`` and
+    guidance VJPs, see :func:`jaxguide.model.layers.call_block`). ``label``, ``compute_dtype`` and
     ``remat`` are static (part of compiled programs). Video models (time_length T > 1) take
     members of T frames; T = 1 is the image model.
     """
@@ -180,21 +181,22 @@ class CBottleDenoiser:
             mask = channel_mask(self.channels, self.label)
         two_pass = not mask.all()
         sst = cond.get("condition")
-        kw = dict(
-            condition=None if sst is None else jnp.asarray(sst, jnp.float32).reshape(1, -1, frames, np.shape(sst)[-1]),
+        net_cond = Conditioning(
             second_of_day=jnp.asarray(cond["second_of_day"], jnp.float32).reshape(1, frames),
             day_of_year=jnp.asarray(cond["day_of_year"], jnp.float32).reshape(1, frames),
-            compute_dtype=self.compute_dtype,
-            remat=self.remat,
+            class_labels=labels_main,
+            condition=None if sst is None else jnp.asarray(sst, jnp.float32).reshape(1, -1, frames, np.shape(sst)[-1]),
         )
+        options = dict(compute_dtype=self.compute_dtype, remat=self.remat)
         if two_pass:
             # both passes as one batch of two: one copy of the network in the compiled graph
             mask_b = jnp.asarray(mask)[:, None, None]
             xb = jnp.stack([jnp.where(mask_b, x, 0), x])
-            d = self.model.apply(params, xb, sigma, class_labels=np.concatenate([labels_main, labels_fill]), **kw)
+            both = dataclasses.replace(net_cond, class_labels=np.concatenate([labels_main, labels_fill]))
+            d = self.model.apply(params, xb, sigma, cond=both, **options)
             out = jnp.where(mask_b, d[0], d[1])
         else:
-            out = self.model.apply(params, x[None], sigma, class_labels=labels_main, **kw)[0]
+            out = self.model.apply(params, x[None], sigma, cond=net_cond, **options)[0]
         return out.astype(x.dtype)
 
 

@@ -1,8 +1,17 @@
-"""The SST file the SST-conditioned cBottle models need, and a synthetic one to try them.
+"""The AMIP sea-surface temperature that SST-conditioned cBottle models read: reading the
+file, interpolating it in time and to HEALPix, encoding it; and a synthetic file to try them.
+
+What cBottle does (``AmipSSTLoader``), re-derived here in NumPy: input4MIPs ``tosbcs``
+(deg C, monthly, lat/lon) linearly interpolated in time between the monthly values
+(xarray ``interp(method="linear")`` semantics, in the file's own calendar), + 273.15 K,
+bilinear regrid to HEALPix pixel centres with periodic longitude (earth2grid
+``LatLonGrid.get_bilinear_regridder_to``: a stencil with any NaN, or a pixel poleward of
+the outermost grid latitude, gives NaN), then :func:`encode_sst`: NaN (land / missing)
+-> 290 K, ``(sst - 287.6897) / 15.5862``.
 
 cBottle conditions on the monthly AMIP sea-surface temperature of input4MIPs
 (PCMDI-AMIP, e.g. ``tosbcs_input4MIPs_SSTsAndSeaIce_CMIP_PCMDI-AMIP-1-1-9_gn_187001-202212.nc``).
-What :func:`jaxguide.model.conditioning.read_amip_sst` reads:
+What :func:`read_amip_sst` reads:
 
 - a NetCDF file with a variable ``tosbcs`` (other names via ``variable=``),
   dims ``(time, lat, lon)`` (``latitude``/``longitude`` are renamed);
@@ -24,16 +33,148 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cftime
 import numpy as np
 import pandas as pd
 import xarray as xr
 
+from jaxguide.grid import healpix
+from jaxguide.grid.latlon import bilinear_latlon
 from jaxguide.io.files import atomic_write
 from jaxguide.io.times import parse_time
+from jaxguide.model.calendar import time_fields
+
+SST_LAND_FILL_VALUE = 290.0  # K
+SST_MEAN = 287.6897  # K
+SST_SCALE = 15.5862  # K
+KELVIN_OFFSET = 273.15
 
 SST_VARIABLE = "tosbcs"
 SST_TIME_UNITS = "days since 1870-01-01"
 SYNTHETIC_TITLE = "SYNTHETIC sea-surface temperature in the AMIP tosbcs layout (not observed data)"
+
+
+class SSTTimeError(ValueError):
+    """A requested time outside the SST data's time range."""
+
+
+def encode_sst(sst_k: np.ndarray, is_land: np.ndarray | None = None) -> np.ndarray:
+    """cBottle's SST condition: land (``is_land`` or NaN) -> 290 K, then standardise.
+
+    sst_k: (..., npix) sea-surface temperature in K. Returns float32, same shape.
+    """
+    sst_k = np.asarray(sst_k, dtype=np.float64)
+    land = np.isnan(sst_k) if is_land is None else np.asarray(is_land, bool)
+    filled = np.where(land, SST_LAND_FILL_VALUE, sst_k)
+    return ((filled - SST_MEAN) / SST_SCALE).astype(np.float32)
+
+
+def read_amip_sst(path: str | os.PathLike, variable: str = "tosbcs") -> xr.Dataset:
+    """Load an input4MIPs SST file (``tosbcs``, deg C, monthly, lat/lon) into memory.
+
+    Times are kept undecoded (numbers with ``units``/``calendar`` attributes) so that
+    any CF calendar (standard, noleap, 360_day, ...) interpolates in its own calendar.
+    Coordinates are renamed to ``time, lat, lon``; lon is sorted into increasing order.
+    """
+    path = os.fspath(path)
+    what = f"SST file {path!r}"
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} is a directory; expected an AMIP tosbcs NetCDF file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such SST file: {path!r}")
+    try:
+        with xr.open_dataset(path, decode_times=False, engine="netcdf4") as raw:
+            ds = raw.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} is not a NetCDF file ({e}); expected the input4MIPs AMIP tosbcs NetCDF "
+                         "(see jaxguide.model.sst, or write a synthetic one with `jaxguide synthetic-sst`)") from None
+    ds = ds.rename({k: v for k, v in {"latitude": "lat", "longitude": "lon"}.items() if k in ds.variables})
+    if variable not in ds:
+        raise ValueError(f"{what} has no variable {variable!r} (found {list(ds.data_vars)}); expected the "
+                         "input4MIPs AMIP tosbcs NetCDF (see jaxguide.model.sst)")
+    missing = [d for d in ("time", "lat", "lon") if d not in ds[variable].dims]
+    if missing:
+        raise ValueError(f"{what}: {variable} lacks dimensions {missing} (has {ds[variable].dims})")
+    if "units" not in ds["time"].attrs:
+        raise ValueError(f"{what}: time has no CF 'units' attribute")
+    ds["time"].attrs.setdefault("calendar", "standard")
+    ds = ds[[variable]].transpose("time", "lat", "lon")
+    ds = ds.assign_coords(lon=np.asarray(ds["lon"].values, np.float64) % 360.0).sortby("lon")
+    ds.attrs["sst_variable"] = variable
+    return ds
+
+
+def _time_number(ds: xr.Dataset, time) -> float:
+    """``time`` in the units/calendar of ``ds.time`` (a float)."""
+    units = ds["time"].attrs["units"]
+    cal = ds["time"].attrs.get("calendar", "standard")
+    y, mo, d, h, mi, s = time_fields(time)
+    try:
+        ct = cftime.datetime(y, mo, d, h, mi, s, calendar=cal)
+    except ValueError as e:
+        raise SSTTimeError(f"{time} does not exist in the SST file's {cal!r} calendar: {e}") from e
+    return float(cftime.date2num(ct, units, calendar=cal))
+
+
+def sst_kelvin_latlon(ds: xr.Dataset, time) -> np.ndarray:
+    """SST (nlat, nlon) in K at ``time``, linear in time between the monthly values."""
+    var = ds.attrs.get("sst_variable", "tosbcs")
+    tnum = np.asarray(ds["time"].values, dtype=np.float64)
+    if tnum.size == 0:
+        raise SSTTimeError("the SST data has no time steps")
+    q = _time_number(ds, time)
+    if not (tnum[0] <= q <= tnum[-1]):
+        units = ds["time"].attrs["units"]
+        cal = ds["time"].attrs.get("calendar", "standard")
+        first, last = cftime.num2date([tnum[0], tnum[-1]], units, calendar=cal)
+        raise SSTTimeError(f"time {time} is outside the SST data ({first} .. {last})")
+    i = int(np.clip(np.searchsorted(tnum, q, side="right") - 1, 0, max(tnum.size - 2, 0)))
+    data = ds[var].values
+    if tnum.size == 1:
+        field = data[0].astype(np.float64)
+    else:
+        w = (q - tnum[i]) / (tnum[i + 1] - tnum[i])
+        field = (1 - w) * data[i].astype(np.float64) + w * data[i + 1].astype(np.float64)
+    units = str(ds[var].attrs.get("units", "degC")).strip()
+    if units not in ("K", "k", "kelvin", "Kelvin"):
+        field = field + KELVIN_OFFSET
+    return field
+
+
+def regrid_latlon_to_healpix(
+    field: np.ndarray, lat: np.ndarray, lon: np.ndarray, nside: int = 64, order: healpix.Order = "net"
+) -> np.ndarray:
+    """Bilinear regrid (..., nlat, nlon) -> (..., npix) at pixel centres, earth2grid style.
+
+    Longitude periodic; lat ascending or descending. Pixels poleward of the outermost
+    grid latitude, and stencils touching a NaN, give NaN (as earth2grid does).
+    """
+    plon, plat = healpix.lonlat(nside, order)
+    return bilinear_latlon(field, lat, lon, plat, plon, outside="nan")
+
+
+def sst_kelvin_at(ds: xr.Dataset, time, nside: int = 64, order: healpix.Order = "net") -> np.ndarray:
+    """SST (npix,) float64 in K on HEALPix at ``time``; NaN where missing (land)."""
+    field = sst_kelvin_latlon(ds, time)
+    return regrid_latlon_to_healpix(field, ds["lat"].values, ds["lon"].values, nside, order)
+
+
+def sst_at(ds: xr.Dataset, time, nside: int = 64, offset: float = 0.0) -> np.ndarray:
+    """Encoded SST condition (1, 1, 1, npix) float32 (batch, channel, time, pixel), net order.
+
+    ``offset`` (K) is added to the ocean SST before encoding (cBottle's ``sst_offset``,
+    for warming experiments); land stays at 290 K.
+    """
+    return encode_sst(sst_kelvin_at(ds, time, nside, "net") + offset)[None, None, None, :]
+
+
+def land_mask_from_sst(sst_k: np.ndarray) -> np.ndarray:
+    """Where the SST condition is missing (NaN): cBottle treats these pixels as land."""
+    return np.isnan(np.asarray(sst_k))
+
+
+# --------------------------------------------------------------------------------------
+# A synthetic file
 
 
 def synthetic_sst_field(lat_deg: np.ndarray, lon_deg: np.ndarray, month: int) -> np.ndarray:
@@ -61,7 +202,7 @@ def write_synthetic_sst(
     The grid is regular with ``resolution_deg`` spacing (cell centres, lon 0..360);
     values are deg C (float32). The metadata names the file as synthetic.
     """
-    import cftime
+
 
     t0, t1 = parse_time(start, "start"), parse_time(end, "end")
     if t1 < t0:

@@ -32,13 +32,13 @@ import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 from jaxguide.grid import healpix
+from jaxguide.grid.latlon import bilinear_latlon
 from jaxguide.observations.strategies import sample_locations
 from jaxguide.observations.table import make_table, parse_time
 
@@ -277,73 +277,6 @@ def read_era5_temperature(
             raise ERA5FormatError(f"the files {[str(f) for f in files]} do not combine into one field "
                                   f"({' '.join(str(e).split())})") from None
     return ds.sortby(["time", "level"])
-
-
-# --------------------------------------------------------------------------------------
-# Bilinear interpolation on a regular lat/lon grid
-
-
-def bilinear_latlon(
-    field: np.ndarray,
-    lat: np.ndarray,
-    lon: np.ndarray,
-    qlat: np.ndarray,
-    qlon: np.ndarray,
-    outside: Literal["nan", "clamp"] = "clamp",
-) -> np.ndarray:
-    """Bilinear interpolation of a global lat/lon field at points, periodic in lon.
-
-    Args:
-      field: (..., nlat, nlon); lat (nlat,) ascending or descending; lon (nlon,)
-        covering the globe (any start; sorted internally).
-      qlat, qlon: (m,) degrees.
-      outside: latitudes poleward of the outermost grid row: ``"clamp"`` uses the
-        outermost row, ``"nan"`` gives NaN (earth2grid). A NaN anywhere in a point's
-        4-point stencil gives NaN (even at zero weight, as earth2grid's weighted sum).
-    Returns:
-      (..., m) float64.
-    """
-    field = np.asarray(field, dtype=np.float64)
-    lat = np.asarray(lat, np.float64)
-    lon = np.asarray(lon, np.float64) % 360.0
-    qlat = np.asarray(qlat, np.float64).ravel()
-    qlon = np.asarray(qlon, np.float64).ravel()
-    if lat[0] > lat[-1]:
-        lat, field = lat[::-1], field[..., ::-1, :]
-    order = np.argsort(lon, kind="stable")
-    lon, field = lon[order], field[..., order]
-    nlat, nlon = lat.size, lon.size
-    if nlat < 2 or nlon < 2:
-        raise ValueError(f"need at least a 2 x 2 grid, got {nlat} x {nlon}")
-    step = np.diff(np.append(lon, lon[0] + 360.0))
-    if not np.allclose(step, step[0], rtol=0, atol=1e-3 * abs(step[0])) or step[0] <= 0:
-        raise ValueError("longitudes must be a global, evenly spaced grid (regional grids are not supported)")
-    lon_ext = np.concatenate([lon, [lon[0] + 360.0]])
-    field = np.concatenate([field, field[..., :1]], axis=-1)
-
-    ql = (qlon - lon[0]) % 360.0 + lon[0]
-    i0 = np.clip(np.searchsorted(lon_ext, ql, side="right") - 1, 0, nlon - 1)
-    wx = (ql - lon_ext[i0]) / (lon_ext[i0 + 1] - lon_ext[i0])
-
-    if outside == "clamp":
-        qy = np.clip(qlat, lat[0], lat[-1])
-        valid = np.ones(qy.shape, bool)
-    elif outside == "nan":
-        qy = qlat
-        jl = np.searchsorted(lat, qy, side="right") - 1
-        valid = (jl >= 0) & (jl <= nlat - 2)
-    else:
-        raise ValueError(f"outside must be 'nan' or 'clamp', got {outside!r}")
-    j0 = np.clip(np.searchsorted(lat, qy, side="right") - 1, 0, nlat - 2)
-    wy = np.clip((qy - lat[j0]) / (lat[j0 + 1] - lat[j0]), 0.0, 1.0)
-
-    f00 = field[..., j0, i0]
-    f01 = field[..., j0, i0 + 1]
-    f10 = field[..., j0 + 1, i0]
-    f11 = field[..., j0 + 1, i0 + 1]
-    out = (1 - wy) * ((1 - wx) * f00 + wx * f01) + wy * ((1 - wx) * f10 + wx * f11)
-    nan_in_stencil = np.isnan(f00) | np.isnan(f01) | np.isnan(f10) | np.isnan(f11)
-    return np.where(valid & ~nan_in_stencil, out, np.nan)
 
 
 # --------------------------------------------------------------------------------------

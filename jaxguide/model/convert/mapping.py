@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxguide.model.config import ModelConfig
-from jaxguide.model.network import decoder_layout, encoder_layout
+from jaxguide.model.unet import decoder_layout, encoder_layout
 
 Path = tuple[str, ...]
 
