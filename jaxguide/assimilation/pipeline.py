@@ -6,7 +6,7 @@ their modules, a Python user composes them the same way.
 Stages: the model (a converted cBottle directory, a loaded
 :class:`~jaxguide.model.checkpoint.CBottleModel` or any :class:`~jaxguide.model.denoiser.DenoiserModel`,
 e.g. :class:`~jaxguide.model.gaussian.GaussianModel`) -> the observation table, validated,
-normalised, located and padded (:func:`jaxguide.observations.table.prepare`) -> the model's
+normalised, located and padded (:func:`jaxguide.observations.prepare.prepare`) -> the model's
 conditioning for the analysis time (calendar, AMIP SST: ``model.conditioning``) -> the
 guidance method (:mod:`jaxguide.diffusion.guidance`, from the settings) -> the guided ensemble and
 the unguided prior ensemble (:func:`jaxguide.diffusion.guided.guided_denoiser` run by an

@@ -3,7 +3,7 @@
 Compiling: a :class:`Session` owns the compiled ensemble programs of one model; its
 calls pass parameters, conditioning, method hyperparameters and observations as
 arguments, and observation counts are padded to a power of two
-(:func:`jaxguide.observations.table.bucket_size`), so a series of analyses (new times, new
+(:func:`jaxguide.observations.prepare.bucket_size`), so a series of analyses (new times, new
 observations, a count in the same bucket, a new ``guidance_scale``) compiles once.
 """
 

@@ -51,7 +51,7 @@ class AssimilationSettings:
       ~1/3 (see benchmarks/remat_memory.py) for ~1 extra network forward per VJP.
     check_plausibility: refuse observations more than 8 climatological scales from the
       model's center (a unit mistake; see ``observations.check_plausible``).
-    pad_observations: pad observation counts to :func:`~jaxguide.observations.table.bucket_size`
+    pad_observations: pad observation counts to :func:`~jaxguide.observations.prepare.bucket_size`
       (one compiled program for all counts in a bucket; padding rows change nothing).
     conditioning_frames: video models: frames each chained window takes from the end of
       the previous one (cBottle's ``VideoAutoregression.step_forward``; 0 = independent

@@ -3,7 +3,7 @@
 :class:`RunOptions` holds them: each field carries its ``typer.Option`` (flag, default,
 help, ``--help`` panel). A command takes them all with :func:`shared_options` and one
 parameter ``run: RunOptions``; :meth:`RunOptions.assimilation_settings` turns them into
-the library's :class:`~jaxguide.assimilation.pipeline.AssimilationSettings`.
+the library's :class:`~jaxguide.assimilation.settings.AssimilationSettings`.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class RunOptions:
         "do not use the persistent compilation cache (then assimilate's bar counts denoiser calls as they run)"))
 
     def assimilation_settings(self, **video):
-        """The checked :class:`~jaxguide.assimilation.pipeline.AssimilationSettings` of these
+        """The checked :class:`~jaxguide.assimilation.settings.AssimilationSettings` of these
         options; ``video`` adds the video-model settings a command was given
         (``conditioning_frames``, ``time_matching``)."""
         from jaxguide.assimilation.settings import AssimilationSettings  # imports JAX: not at start-up
