@@ -1,6 +1,6 @@
 """The synthetic SST file: the AMIP tosbcs layout the conditioning reader needs, marked
 synthetic, covering the requested times (checked with netCDF4 directly and through
-``sst.read_amip_sst`` / ``sst_at``)."""
+``conditioning.read_amip_sst`` / ``sst_at``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,32 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+
+from jaxguide.grid import healpix
 from jaxguide.model import sst
 from jaxguide.cli import app
+
+
+def _field(lat_deg, lon_deg, month):
+    """The synthetic climatology of jaxguide/model/sst.py written out independently (deg C):
+    28 - 30 sin^2(phi) + 0.5 cos(2 lon) cos^2(phi), phi = lat - 5 cos(2 pi (month - 8) / 12)
+    degrees (warmest 5 N in August, 5 S in February), floored at -1.8."""
+    lat, lon = np.broadcast_arrays(np.asarray(lat_deg, np.float64), np.asarray(lon_deg, np.float64))
+    phi = np.deg2rad(lat - 5.0 * np.cos(2 * np.pi * (month - 8) / 12))
+    return np.maximum(28.0 - 30.0 * np.sin(phi) ** 2 + 0.5 * np.cos(2 * np.deg2rad(lon)) * np.cos(phi) ** 2, -1.8)
+
+
+def _bilinear(grid, lat, lon, plat, plon):
+    """Bilinear interpolation of grid (nlat, nlon) on ascending cell-centre lat and lon
+    (periodic in lon) at points (plat, plon) inside the lat range."""
+    dlat, dlon = lat[1] - lat[0], lon[1] - lon[0]
+    j = np.clip(np.floor((plat - lat[0]) / dlat).astype(int), 0, lat.size - 2)
+    t = (plat - lat[j]) / dlat
+    u = (plon - lon[0]) / dlon
+    i = np.floor(u).astype(int)
+    s = u - i
+    i0, i1 = i % lon.size, (i + 1) % lon.size
+    return ((1 - t) * ((1 - s) * grid[j, i0] + s * grid[j, i1]) + t * ((1 - s) * grid[j + 1, i0] + s * grid[j + 1, i1]))
 
 
 def test_synthetic_sst_layout_and_metadata(tmp_path):
@@ -27,10 +51,46 @@ def test_synthetic_sst_layout_and_metadata(tmp_path):
                                                              (2020, 3, 15), (2020, 4, 15)]
         data = v[:]
         assert -1.9 < data.min() and data.max() < 29.0
+        # 2-degree cell centres, lon 0..360
+        lat, lon = np.asarray(nc["lat"][:]), np.asarray(nc["lon"][:])
+        np.testing.assert_allclose(lat, -89.0 + 2.0 * np.arange(90), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(lon, 1.0 + 2.0 * np.arange(180), rtol=0, atol=1e-12)
+        data = np.asarray(data)
+    # every month is the documented field (float32 storage)
+    for k, t in enumerate(times):
+        np.testing.assert_array_equal(data[k], _field(lat[:, None], lon[None, :], t.month).astype(np.float32), err_msg=str(t))
+    # what the formula means: the sea-ice floor at the poles, the warmest latitude follows the sun
+    # (floor where |lat - shift| >= ~85.3 deg, shift <= 5 deg)
+    assert np.all(data.min(axis=(1, 2)) == np.float32(-1.8)) and np.all(data[:, np.abs(lat) < 80] > -1.8)
+    zonal = data.mean(axis=2)
+    # warmest latitude Dec..Apr: 5 cos(2 pi (month - 8) / 12) = -2.5, -4.33, -5, -4.33, -2.5 deg,
+    # i.e. the cell centres -3, -5, -5, -5, -3 (the wave 2 averages out over longitude)
+    assert list(lat[np.argmax(zonal, axis=1)]) == [-3.0, -5.0, -5.0, -5.0, -3.0]
+
     ds = sst.read_amip_sst(path)
     for t in ("2020-01-05T00:00", "2020-03-20T18:00"):
         cond = sst.sst_at(ds, t)
         assert cond.shape == (1, 1, 1, 12 * 64**2) and np.isfinite(cond).all()
+    # the condition at 2020-02-01: 17/31 of the way from the Jan 15 to the Feb 15 field, bilinear
+    # at the network pixels' centres, in K, encoded (sst_K - 287.6897) / 15.5862
+    plon, plat = healpix.lonlat(64, "net")
+    inside = np.abs(plat) <= lat[-1]  # poleward of the outermost grid latitude (89 deg) there is no stencil
+    w = 17.0 / 31.0
+    field_k = (1 - w) * data[1].astype(np.float64) + w * data[2].astype(np.float64) + 273.15
+    want = (_bilinear(field_k, lat, lon, plat[inside], plon[inside]) - 287.6897) / 15.5862
+    got = sst.sst_at(ds, "2020-02-01T00:00")[0, 0, 0]
+    np.testing.assert_allclose(got[inside], want, rtol=0, atol=2e-6)  # float32 output (round-off 6e-8 at |x| ~ 1)
+    assert inside.sum() > 49152 - 100
+    # ... and close to the analytic field at the pixel centres. Bilinear error of the 2-degree grid:
+    # h^2 / 8 x max d2f/dlat2 = 4 / 8 x 60 (pi / 180)^2 = 0.009 K where the field is smooth (measured
+    # 0.0096 K), more near the -1.8 C floor's kink at |lat| ~ 80-89 (measured 0.022 K)
+    exact = (1 - w) * _field(plat, plon, 1) + w * _field(plat, plon, 2) + 273.15
+    err = np.abs(got * 15.5862 + 287.6897 - exact)
+    assert err[inside].max() <= 0.05 and err[np.abs(plat) < 75].max() <= 0.015, (err[inside].max(), err[np.abs(plat) < 75].max())
+    # at a mid-month time the field itself
+    jan = sst.sst_at(ds, "2020-01-15T00:00")[0, 0, 0]
+    np.testing.assert_allclose(jan[inside], (_bilinear(data[1] + 273.15, lat, lon, plat[inside], plon[inside]) - 287.6897)
+                               / 15.5862, rtol=0, atol=2e-6)
     with pytest.raises(sst.SSTTimeError):
         sst.sst_at(ds, "2020-05-01")
 
