@@ -47,8 +47,8 @@ def validate_observations(
     NaN or <= 0; duplicate (time, lat, lon, variable) after normalising lon, among the
     rows that pass every other check (the first is kept). With ``drop_bad=False`` any
     rejected row raises (an :class:`ObservationError` subclass whose ``counts`` give
-    every reason); with
-    ``drop_bad=True`` the rows are removed and the counts are logged and returned.
+    every reason); with ``drop_bad=True`` the rows are removed and the counts are
+    logged and returned.
     Missing columns and an empty table (before or after dropping) always raise.
     The clean table has lon in [0, 360) and a fresh 0..n-1 index.
     ``window_description`` replaces the analysis-time wording of the error for times
