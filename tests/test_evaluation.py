@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 from typer.testing import CliRunner
 
-from jaxguide.verification import evaluation
+from jaxguide.verification import evaluation, metrics
 
 from jaxguide.grid import healpix
 
@@ -185,3 +186,169 @@ def test_evaluate_reports_noise_aware_and_multivariate_scores(tmp_path):
     assert json.loads(json.dumps(result.to_json("a.nc")))["observation_operator"] == "bilinear"
     with pytest.raises(ValueError, match="HEALPix"):
         evaluation.ensemble_at_observations(ds.rename({"pixel": "cell"}), table)
+
+
+# --------------------------------------------------------------------------------------
+# issue 21 (3): only analysed times, a time tolerance, a checked truth, the analysis' sigma
+
+CAMPAIGN_TIMES = pd.date_range("2020-01-01T00", periods=4, freq="6h")
+
+
+def _one_time(k: int, *, m: int = 4, sigma_y=None, window_hours=3.0):
+    rng = np.random.default_rng(100 + k)
+    ens = rng.normal(size=(m, 2, 1, NPIX)).astype(np.float32)
+    prov = PROV | {"sigma_y": sigma_y, "observation_operator": "bilinear", "observation_window_hours": window_hours}
+    return schema.analysis_to_dataset(ens, channels=CHANNELS, center=CENTER, scale=SCALE, times=[CAMPAIGN_TIMES[k]],
+                                      provenance=prov)
+
+
+def _campaign(tmp_path, status: str):
+    """A campaign store of CAMPAIGN_TIMES written as a campaign writes it: ``status`` per
+    time, "a" analysed, "s" skipped, "p" pending (never written)."""
+    from jaxguide.campaign.store import CampaignStore
+
+    store = CampaignStore.create(tmp_path / "campaign.zarr", _one_time(0), CAMPAIGN_TIMES, {"case": "evaluate"})
+    for k, s in enumerate(status):
+        if s == "a":
+            store.write_time(_one_time(k))
+        elif s == "s":
+            store.skip(CAMPAIGN_TIMES[k], "no observations within +-3 h")
+    return store.path
+
+
+def _campaign_obs(per_time: int = 10, seed: int = 12) -> pd.DataFrame:
+    """``per_time`` observations within +-60 min of each campaign time (both variables)."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for t in CAMPAIGN_TIMES:
+        tab = _observations(per_time + 20, seed=int(rng.integers(1 << 30))).iloc[:per_time]
+        parts.append(tab.assign(time=t + pd.to_timedelta(rng.integers(-60, 60, per_time), unit="min")))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _numbers(tree):
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _numbers(v)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _numbers(v)]
+    return [tree] if isinstance(tree, float) else []
+
+
+def test_cli_evaluate_campaign_with_a_skipped_time_scores_only_analysed_times(tmp_path):
+    """The issue's repro: a campaign store with one skipped time gave 16 non-finite scores
+    of 63; now the skipped time is reported and its observations are left out."""
+    path = _campaign(tmp_path, "aasa")
+    table = _campaign_obs()
+    table.to_csv(tmp_path / "obs.csv", index=False)
+    res = CliRunner().invoke(app, ["evaluate", str(path), "--obs", str(tmp_path / "obs.csv"), "--held-out",
+                                   str(tmp_path / "obs.csv"), "--json", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    js = json.loads((tmp_path / "m.json").read_text())
+    scores = _numbers(js["metrics"])
+    assert len(scores) >= 36 and all(np.isfinite(scores)), scores
+    assert js["times"] == {"n_times": 4, "n_analysed": 3, "n_not_analysed": 1, "pending": [],
+                           "skipped": {"2020-01-01T12:00:00": "no observations within +-3 h"}}
+    for name in ("assimilated", "held_out"):
+        assert js["skipped"][name]["time_tolerance"]["n_obs"] == 10
+        assert sum(s["n_obs"] for s in js["metrics"][name].values()) == 30
+    assert js["time_tolerance_hours"] == 3.0  # the analysis' own observation window
+    assert "1 of the 4 times were not analysed" in res.output and "left out 10 observations" in res.output
+    # every member is scored as it is: the result equals scoring the analysed times alone
+    ds = io.read_analysis(path)
+    done = ds.isel(time=[0, 1, 3]).drop_vars(["completed", "skipped_reason"])
+    kept = table[(table["time"] - CAMPAIGN_TIMES[2]).abs() > pd.Timedelta(hours=2)]
+    want = evaluation.evaluate(done, {"assimilated": kept}).metrics["assimilated"]
+    assert js["metrics"]["assimilated"]["tas"]["crps"] == pytest.approx(want["tas"]["crps"], rel=1e-9)
+
+
+def test_pending_times_are_not_scored_and_nothing_left_raises(tmp_path):
+    path = _campaign(tmp_path, "apap")
+    result = evaluation.evaluate(io.read_analysis(path), {"assimilated": _campaign_obs()})
+    assert result.times["pending"] == ["2020-01-01T06:00:00", "2020-01-01T18:00:00"]
+    assert result.skipped["assimilated"]["time_tolerance"]["n_obs"] == 20
+    assert all(np.isfinite(_numbers(result.metrics)))
+    (tmp_path / "none").mkdir()
+    nothing = io.read_analysis(_campaign(tmp_path / "none", "pssp"))
+    with pytest.raises(ValueError, match=r"no analysed time: 4 of 4 times are pending or skipped"):
+        evaluation.evaluate(nothing, {"assimilated": _campaign_obs()})
+
+
+def test_time_tolerance_single_time(tmp_path):
+    """A single-time analysis was scored against observations of any date."""
+    ds = _one_time(0, window_hours=1.0)
+    table = _campaign_obs(per_time=10).iloc[:20]  # 10 near the analysis time, 10 at +6 h
+    table.loc[:9, "time"] = CAMPAIGN_TIMES[0] + pd.Timedelta(minutes=30)
+    table.loc[:1, "time"] = CAMPAIGN_TIMES[0] + pd.Timedelta(minutes=90)  # outside the 1 h window
+    res = evaluation.evaluate(ds, {"assimilated": table})
+    assert res.time_tolerance_hours == 1.0
+    assert res.skipped["assimilated"]["time_tolerance"]["n_obs"] == 12
+    assert "farther than 1 h from every analysed time" in res.skipped["assimilated"]["time_tolerance"]["reason"]
+    assert sum(s["n_obs"] for s in res.metrics["assimilated"].values()) == 8
+    wide = evaluation.evaluate(ds, {"assimilated": table}, time_tolerance_hours=8.0)
+    assert wide.skipped == {} and sum(s["n_obs"] for s in wide.metrics["assimilated"].values()) == 20
+    # no recorded window: 3 h
+    no_attr = ds.copy()
+    del no_attr.attrs["observation_window_hours"]
+    assert evaluation.evaluate(no_attr, {"assimilated": table}).time_tolerance_hours == 3.0
+    with pytest.raises(ValueError, match=r"none of the 10 assimilated observations lies within 1 h of an analysed time"):
+        evaluation.evaluate(ds, {"assimilated": table.iloc[10:]})
+    with pytest.raises(ValueError, match="time_tolerance_hours must be"):
+        evaluation.evaluate(ds, {"assimilated": table}, time_tolerance_hours=-1.0)
+    # through the CLI option
+    path = io.write_dataset(ds, tmp_path / "a.nc")
+    table.to_csv(tmp_path / "obs.csv", index=False)
+    out = CliRunner().invoke(app, ["evaluate", str(path), "--obs", str(tmp_path / "obs.csv"), "--time-tolerance-hours",
+                                   "8", "--json", str(tmp_path / "m.json")])
+    assert out.exit_code == 0, out.output
+    js = json.loads((tmp_path / "m.json").read_text())
+    assert js["time_tolerance_hours"] == 8.0 and js["skipped"] == {}
+
+
+def _truth_of(ds: xr.Dataset) -> xr.Dataset:
+    return ds[CHANNELS].isel(member=0).copy(deep=True)
+
+
+def test_truth_is_matched_by_time_nside_and_pixel_order(tmp_path):
+    path = _campaign(tmp_path, "aasa")
+    ds = io.read_analysis(path)
+    truth = xr.concat([_truth_of(_one_time(k)) for k in range(4)], dim="time")
+    res = evaluation.evaluate(ds, {"assimilated": _campaign_obs()}, truth=truth)
+    assert res.metrics["truth"]["tas"]["n_obs"] == 3 * NPIX  # the analysed times only
+    assert all(np.isfinite(_numbers(res.metrics["truth"])))
+    one = _one_time(0)
+    good = _truth_of(one)
+    assert evaluation.truth_metrics(one, good)["tas"]["n_obs"] == NPIX
+    shifted = good.assign_coords(time=good["time"].values + np.timedelta64(6, "h"))
+    with pytest.raises(ValueError, match=r"the truth has no field at the analysis time\(s\) \['2020-01-01T00:00:00'\]"):
+        evaluation.truth_metrics(one, shifted)
+    coarse = _truth_of(schema.analysis_to_dataset(np.zeros((1, 2, 1, 12 * 8**2), np.float32), channels=CHANNELS,
+                                                  center=CENTER, scale=SCALE, times=[CAMPAIGN_TIMES[0]], provenance=PROV))
+    with pytest.raises(ValueError, match=r"the truth has nside 8 \(768 pixels\), the analysis nside 16"):
+        evaluation.truth_metrics(one, coarse)
+    ring_idx = healpix.reorder(np.arange(NPIX), "nest", "ring")  # same shape, other order
+    ring = good.isel(pixel=ring_idx)
+    with pytest.raises(ValueError, match="pixel order"):
+        evaluation.truth_metrics(one, ring)
+    declared = good.copy()
+    declared["crs"] = xr.DataArray(np.int32(0), attrs={"healpix_order": "ring"})
+    with pytest.raises(ValueError, match="the truth is in RING pixel order, the analysis in NEST"):
+        evaluation.truth_metrics(one, declared)
+    bare = good.drop_vars(["lat", "lon", "pixel", "cell_ids"])  # no coordinates to check: as before, by shape
+    assert evaluation.truth_metrics(one, bare)["tas"]["n_obs"] == NPIX
+
+
+@pytest.mark.parametrize("sigma_y, want", [(None, {"tas": 1.0, "pres_msl": 100.0}), (2.0, {"tas": 2.0, "pres_msl": 2.0}),
+                                           ({"tas": 3.0}, {"tas": 3.0, "pres_msl": 100.0})])
+def test_scores_use_the_analysis_sigma_y(sigma_y, want):
+    """Scores used the table's sigma even where the analysis was made with --sigma-y."""
+    ds = _one_time(0, sigma_y=sigma_y)
+    table = _observations(60, seed=13).assign(time=CAMPAIGN_TIMES[0])
+    res = evaluation.evaluate(ds, {"assimilated": table}, seed=4, variogram=False)
+    for var in CHANNELS:
+        a = res.samples["assimilated"][var]
+        np.testing.assert_array_equal(a.sigma, want[var])
+        ref = metrics.summarize(a.ensemble, a.value, obs_sigma=want[var], seed=4)
+        assert res.metrics["assimilated"][var]["crps"] == ref["crps"]
+    assert res.sigma == ({"source": "observation table"} if sigma_y is None
+                         else {"source": "analysis sigma_y", "sigma_y": schema.describe_sigma_y(sigma_y)})
+    assert res.to_json()["sigma"] == res.sigma

@@ -34,7 +34,7 @@ CHANNELS = ["tas", "pres_msl"]
 CENTER = np.array([286.0, 101160.0])
 SCALE = np.array([15.0, 1100.0])
 ATOL = 1e-5 * (CENTER + 3 * SCALE)
-PROV = {"method": "mmps", "sigma_y": 1.0, "guidance_scale": 1.0, "steps": 2, "seed": 0, "model_sha256": "f" * 64,
+PROV = {"method": "mmps", "sigma_y": None, "guidance_scale": 1.0, "steps": 2, "seed": 0, "model_sha256": "f" * 64,
         "n_obs": 40, "command": "test", "observation_operator": "bilinear"}
 START = pd.Timestamp("2016-02-28T18:00")
 STEP_H = 6.0
@@ -110,7 +110,10 @@ def test_exact_and_older_trajectories_take_the_nearest_time(attr):
     ds, a, b = _trajectory(attr, seed=2)
     hours = np.array([0.0, 2.0, 4.0, 6.0, 19.0, -5.0, 30.0, 9.5])  # outside the run too: nearest frame, as before
     table = _table(hours, seed=3)
-    result = evaluation.evaluate(ds, {"assimilated": table}, variogram=False)
+    # within the time tolerance only (default 3 h: -5 h and 30 h are left out, counted)
+    near = evaluation.evaluate(ds, {"assimilated": table}, variogram=False)
+    assert near.skipped["assimilated"]["time_tolerance"]["n_obs"] == 2 and near.time_tolerance_hours == 3.0
+    result = evaluation.evaluate(ds, {"assimilated": table}, variogram=False, time_tolerance_hours=24.0)
     assert result.time_rule == "nearest" and result.skipped == {}
     k = np.argmin(np.abs(hours[:, None] - STEP_H * np.arange(T)[None]), axis=1)
     want = _physical(_spatial(a, table) + k[None] * _spatial(b, table), table)
@@ -172,7 +175,7 @@ def test_single_time_files_have_no_per_frame_entries():
     table = _table(np.array([-2.0, 0.0, 2.5, 1.0]), seed=9)  # within the image window: all read at the one time
     result = evaluation.evaluate(ds, {"assimilated": table})
     assert result.time_rule == "single" and result.per_frame == {} and result.skipped == {}
-    assert set(result.to_json()) == {"analysis", "observation_operator", "skipped", "metrics"}
+    assert set(result.to_json()) == {"analysis", "observation_operator", "skipped", "time_tolerance_hours", "sigma", "metrics"}
     assert result.samples["assimilated"]["tas"].frame is None
 
 

@@ -260,3 +260,28 @@ def test_perturb_and_summarize_keys():
     assert s["obs_noise_in_scores"] and s["energy_score"] > 0 and s["variogram_score"] > 0 and s["variogram_p"] == 0.5
     t = metrics.summarize(ens, rng.normal(size=50))
     assert not t["obs_noise_in_scores"] and "variogram_score" not in t and "spread_skill_obs" not in t
+
+
+def test_non_finite_input_is_refused():
+    """Issue 21 (3): NaN members (a pending or skipped campaign time) were scored: NaN
+    RMSE/CRPS, and rank_histogram put them at rank 0. Every metric now refuses them."""
+    rng = np.random.default_rng(9)
+    ens, obs = rng.normal(size=(4, 20)), rng.normal(size=20)
+    nan_ens = ens.copy()
+    nan_ens[:, 3:5] = np.nan
+    for fn in (metrics.rmse, metrics.bias, metrics.crps_ensemble, metrics.energy_score, metrics.variogram_score,
+               metrics.spread_skill_ratio):
+        with pytest.raises(ValueError, match=r"ensemble has 8 non-finite values \(NaN/Inf\) at 2 of 20 observations"):
+            fn(nan_ens, obs)
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.rank_histogram(nan_ens, obs, seed=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.summarize(nan_ens, obs, obs_sigma=1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.spread(nan_ens)
+    inf_obs = obs.copy()
+    inf_obs[0] = np.inf
+    with pytest.raises(ValueError, match=r"observations have 1 non-finite value"):
+        metrics.summarize(ens, inf_obs)
+    with pytest.raises(ValueError, match="obs_sigma must be finite"):
+        metrics.perturb(ens, np.inf, 0)

@@ -414,3 +414,27 @@ def test_land_only_with_mask_and_errors():
         S.sample_observations(truth, CHANNELS, ["Q850"], time="2020-01-01", count=5, rng=0, sigma=1.0)
     with pytest.raises(ValueError, match="both center and scale"):
         S.sample_observations(truth, CHANNELS, ["tas"], time="2020-01-01", count=5, rng=0, sigma=1.0, center=CENTER)
+
+
+def test_rejected_rows_do_not_make_valid_rows_duplicates():
+    """Issue 21 (2): a NaN row followed by a valid row at the same (time, lat, lon,
+    variable) lost both (the duplicate mask included rejected rows): 8 of 9 valid rows."""
+    t = _table(9)
+    nan_first = t.iloc[[4]].assign(value=np.nan)
+    bad = pd.concat([t.iloc[:4], nan_first, t.iloc[4:]], ignore_index=True)  # NaN row, then the valid row
+    clean, counts = O.validate_observations(bad, CHANNELS, drop_bad=True)
+    assert counts == {"nan_value": 1} and len(clean) == 9
+    pd.testing.assert_frame_equal(clean, O.validate_observations(t, CHANNELS)[0])
+    # and prepare's n_obs (what assimilate reports) counts all 9
+    assert O.prepare(bad, CHANNELS, CENTER, SCALE, nside=8, drop_bad=True, check_plausibility=False).n_obs == 9
+    # a window holding only the pair keeps the valid row (was EmptyTableError)
+    one = pd.concat([nan_first, t.iloc[[4]]], ignore_index=True)
+    clean, counts = O.validate_observations(one, CHANNELS, drop_bad=True)
+    assert counts == {"nan_value": 1} and len(clean) == 1 and clean["value"][0] == t["value"][4]
+    with pytest.raises(O.BadObservationsError) as e:
+        O.validate_observations(one, CHANNELS)
+    assert e.value.counts == {"nan_value": 1}
+    # duplicates among valid rows are still dropped (the first kept)
+    dup = pd.concat([t, t.iloc[[4, 4]]], ignore_index=True)
+    clean, counts = O.validate_observations(dup, CHANNELS, drop_bad=True)
+    assert counts == {"duplicate": 2} and len(clean) == 9

@@ -44,10 +44,11 @@ def validate_observations(
     Rejected rows (reasons in :data:`REASONS`): unknown variable; NaT time; time not
     among ``times`` / outside the inclusive ``time_window=(start, end)``; latitude
     NaN or outside [-90, 90]; longitude NaN or outside [-180, 360]; NaN value; sigma
-    NaN or <= 0; duplicate (time, lat, lon, variable) after normalising lon (the first
-    is kept). With ``drop_bad=False`` any rejected row raises (an
-    :class:`ObservationError` subclass whose ``counts`` give every reason); with
-    ``drop_bad=True`` the rows are removed and the counts are logged and returned.
+    NaN or <= 0; duplicate (time, lat, lon, variable) after normalising lon, among the
+    rows that pass every other check (the first is kept). With ``drop_bad=False`` any
+    rejected row raises (an :class:`ObservationError` subclass whose ``counts`` give
+    every reason); with ``drop_bad=True`` the rows are removed and the counts are
+    logged and returned.
     Missing columns and an empty table (before or after dropping) always raise.
     The clean table has lon in [0, 360) and a fresh 0..n-1 index.
     ``window_description`` replaces the analysis-time wording of the error for times
@@ -81,7 +82,12 @@ def validate_observations(
     out = table.copy()
     out["lon"] = np.mod(np.where(checks["bad_lon"], 0.0, lon), 360.0)
     out.loc[out["lon"] >= 360.0, "lon"] = 0.0  # -1e-20 % 360 == 360.0
-    checks["duplicate"] = out.duplicated(subset=["time", "lat", "lon", "variable"], keep="first").to_numpy()
+    # duplicates among the rows that pass every other check: a rejected row (a NaN value, say)
+    # must not make the valid row at its place a duplicate
+    valid = ~np.logical_or.reduce(list(checks.values()))
+    checks["duplicate"] = np.zeros(len(table), bool)
+    checks["duplicate"][valid] = out.loc[valid].duplicated(subset=["time", "lat", "lon", "variable"],
+                                                           keep="first").to_numpy()
 
     bad_so_far = np.zeros(len(table), bool)
     counts: dict[str, int] = {}

@@ -7,8 +7,15 @@ file's global attribute :data:`OPERATOR_ATTR` (``"bilinear"`` or ``"nearest"``, 
 bilinearly (the default operator) and a note is logged.
 
 Observations are noisy, so the scores at observations use the predictive ensemble
-(members + N(0, sigma^2) with the table's sigma, seeded); scores against a truth field
-use the members as they are (see :func:`jaxguide.verification.metrics.summarize`).
+(members + N(0, sigma^2), seeded) with the sigma the analysis assumed: its recorded
+``--sigma-y`` override (attribute ``sigma_y``), else the table's sigma; scores against a
+truth field use the members as they are (see :func:`jaxguide.verification.metrics.summarize`).
+
+Only analysed times are scored: a campaign store's pending and skipped times (its
+``completed`` flag) are left out and reported, and observations farther than a time
+tolerance from every analysed time (default: the analysis' observation window,
+attribute ``observation_window_hours``, else 3 h) are left out and counted. A truth
+field is matched by time, nside and pixel order (:func:`truth_metrics`).
 
 Trajectories (a video model's run, dims (member, time, pixel) with several frame times)
 are read in time with the SAME rule ``assimilate`` used, recorded in the global
@@ -40,11 +47,13 @@ from jaxguide.grid import latlon as grid_sampling, healpix
 
 from jaxguide.verification import metrics, plots
 from jaxguide.io.files import read_analysis
-from jaxguide.assimilation.dataset import PRIOR_SUFFIX, channel_variables
+from jaxguide.assimilation.dataset import PRIOR_SUFFIX, channel_variables, describe_sigma_y
+from jaxguide.campaign.store import ANALYSED, PENDING
 from jaxguide.io.times import epoch_ns
 from jaxguide.observations.errors import TimeFormatError
 from jaxguide.observations.operator import time_stencil
 from jaxguide.observations.table import read_observations
+from jaxguide.observations.validation import override_sigma
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +62,11 @@ DEFAULT_OPERATOR = "bilinear"
 TIME_ATTR = "time_interpolation"
 # the file's TIME_ATTR -> how evaluate reads it in time
 TIME_RULES = {"linear": "linear", "exact": "nearest"}
+WINDOW_ATTR = "observation_window_hours"
+# observations farther than this from every analysed time are not scored, when the
+# analysis records no observation window (WINDOW_ATTR)
+DEFAULT_TIME_TOLERANCE_HOURS = 3.0
+SIGMA_FROM_TABLE = describe_sigma_y(None)  # "observation table"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +103,14 @@ class Evaluation:
     per_frame: set -> frame time (ISO 8601) -> variable -> the dict of
       :func:`jaxguide.verification.metrics.summarize` of the observations nearest that frame (frames
       without observations are absent); empty for a single analysis time.
+    time_tolerance_hours: observations farther than this from every analysed time were
+      left out (``skipped[set]["time_tolerance"]``); None under the linear time rule.
+    sigma: the observation-error standard deviation of the scores: ``{"source":
+      "observation table"}`` (each row's sigma) or ``{"source": "analysis sigma_y",
+      "sigma_y": ...}`` (the analysis' ``--sigma-y`` override).
+    times: for a campaign store (a ``completed`` flag per time): ``n_times``,
+      ``n_analysed``, ``n_not_analysed``, ``pending`` (ISO times) and ``skipped`` (ISO
+      time -> reason); only the analysed times are scored. Empty for other files.
     """
 
     metrics: dict[str, dict[str, dict[str, Any]]]
@@ -97,16 +119,24 @@ class Evaluation:
     samples: dict[str, dict[str, AtObservations]]
     time_rule: str = "single"
     per_frame: dict[str, dict[str, dict[str, dict[str, Any]]]] = dataclasses.field(default_factory=dict)
+    time_tolerance_hours: float | None = None
+    sigma: dict[str, str] = dataclasses.field(default_factory=lambda: {"source": SIGMA_FROM_TABLE})
+    times: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self, analysis: str | os.PathLike | None = None) -> dict[str, Any]:
-        """JSON-friendly dict: analysis path, operator, skipped observations, metrics;
-        for an analysis with several times also the time rule and the per-frame metrics."""
+        """JSON-friendly dict: analysis path, operator, skipped observations, time
+        tolerance, sigma source, metrics; for a campaign store the times not analysed; for
+        an analysis with several times also the time rule and the per-frame metrics."""
         out = {
             "analysis": None if analysis is None else str(analysis),
             "observation_operator": self.operator,
             "skipped": self.skipped,
+            "time_tolerance_hours": self.time_tolerance_hours,
+            "sigma": self.sigma,
             "metrics": self.metrics,
         }
+        if self.times:
+            out["times"] = self.times
         if self.time_rule != "single":
             out["time_interpolation"] = self.time_rule
             out["per_frame"] = self.per_frame
@@ -166,6 +196,105 @@ def time_rule(ds: xr.Dataset) -> str:
     if str(value) not in TIME_RULES:
         raise ValueError(f"the analysis' {TIME_ATTR} is {str(value)!r}; expected one of {', '.join(TIME_RULES)}")
     return TIME_RULES[str(value)]
+
+
+def analysed_times(ds: xr.Dataset) -> tuple[xr.Dataset, dict[str, Any]]:
+    """``ds`` at its analysed times only, and what was left out.
+
+    A campaign store has a ``completed`` flag per time (pending, analysed, skipped;
+    :mod:`jaxguide.campaign.store`): its pending and skipped times hold NaN and are never
+    scored. Returns the dataset without them (and without the status variables) and
+    ``{"n_times", "n_analysed", "n_not_analysed", "pending": [ISO], "skipped": {ISO:
+    reason}}``; other files come back as they are, with ``{}``. No analysed time raises
+    ValueError.
+    """
+    if "completed" not in ds.variables:
+        return ds, {}
+    flag = np.asarray(ds["completed"].values).astype(np.int64).reshape(-1)
+    iso = [pd.Timestamp(t).isoformat() for t in ds["time"].values]
+    reasons = (np.asarray(ds["skipped_reason"].values, dtype=object).reshape(-1) if "skipped_reason" in ds.variables
+               else np.full(flag.size, "", dtype=object))
+    done = flag == ANALYSED
+    info = {
+        "n_times": int(flag.size),
+        "n_analysed": int(done.sum()),
+        "n_not_analysed": int((~done).sum()),
+        "pending": [iso[i] for i in np.flatnonzero(flag == PENDING)],
+        "skipped": {iso[i]: str(reasons[i]) for i in np.flatnonzero(~done & (flag != PENDING))},
+    }
+    if not done.any():
+        raise ValueError(f"no analysed time: {flag.size} of {flag.size} times are pending or skipped "
+                         f"({len(info['pending'])} pending, {len(info['skipped'])} skipped); nothing to score")
+    out = ds.isel(time=np.flatnonzero(done)).drop_vars([v for v in ("completed", "skipped_reason") if v in ds.variables])
+    if info["n_not_analysed"]:
+        logger.info("scoring %d analysed times of %d (pending: %d, skipped: %d)", info["n_analysed"], flag.size,
+                    len(info["pending"]), len(info["skipped"]))
+    return out, info
+
+
+def time_tolerance(ds: xr.Dataset, hours: float | None = None) -> float:
+    """Hours from the nearest analysed time beyond which observations are not scored:
+    ``hours`` if given, else the analysis' observation window (its :data:`WINDOW_ATTR`,
+    +- hours), else :data:`DEFAULT_TIME_TOLERANCE_HOURS`."""
+    if hours is not None:
+        hours = float(hours)
+        if not (np.isfinite(hours) and hours >= 0):
+            raise ValueError(f"time_tolerance_hours must be finite and >= 0, got {hours}")
+        return hours
+    recorded = ds.attrs.get(WINDOW_ATTR)
+    try:
+        value = float(recorded)
+    except (TypeError, ValueError):
+        return DEFAULT_TIME_TOLERANCE_HOURS
+    return value if np.isfinite(value) and value >= 0 else DEFAULT_TIME_TOLERANCE_HOURS
+
+
+def far_from_times(ds_times, obs_times, hours: float) -> np.ndarray:
+    """(n,) bool: observations farther than ``hours`` from every time of ``ds_times``."""
+    d = np.sort(epoch_ns(ds_times, error=TimeFormatError))
+    t = epoch_ns(obs_times, error=TimeFormatError)
+    i = np.searchsorted(d, t)
+    before = np.abs(t - d[np.clip(i - 1, 0, d.size - 1)])
+    after = np.abs(d[np.clip(i, 0, d.size - 1)] - t)
+    return np.minimum(before, after) > int(round(hours * 3_600_000_000_000))
+
+
+def analysis_sigma_y(ds: xr.Dataset) -> float | dict[str, float] | None:
+    """The ``--sigma-y`` override the analysis recorded (its ``sigma_y`` attribute, as
+    :func:`jaxguide.assimilation.dataset.describe_sigma_y` writes it): a value for every
+    row, a mapping variable -> value, or None (the table's sigma: "observation table",
+    no attribute, or a text that is neither, which is logged)."""
+    raw = ds.attrs.get("sigma_y")
+    if raw is None or str(raw).strip() == SIGMA_FROM_TABLE:
+        return None
+    text = str(raw).strip()
+    try:
+        value = float(text)
+        if np.isfinite(value) and value > 0:
+            return value
+    except ValueError:
+        try:
+            pairs = [part.split("=") for part in text.split(",")]
+            mapping = {k.strip(): float(v) for k, v in pairs}
+            if mapping and all(k and np.isfinite(v) and v > 0 for k, v in mapping.items()):
+                return mapping
+        except ValueError:
+            pass
+    logger.warning("the analysis' sigma_y attribute %r is not a value or a mapping: scoring with the table's sigma", text)
+    return None
+
+
+def with_analysis_sigma(table: pd.DataFrame, sigma_y: float | Mapping[str, float] | None) -> pd.DataFrame:
+    """``table`` with the analysis' sigma override applied (variables a mapping does not
+    name keep the table's sigma)."""
+    if sigma_y is None:
+        return table
+    if isinstance(sigma_y, Mapping):
+        present = set(table["variable"])
+        sigma_y = {k: v for k, v in sigma_y.items() if k in present}
+        if not sigma_y:
+            return table
+    return override_sigma(table, sigma_y)
 
 
 def _time_index(ds_times: np.ndarray, obs_times) -> np.ndarray:
@@ -283,20 +412,92 @@ def per_frame_metrics(
     return out
 
 
+def _declared_order(truth: xr.Dataset) -> str | None:
+    """The pixel order a truth file declares (crs ``healpix_order`` / ``indexing_scheme``,
+    or the cell ids' ``indexing_scheme``), normalised to "nest" / "ring"; None if none."""
+    for name, keys in (("crs", ("healpix_order", "indexing_scheme")), ("cell_ids", ("indexing_scheme",))):
+        if name in truth.variables:
+            for key in keys:
+                value = truth[name].attrs.get(key)
+                if value is not None:
+                    value = str(value).lower()
+                    return {"nested": "nest"}.get(value, value)
+    return None
+
+
+def _check_truth_grid(ds: xr.Dataset, truth: xr.Dataset, label: str) -> None:
+    """The truth must be on the analysis' pixels: same nside, NEST order (declared, and
+    the same pixel index and centres where both files carry them)."""
+    if "pixel" not in truth.dims:
+        raise ValueError(f"{label} has no 'pixel' dimension (dims {tuple(truth.dims)}); it must be on the analysis' "
+                         "HEALPix grid (NEST pixels)")
+    n_truth, n_ana = truth.sizes["pixel"], ds.sizes["pixel"]
+    if n_truth != n_ana:
+        try:
+            nside = f"nside {healpix.nside_of_npix(n_truth)} ({n_truth} pixels)"
+        except ValueError:
+            nside = f"{n_truth} pixels (not a HEALPix map)"
+        raise ValueError(f"{label} has {nside}, the analysis nside {healpix.nside_of_npix(n_ana)} ({n_ana} pixels)")
+    order = _declared_order(truth)
+    if order is not None and order != "nest":
+        raise ValueError(f"{label} is in {order.upper()} pixel order, the analysis in NEST; reorder it "
+                         "(jaxguide.grid.healpix.reorder)")
+    for name in ("pixel", "cell_ids"):
+        if name in truth.coords and name in ds.coords and truth[name].dims == ("pixel",):
+            if not np.array_equal(truth[name].values, ds[name].values):
+                raise ValueError(f"{label}'s pixel order differs from the analysis' (its {name!r} coordinate is not "
+                                 "the analysis' NEST pixel index)")
+    for name in ("lat", "lon"):
+        if name in truth.coords and name in ds.coords and truth[name].dims == ("pixel",) == ds[name].dims:
+            diff = np.abs(np.asarray(truth[name].values, np.float64) - np.asarray(ds[name].values, np.float64))
+            if name == "lon":
+                diff = np.minimum(diff % 360.0, 360.0 - diff % 360.0)
+            if not np.all(diff <= 1e-6):
+                raise ValueError(f"{label}'s pixel order differs from the analysis': its pixel centres ({name}) are not "
+                                 "the analysis' NEST pixel centres")
+
+
+def _truth_at_times(ds: xr.Dataset, truth: xr.Dataset, label: str) -> xr.Dataset:
+    """The truth at the analysis' times (every one must be there)."""
+    if "time" not in truth.dims:
+        raise ValueError(f"{label} has no 'time' dimension (dims {tuple(truth.dims)})")
+    if "time" not in truth.coords:
+        if truth.sizes["time"] != ds.sizes["time"]:
+            raise ValueError(f"{label} has {truth.sizes['time']} times and no time coordinate, the analysis "
+                             f"{ds.sizes['time']} times")
+        return truth
+    have = pd.DatetimeIndex(truth["time"].values)
+    want = pd.DatetimeIndex(ds["time"].values)
+    missing = want.difference(have)
+    if len(missing):
+        span = f"{have.min().isoformat()} .. {have.max().isoformat()}" if len(have) else "none"
+        raise ValueError(f"{label} has no field at the analysis time(s) {[t.isoformat() for t in missing[:3]]}"
+                         f"{' ...' if len(missing) > 3 else ''} (it has {len(have)} times: {span})")
+    if have.has_duplicates:
+        raise ValueError(f"{label} has duplicate times")
+    return truth.sel(time=want.to_numpy())
+
+
 def truth_metrics(ds: xr.Dataset, truth: str | os.PathLike | xr.Dataset, *, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per shared variable: :func:`jaxguide.verification.metrics.summarize` of the whole field against
     the truth (exact, no observation noise). ``truth``: a file or Dataset with the
-    analysis' variables on the same (time, pixel) grid (a ``member`` dim takes member 0)."""
+    analysis' variables on the same pixels (a ``member`` dim takes member 0), checked:
+    the same nside, NEST order (a declared RING order, or a different ``pixel`` /
+    ``cell_ids`` index or different pixel centres, is named), a field at each of the
+    analysis' times (matched by time; extra truth times are ignored)."""
     label = "the truth" if isinstance(truth, xr.Dataset) else f"truth file {str(truth)!r}"
     if not isinstance(truth, xr.Dataset):
         if not Path(truth).exists():
             raise FileNotFoundError(f"no such truth file: {str(truth)!r}")
         with xr.open_dataset(truth) as t:
             truth = t.load()
+    shared = [var for var in channel_variables(ds) if var in truth]
+    if not shared:
+        raise ValueError(f"{label} shares no variable with the analysis")
+    _check_truth_grid(ds, truth, label)
+    truth = _truth_at_times(ds, truth, label)
     out = {}
-    for var in channel_variables(ds):
-        if var not in truth:
-            continue
+    for var in shared:
         tv = truth[var]
         if "member" in tv.dims:
             tv = tv.isel(member=0)
@@ -305,8 +506,6 @@ def truth_metrics(ds: xr.Dataset, truth: str | os.PathLike | xr.Dataset, *, seed
         if tv.shape != ev.shape[1:]:
             raise ValueError(f"truth {var} has shape {tv.shape}, analysis {ev.shape[1:]}")
         out[var] = metrics.summarize(ev.reshape(ev.shape[0], -1), tv.reshape(-1), seed=seed)
-    if not out:
-        raise ValueError(f"{label} shares no variable with the analysis")
     return out
 
 
@@ -317,21 +516,39 @@ def evaluate(
     truth: str | os.PathLike | xr.Dataset | None = None,
     seed: int = 0,
     variogram: bool = True,
+    time_tolerance_hours: float | None = None,
 ) -> Evaluation:
     """Score an analysis at sets of observations (and against a truth field).
 
+    Only analysed times are scored: a campaign store's pending and skipped times
+    (:func:`analysed_times`) are left out and reported in ``Evaluation.times``.
+    Observations are scored with the analysis' own ``--sigma-y`` override where it
+    recorded one (:func:`analysis_sigma_y`), else with the table's sigma
+    (``Evaluation.sigma`` says which).
+
     Args:
-      analysis: file written by ``jaxguide assimilate`` (or its Dataset).
+      analysis: file written by ``jaxguide assimilate`` or ``jaxguide campaign`` (or its
+        Dataset).
       observations: set name -> table path or DataFrame, e.g. ``{"assimilated": ...,
         "held_out": ...}``; observations of variables the analysis lacks are left out
         (counted in ``skipped`` and logged); a set with none left raises ValueError.
       truth: optional truth fields (see :func:`truth_metrics`), scored as set "truth".
       seed: seeds the observation-noise draws and the rank histograms' tie-breaking.
       variogram: also give the variogram score at observations (p = 0.5).
+      time_tolerance_hours: observations farther than this from every analysed time are
+        left out (``skipped[set]["time_tolerance"]``); None: the analysis' observation
+        window, else :data:`DEFAULT_TIME_TOLERANCE_HOURS` (:func:`time_tolerance`).
+        Not used under the linear time rule (observations between the first and last
+        frame are read between the two frames around them; others are left out).
     """
     ds = analysis if isinstance(analysis, xr.Dataset) else read_analysis(analysis)
+    ds, times_info = analysed_times(ds)
     method = observation_operator(ds)
     rule = time_rule(ds)
+    tolerance = None if rule == "linear" else time_tolerance(ds, time_tolerance_hours)
+    sigma_y = analysis_sigma_y(ds)
+    sigma_info = ({"source": SIGMA_FROM_TABLE} if sigma_y is None
+                  else {"source": "analysis sigma_y", "sigma_y": describe_sigma_y(sigma_y)})
     ds_times = ds["time"].values
     results: dict[str, dict[str, dict[str, Any]]] = {}
     samples: dict[str, dict[str, AtObservations]] = {}
@@ -339,6 +556,7 @@ def evaluate(
     per_frame: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for name, src in observations.items():
         table = src if isinstance(src, pd.DataFrame) else read_verification_observations(src)
+        table = with_analysis_sigma(table, sigma_y)
         variables = sorted(set(table["variable"]))
         outside = outside_times(ds, table["time"], rule)
         if outside.any():
@@ -350,6 +568,21 @@ def evaluate(
             if len(table) == 0:
                 raise ValueError(f"none of the {int(outside.size)} {name} observations lies within the analysis times "
                                  f"{first} to {last}")
+        if tolerance is not None:
+            far = far_from_times(ds_times, table["time"], tolerance)
+            if far.any():
+                reason = f"farther than {tolerance:g} h from every analysed time"
+                if times_info.get("n_not_analysed"):
+                    reason += " (times not analysed, pending or skipped, are not scored)"
+                skipped.setdefault(name, {})["time_tolerance"] = {"n_obs": int(far.sum()), "tolerance_hours": tolerance,
+                                                                  "reason": reason}
+                logger.info("%s: left out %d observations %s", name, int(far.sum()), reason)
+                if far.all():
+                    raise ValueError(f"none of the {far.size} {name} observations lies within {tolerance:g} h of an "
+                                     f"analysed time ({pd.Timestamp(ds_times.min()).isoformat()} .. "
+                                     f"{pd.Timestamp(ds_times.max()).isoformat()}, {ds_times.size} times); widen it "
+                                     "with time_tolerance_hours (--time-tolerance-hours) or check the times")
+                table = table.loc[~far]
         per_var = ensemble_at_observations(ds, table, method, rule)
         if not per_var:
             raise ValueError(f"none of the {name} observation variables {variables} is in the analysis")
@@ -368,18 +601,18 @@ def evaluate(
     if truth is not None:
         results["truth"] = truth_metrics(ds, truth, seed=seed)
     return Evaluation(metrics=results, operator=method, skipped=skipped, samples=samples, time_rule=rule,
-                      per_frame=per_frame)
+                      per_frame=per_frame, time_tolerance_hours=tolerance, sigma=sigma_info, times=times_info)
 
 
 def write_plots(result: Evaluation, analysis: xr.Dataset, plots_dir: str | os.PathLike) -> list[Path]:
-    """PNG maps per variable (first time, valid time in the title: ensemble mean,
+    """PNG maps per variable (first analysed time, valid time in the title: ensemble mean,
     increment vs the prior mean, spread, assimilated and held-out observation locations)
     and a rank histogram per set and variable,
     into ``plots_dir`` (created if missing; its parent must exist)."""
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(exist_ok=True)
     written = []
-    ds = analysis
+    ds, _ = analysed_times(analysis)  # the first analysed time (a campaign's pending times are NaN)
     for var in sorted({v for per in result.samples.values() for v in per}):
         assim = result.samples.get("assimilated", {}).get(var)
         held = result.samples.get("held_out", {}).get(var)

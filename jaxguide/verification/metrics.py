@@ -2,7 +2,8 @@
 
 Every function takes the ensemble sampled at the observations, ``ens`` of shape
 ``(M, n)`` (M members, n observations), and the observed values ``obs`` of shape
-``(n,)`` in the same units (NumPy or JAX arrays; computed in NumPy float64).
+``(n,)`` in the same units (NumPy or JAX arrays; computed in NumPy float64). Non-finite
+members or observations (NaN/Inf) are refused with a ValueError, never scored.
 
 Definitions (M members, x_i member values, y observation):
 
@@ -52,7 +53,20 @@ def _check(ens, obs) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"observations must be (n,) = ({ens.shape[1]},), got shape {obs.shape}")
     if ens.shape[1] == 0:
         raise ValueError("no observations")
+    _check_finite(ens)
+    bad = ~np.isfinite(obs)
+    if bad.any():
+        raise ValueError(f"the observations have {int(bad.sum())} non-finite value(s) (NaN/Inf) of {obs.size}")
     return ens, obs
+
+
+def _check_finite(ens: np.ndarray) -> None:
+    """Refuse NaN/Inf members (an unanalysed campaign time, a diverged run): never scored."""
+    bad = ~np.isfinite(ens)
+    if bad.any():
+        raise ValueError(f"the ensemble has {int(bad.sum())} non-finite values (NaN/Inf) at {int(bad.any(axis=0).sum())} "
+                         f"of {ens.shape[1]} observations; an unanalysed (pending or skipped) time or a diverged run "
+                         "cannot be scored")
 
 
 def _rng(seed: int | np.random.Generator) -> np.random.Generator:
@@ -79,8 +93,8 @@ def perturb(ens, obs_sigma, seed: int | np.random.Generator) -> np.ndarray:
     if sig.ndim > 1 or sig.size not in (1, ens.shape[1]):
         raise ValueError(f"obs_sigma must be a scalar or ({ens.shape[1]},), got shape {sig.shape}")
     sig = np.broadcast_to(sig.reshape(-1), (ens.shape[1],))
-    if np.any(~(sig >= 0)):
-        raise ValueError("obs_sigma must be >= 0")
+    if np.any(~(sig >= 0) | ~np.isfinite(sig)):
+        raise ValueError("obs_sigma must be finite and >= 0")
     return ens + sig[None, :] * _rng(seed).standard_normal(ens.shape)
 
 
@@ -101,6 +115,7 @@ def spread(ens) -> float:
     ens = np.asarray(ens, dtype=np.float64)
     if ens.ndim != 2 or ens.shape[0] < 2:
         raise ValueError(f"spread needs an (M >= 2, n) ensemble, got shape {ens.shape}")
+    _check_finite(ens)
     return float(np.sqrt(np.mean(ens.var(axis=0, ddof=1))))
 
 

@@ -20,6 +20,9 @@ def evaluate(
     json_path: Path = typer.Option(None, "--json", help="write the metrics as JSON here"),
     plots_dir: Path = typer.Option(None, "--plots", help="write PNG maps and rank histograms into this directory"),
     seed: int = typer.Option(0, help="seed of the observation-noise draws and the rank histograms' tie-breaking"),
+    time_tolerance_hours: float = typer.Option(
+        None, "--time-tolerance-hours", help="leave out observations farther than this from every analysed time "
+        "[default: the analysis' observation window, else 3 h]"),
 ) -> None:
     """Score an analysis at assimilated and held-out observations and against a truth field.
 
@@ -27,7 +30,10 @@ def evaluate(
     read with the analysis' own observation operator. A trajectory (several frame times, a video
     model's run) is read in time as assimilate did (linear between frames, or the
     nearest frame) and also scored per frame; with linear interpolation, observations
-    outside its first..last frame are left out (a note says how many)."""
+    outside its first..last frame are left out (a note says how many). Only analysed
+    times are scored (a campaign's pending and skipped times are left out, with a note),
+    observations farther than the time tolerance from every analysed time are left out,
+    and the scores use the analysis' --sigma-y where it recorded one."""
     from jaxguide.verification import evaluation
     from jaxguide.io.files import check_writable_dir, read_analysis, write_json_atomic
 
@@ -41,8 +47,18 @@ def evaluate(
 
     ds = read_analysis(analysis)
     sets = {"assimilated": obs} if held_out is None else {"assimilated": obs, "held_out": held_out}
-    result = evaluation.evaluate(ds, sets, truth=truth, seed=seed)
+    result = evaluation.evaluate(ds, sets, truth=truth, seed=seed, time_tolerance_hours=time_tolerance_hours)
+    if result.times.get("n_not_analysed"):
+        t = result.times
+        typer.echo(f"note: {t['n_not_analysed']} of the {t['n_times']} times were not analysed and are not scored "
+                   f"(pending: {t['pending']}, skipped: {t['skipped']})", err=True)
+    if result.sigma.get("sigma_y") is not None:
+        typer.echo(f"note: scored with the analysis' sigma_y ({result.sigma['sigma_y']}), not the table's sigma",
+                   err=True)
     for name, info in result.skipped.items():
+        if "time_tolerance" in info:
+            typer.echo(f"note: {name}: left out {info['time_tolerance']['n_obs']} observations "
+                       f"{info['time_tolerance']['reason']} (--time-tolerance-hours)", err=True)
         if "variables" in info:
             typer.echo(f"note: {name}: left out {info['n_obs']} observations of variables not in the analysis: "
                        f"{info['variables']}", err=True)
