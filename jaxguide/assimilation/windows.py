@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time as _time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -46,12 +46,14 @@ class WindowPlan:
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One ensemble of a run: ``name`` "analysis" (guided by ``method``) or "prior"
-    (``method`` None, unguided), its member count and its random key."""
+    (``method`` None, unguided), its member count and its random keys, one per window
+    of the plan (:func:`jaxguide.assimilation.settings.run_keys` of the window's first
+    frame)."""
 
     name: str
     method: Method | None
     members: int
-    key: jax.Array
+    keys: Sequence[jax.Array]
 
 
 def plan_windows(dm, table: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp | None,
@@ -162,7 +164,7 @@ def run_windows(session, fn: Callable, dm, plan: list[WindowPlan], stages: list[
         w = plan[k]
         cond = w.cond if not video else w.cond(st.name, st.members, known)
         return session.programs.prepare(
-            fn, st.key if k == 0 else jax.random.fold_in(st.key, k), dm.member_shape, st.members,
+            fn, st.keys[k], dm.member_shape, st.members,
             sampler_kwargs=settings.sampler_kwargs(), devices=devs, chunk_size=settings.chunk_size,
             operands=(dm.params, cond, st.method, None if st.method is None else w.obs), per_member=per_member)
 
