@@ -209,6 +209,33 @@ def test_gaussian_evidence_exact_and_gradients(prob):
             assert abs(grads[i] - fd) <= 1e-7 * max(abs(fd), 1.0), (i, grads[i], fd)
 
 
+def test_evidence_sda_term_is_sdas_for_an_interpolating_operator(prob):
+    """gaussian_evidence's gamma term is SDA's (gamma sigma^2 I in observation space): for a
+    Gaussian prior and a linear operator that interpolates (A A^T != I) the evidence with
+    scale 0 is the closed form log N(y; H D, R + gamma sigma^2 I), and SDA's guided
+    denoiser is D + sigma^2 grad_{x_t} of it."""
+    prior, _, _, y, sigma_y, ch, px = prob
+    n, npix = len(y), 12 * NSIDE**2
+    H = np.zeros((n, int(np.prod(prior.shape))))
+    flat = ch * npix + px
+    H[np.arange(n), flat] = 0.6
+    H[np.arange(n), ch * npix + (px + 1) % npix] = 0.4  # bilinear-like rows: (H H^T)_ii = 0.52
+    A = lambda z: jnp.asarray(H, z.dtype) @ z.reshape(-1)  # noqa: E731
+    gamma, s = 0.3, 0.8
+    with jax.enable_x64(True):
+        x = _x(prior, 5, s, jnp.float64)
+        obs = Observations(A, y, sigma_y)
+        ev = guidance.gaussian_evidence(prior.denoiser, obs, x, s, scale=0.0, gamma=gamma)
+        D = np.asarray(prior.denoiser(x, s)).reshape(-1)
+        C = np.diag(sigma_y**2) + gamma * s**2 * np.eye(n)
+        r = y - H @ D
+        want = -0.5 * (r @ np.linalg.solve(C, r) + np.linalg.slogdet(C)[1] + n * np.log(2 * np.pi))
+        assert abs(float(ev) - want) < 1e-9 * abs(want)
+        grad = jax.grad(lambda z: guidance.gaussian_evidence(prior.denoiser, obs, z, s, scale=0.0, gamma=gamma))(x)
+        sda = SDA(gamma=gamma)(prior.denoiser, obs)(x, s)
+        np.testing.assert_allclose(np.asarray(sda), np.asarray(prior.denoiser(x, s) + s**2 * grad), rtol=1e-9, atol=1e-12)
+
+
 def test_named_errors(prob):
     prior, A, H, y, sigma_y, *_ = prob
     bad = y.copy()

@@ -314,8 +314,10 @@ def _isotropic(den, obs, x, sigma, var_fn, scale):
 class SDA(Method):
     """SDA (Rozet & Louppe 2023): V_t = gamma sigma^2 I, i.e. the residual is divided by
     ``sigma_y^2 + gamma sigma^2``: ``D_y = D + scale sigma^2 J^T A'^T (Sigma_y +
-    gamma sigma^2 I)^-1 (y - A(D))``, A' = dA/dx at D. A A^T is taken as I (exact for
-    point selection). gamma ~ 1e-3..3e-2.
+    gamma sigma^2 I)^-1 (y - A(D))``, A' = dA/dx at D. The ``gamma sigma^2 I`` term is in
+    observation space, as in the paper (= A V_t A^T for point selection);
+    :func:`gaussian_evidence` with ``scale=0`` is the evidence whose gradient this is, for
+    any operator. gamma ~ 1e-3..3e-2.
 
     Cost: 1 forward + 1 VJP.
     """
@@ -453,11 +455,13 @@ def make(name: str, **options) -> Method:
 def gaussian_evidence(denoise_fn: Denoiser, obs: Observations, x_t, sigma, cond: Cond = None, *,
                       scale=1.0, gamma=0.0):
     """Log-evidence ``log N(y; A(D(x_t)), C)`` with
-    ``C = Sigma_y + sigma^2 (scale A' J A'^T + gamma A' A'^T)``.
+    ``C = Sigma_y + sigma^2 (scale A' J A'^T + gamma I)``.
 
     scale = 1, gamma = 0 is the Tweedie (MMPS) approximation of log p(y | x_t), exact for
-    a Gaussian prior and linear A; scale inflates the Tweedie term and gamma adds the
-    SDA-style term. Differentiable w.r.t. sigma_y, scale, gamma (for tuning them by
+    a Gaussian prior and linear A; scale inflates the Tweedie term and gamma adds
+    :class:`SDA`'s term, ``gamma sigma^2 I`` in observation space exactly as SDA divides
+    the residual by ``sigma_y^2 + gamma sigma^2`` (so with scale = 0 the gradient of this
+    evidence is SDA's guidance, for any operator; a gamma tuned here is the gamma SDA uses). Differentiable w.r.t. sigma_y, scale, gamma (for tuning them by
     maximum likelihood) and anything the denoiser closes over. (Padded observations,
     see the module doc, each add the constant ``log N(0; 0, sigma_y^2)``.)
 
@@ -472,11 +476,9 @@ def gaussian_evidence(denoise_fn: Denoiser, obs: Observations, x_t, sigma, cond:
     eye = jnp.eye(n, dtype=D.dtype)
     at_rows = jax.vmap(a_t)(eye)  # (n, *x.shape): A'^T e_i
     ajat = jax.vmap(lambda u: a_jvp(den_vjp(u)))(at_rows)
-    aat = jax.vmap(a_jvp)(at_rows)
     s2 = jnp.asarray(sigma, D.dtype) ** 2
     cov = (_obs_cov_dense(sy, U, n, D.dtype)
-           + s2 * (jnp.asarray(scale, D.dtype) * 0.5 * (ajat + ajat.T)
-                   + jnp.asarray(gamma, D.dtype) * 0.5 * (aat + aat.T)))
+           + s2 * (jnp.asarray(scale, D.dtype) * 0.5 * (ajat + ajat.T) + jnp.asarray(gamma, D.dtype) * eye))
     chol = jnp.linalg.cholesky(cov)
     z = jax.scipy.linalg.solve_triangular(chol, yy - ad, lower=True)
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diag(chol)))
