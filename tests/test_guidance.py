@@ -68,21 +68,26 @@ def test_regression_hand_formula(prob):
         D = np.asarray(prior.denoiser(x, 1.5)).reshape(-1)
         w = (H @ D - y) / sigma_y**2
         # J = I (gradient w.r.t. D only): D - scale H^T (H D - y) / sigma_y^2
-        a = Regression(scale=0.03, no_network_grad=True)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        a = Regression(scale=0.03, no_network_grad=True, cap=False)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         np.testing.assert_allclose(np.asarray(a).reshape(-1), D - 0.03 * H.T @ w, rtol=1e-12, atol=1e-12)
         # through the network: J = Sigma (Sigma + sigma^2 I)^-1 (symmetric)
         S = prior.dense_cov()
         J = S @ np.linalg.inv(S + 1.5**2 * np.eye(S.shape[0]))
-        b = Regression(scale=0.03)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        b = Regression(scale=0.03, cap=False)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         np.testing.assert_allclose(np.asarray(b).reshape(-1), D - 0.03 * J.T @ H.T @ w, rtol=1e-10, atol=1e-10)
+        # capped (the default): per observation min(scale, sigma_y^2) / sigma_y^2 <= 1
+        b = Regression(scale=0.03)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        capped = np.minimum(0.03, sigma_y**2) * w
+        assert (0.03 > sigma_y**2).any() and (0.03 < sigma_y**2).any()  # both sides of the cap
+        np.testing.assert_allclose(np.asarray(b).reshape(-1), D - J.T @ H.T @ capped, rtol=1e-10, atol=1e-10)
         # norm matching: the step has norm scale * sigma * ||(x - D) / sigma||
         c = Regression(scale=0.5, norm_matching=True)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         step = np.linalg.norm(np.asarray(c).reshape(-1) - D)
         want = 0.5 * 1.5 * np.linalg.norm((np.asarray(x).reshape(-1) - D) / 1.5)
         assert abs(step - want) < 1e-10 * want
         # DPS = regression with scale sigma^2 = SDA with gamma 0
-        d1 = DPS(scale=0.7)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
-        d2 = Regression(scale=0.7 * 1.5**2)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        d1 = DPS(scale=0.7, cap=False)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        d2 = Regression(scale=0.7 * 1.5**2, cap=False)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         d3 = SDA(gamma=0.0, scale=0.7)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         np.testing.assert_allclose(d1, d2, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(d1, d3, rtol=1e-12, atol=1e-12)
@@ -93,6 +98,26 @@ def test_regression_hand_formula(prob):
         ]:
             want = D + 1.5**2 * J.T @ H.T @ ((y - H @ D) / (sigma_y**2 + v))
             np.testing.assert_allclose(np.asarray(den(x, 1.5)).reshape(-1), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["regression", "dps"])
+def test_default_regression_and_dps_cannot_diverge(prob, method):
+    """At their defaults (regression scale 1, DPS scale 1, capped) a whole trajectory from
+    sigma 200 with sigma_y ~ 0.15 (scale 1 is ~40 x sigma_y^2) stays bounded and pulls the
+    observed values toward y; uncapped, the same run blows up (the test can fail)."""
+    prior, A, H, y, sigma_y, *_ = prob
+    kw = dict(num_steps=12, sigma_min=0.02, sigma_max=200.0)
+
+    def misfit(**options):
+        den = guidance.make(method, **options)(prior.denoiser, Observations(A, y, sigma_y))
+        x = jax.jit(lambda k: sampler.sample(den, k, prior.shape, **kw))(jax.random.PRNGKey(3))
+        return float(jnp.sqrt(jnp.mean((A(x) - y) ** 2)))
+
+    prior_misfit = float(jnp.sqrt(jnp.mean((A(sampler.sample(prior.denoiser, jax.random.PRNGKey(3), prior.shape, **kw))
+                                            - y) ** 2)))
+    assert misfit() < 0.5 * prior_misfit
+    bad = misfit(cap=False)
+    assert not bad < 100 * prior_misfit  # NaN/inf or huge
 
 
 def test_low_rank_obs_covariance(prob):
@@ -107,7 +132,7 @@ def test_low_rank_obs_covariance(prob):
         want = D + P @ H.T @ np.linalg.solve(R + H @ P @ H.T, y - H @ D)
         got = MMPS(cg_iters=10)(prior.denoiser, Observations(A, y, sigma_y, U))(x, 0.7)
         np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=1e-9, atol=1e-9)
-        got2 = Regression(scale=0.02, no_network_grad=True)(prior.denoiser, Observations(A, y, sigma_y, U))(x, 0.7)
+        got2 = Regression(scale=0.02, no_network_grad=True, cap=False)(prior.denoiser, Observations(A, y, sigma_y, U))(x, 0.7)
         np.testing.assert_allclose(np.asarray(got2).reshape(-1),
                                    D - 0.02 * H.T @ np.linalg.solve(R, H @ D - y), rtol=1e-10, atol=1e-10)
 

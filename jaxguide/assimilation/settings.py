@@ -44,7 +44,9 @@ class AssimilationSettings:
     sigma_y: observation-error std override in physical units, one value for every
       observation or a mapping variable -> value; None keeps the table's ``sigma``.
     guidance_scale: multiplies the guidance step of every method but replacement
-      (1 = the method as derived; regression is usually stable only far below 1).
+      (1 = the method as derived). Regression's and DPS's per-observation weight is
+      capped at one full correction per call (``guidance.Regression``'s ``cap``), so
+      that no scale diverges; regression's 1 is then the seed's sigma_y^2 step.
     cg_iters, solver: MMPS solver iterations (cost: cg_iters + 1 VJPs per denoiser
       call; None = the method's default, 3) and ``"cg"`` / ``"gmres"``.
     gamma: SDA's V_t = gamma sigma^2 (None = its default 1e-2).
