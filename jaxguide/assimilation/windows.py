@@ -30,6 +30,10 @@ from jaxguide.observations.operator import build_operator
 
 Event = Callable[..., None]  # event(name, **info)
 
+# a sampled state this many climatological scales (normalised units) from the model's
+# center is a diverged run (finite or not), never weather
+DIVERGED = 1e3
+
 
 @dataclasses.dataclass(frozen=True)
 class WindowPlan:
@@ -198,9 +202,13 @@ def run_windows(session, fn: Callable, dm, plan: list[WindowPlan], stages: list[
                 call = first_calls[stage_index] if k == 0 else call_of(stage_index, k, previous)
                 ens = np.asarray(jax.block_until_ready(session.programs.run(call)))
                 jax.effects_barrier()
-                if not bool(np.all(np.isfinite(ens))):
+                finite = bool(np.all(np.isfinite(ens)))
+                if not finite or float(np.max(np.abs(ens))) > DIVERGED:
+                    what = "non-finite values" if not finite else (
+                        f"values {float(np.max(np.abs(ens))):.3g} climatological scales from the mean")
+                    where = f" in window {k + 1} of {len(plan)}" if len(plan) > 1 else ""
                     raise FloatingPointError(
-                        f"the {stage} ensemble has non-finite values (method {settings.method_name!r}, guidance "
+                        f"the {stage} ensemble diverged{where}: {what} (method {settings.method_name!r}, guidance "
                         f"scale {settings.guidance_scale}); lower --guidance-scale or use --method mmps/sda")
                 pieces.append(ens if k == 0 else ens[:, :, settings.conditioning_frames:])
                 previous = ens
