@@ -249,3 +249,58 @@ def test_programming_errors_keep_their_traceback(monkeypatch, tmp_path):
     res = CliRunner().invoke(app, ["--debug", *bad_time])
     assert isinstance(res.exception, ValueError) and "ISO 8601" in str(res.exception)
     assert is_input_error(res.exception)
+
+
+def test_device_out_of_memory_is_one_line_with_the_hint(monkeypatch, tmp_path):
+    """A device OOM (JaxRuntimeError RESOURCE_EXHAUSTED) is one line naming --chunk-size,
+    --remat and --bf16, exit status non-zero; other runtime errors keep their traceback."""
+    import jax
+
+    from jaxguide.assimilation import pipeline
+
+    def oom(*a, **k):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81604378624 bytes.\nmore detail")
+
+    monkeypatch.setattr(pipeline, "assimilate", oom)
+    argv = ["assimilate", "--model", str(tmp_path), "--obs", "o.csv", "--time", "2020-01-01T00:00",
+            "--out", str(tmp_path / "a.nc")]
+    line = one_line_error(CliRunner().invoke(app, argv))
+    assert "out of memory" in line and "RESOURCE_EXHAUSTED" in line
+    assert all(opt in line for opt in ("--chunk-size", "--remat", "--bf16")), line
+    res = CliRunner().invoke(app, ["--debug", *argv])  # --debug: the traceback
+    assert isinstance(res.exception, jax.errors.JaxRuntimeError)
+
+    def other(*a, **k):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(pipeline, "assimilate", other)
+    res = CliRunner().invoke(app, argv)
+    assert isinstance(res.exception, jax.errors.JaxRuntimeError) and "error: " not in res.output
+
+
+def test_key_error_from_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    """A KeyError from a lookup inside jaxguide (a bug) is not an input error: it keeps its
+    traceback instead of becoming "error: missing key ..."; a KeyError that jaxguide raises
+    as a sentence about the input stays one line."""
+    from jaxguide.assimilation import pipeline
+    from jaxguide.cli import is_input_error
+
+    def lookup_bug(*a, **k):
+        return {}["n_obs"]  # a KeyError raised by jaxguide's own (here: this test's) code
+
+    monkeypatch.setattr(pipeline, "assimilate", lookup_bug)
+    monkeypatch.setattr(lookup_bug, "__code__", lookup_bug.__code__.replace(co_filename=pipeline.__file__))
+    argv = ["assimilate", "--model", str(tmp_path), "--obs", "o.csv", "--time", "2020-01-01T00:00",
+            "--out", str(tmp_path / "a.nc")]
+    res = CliRunner().invoke(app, argv)
+    assert isinstance(res.exception, KeyError) and res.exit_code != 2, res.output
+    assert "missing key" not in res.output and not is_input_error(res.exception)
+
+    def sentence(*a, **k):
+        raise KeyError("variable 'T850' is not in the observation file")
+
+    monkeypatch.setattr(sentence, "__code__", sentence.__code__.replace(co_filename=pipeline.__file__))
+    monkeypatch.setattr(pipeline, "assimilate", sentence)
+    line = one_line_error(CliRunner().invoke(app, argv))
+    assert "variable 'T850' is not in the observation file" in line

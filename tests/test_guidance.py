@@ -143,21 +143,26 @@ def test_regression_hand_formula(prob):
         D = np.asarray(prior.denoiser(x, 1.5)).reshape(-1)
         w = (H @ D - y) / sigma_y**2
         # J = I (gradient w.r.t. D only): D - scale H^T (H D - y) / sigma_y^2
-        a = Regression(scale=0.03, no_network_grad=True)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        a = Regression(scale=0.03, no_network_grad=True, cap=False)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         np.testing.assert_allclose(np.asarray(a).reshape(-1), D - 0.03 * H.T @ w, rtol=1e-12, atol=1e-12)
         # through the network: J = Sigma (Sigma + sigma^2 I)^-1 (symmetric)
         S = prior.dense_cov()
         J = S @ np.linalg.inv(S + 1.5**2 * np.eye(S.shape[0]))
-        b = Regression(scale=0.03)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        b = Regression(scale=0.03, cap=False)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         np.testing.assert_allclose(np.asarray(b).reshape(-1), D - 0.03 * J.T @ H.T @ w, rtol=1e-10, atol=1e-10)
+        # capped (the default): per observation min(scale, sigma_y^2) / sigma_y^2 <= 1
+        b = Regression(scale=0.03)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        capped = np.minimum(0.03, sigma_y**2) * w
+        assert (0.03 > sigma_y**2).any() and (0.03 < sigma_y**2).any()  # both sides of the cap
+        np.testing.assert_allclose(np.asarray(b).reshape(-1), D - J.T @ H.T @ capped, rtol=1e-10, atol=1e-10)
         # norm matching: the step has norm scale * sigma * ||(x - D) / sigma||
         c = Regression(scale=0.5, norm_matching=True)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         step = np.linalg.norm(np.asarray(c).reshape(-1) - D)
         want = 0.5 * 1.5 * np.linalg.norm((np.asarray(x).reshape(-1) - D) / 1.5)
         assert abs(step - want) < 1e-10 * want
         # DPS = regression with scale sigma^2 = SDA with gamma 0
-        d1 = DPS(scale=0.7)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
-        d2 = Regression(scale=0.7 * 1.5**2)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        d1 = DPS(scale=0.7, cap=False)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
+        d2 = Regression(scale=0.7 * 1.5**2, cap=False)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         d3 = SDA(gamma=0.0, scale=0.7)(prior.denoiser, Observations(A, y, sigma_y))(x, 1.5)
         np.testing.assert_allclose(d1, d2, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(d1, d3, rtol=1e-12, atol=1e-12)
@@ -168,6 +173,26 @@ def test_regression_hand_formula(prob):
         ]:
             want = D + 1.5**2 * J.T @ H.T @ ((y - H @ D) / (sigma_y**2 + v))
             np.testing.assert_allclose(np.asarray(den(x, 1.5)).reshape(-1), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["regression", "dps"])
+def test_default_regression_and_dps_cannot_diverge(prob, method):
+    """At their defaults (regression scale 1, DPS scale 1, capped) a whole trajectory from
+    sigma 200 with sigma_y ~ 0.15 (scale 1 is ~40 x sigma_y^2) stays bounded and pulls the
+    observed values toward y; uncapped, the same run blows up (the test can fail)."""
+    prior, A, H, y, sigma_y, *_ = prob
+    kw = dict(num_steps=12, sigma_min=0.02, sigma_max=200.0)
+
+    def misfit(**options):
+        den = guidance.make(method, **options)(prior.denoiser, Observations(A, y, sigma_y))
+        x = jax.jit(lambda k: sampler.sample(den, k, prior.shape, **kw))(jax.random.PRNGKey(3))
+        return float(jnp.sqrt(jnp.mean((A(x) - y) ** 2)))
+
+    prior_misfit = float(jnp.sqrt(jnp.mean((A(sampler.sample(prior.denoiser, jax.random.PRNGKey(3), prior.shape, **kw))
+                                            - y) ** 2)))
+    assert misfit() < 0.5 * prior_misfit
+    bad = misfit(cap=False)
+    assert not bad < 100 * prior_misfit  # NaN/inf or huge
 
 
 def test_low_rank_obs_covariance(prob):
@@ -182,7 +207,7 @@ def test_low_rank_obs_covariance(prob):
         want = D + P @ H.T @ np.linalg.solve(R + H @ P @ H.T, y - H @ D)
         got = MMPS(cg_iters=10)(prior.denoiser, Observations(A, y, sigma_y, U))(x, 0.7)
         np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=1e-9, atol=1e-9)
-        got2 = Regression(scale=0.02, no_network_grad=True)(prior.denoiser, Observations(A, y, sigma_y, U))(x, 0.7)
+        got2 = Regression(scale=0.02, no_network_grad=True, cap=False)(prior.denoiser, Observations(A, y, sigma_y, U))(x, 0.7)
         np.testing.assert_allclose(np.asarray(got2).reshape(-1),
                                    D - 0.02 * H.T @ np.linalg.solve(R, H @ D - y), rtol=1e-10, atol=1e-10)
 
@@ -282,6 +307,33 @@ def test_gaussian_evidence_exact_and_gradients(prob):
             h = 1e-5 * p[i]
             fd = _fd(lambda v: f(*[v if j == i else p[j] for j in range(3)]), p[i], h)
             assert abs(grads[i] - fd) <= 1e-7 * max(abs(fd), 1.0), (i, grads[i], fd)
+
+
+def test_evidence_sda_term_is_sdas_for_an_interpolating_operator(prob):
+    """gaussian_evidence's gamma term is SDA's (gamma sigma^2 I in observation space): for a
+    Gaussian prior and a linear operator that interpolates (A A^T != I) the evidence with
+    scale 0 is the closed form log N(y; H D, R + gamma sigma^2 I), and SDA's guided
+    denoiser is D + sigma^2 grad_{x_t} of it."""
+    prior, _, _, y, sigma_y, ch, px = prob
+    n, npix = len(y), 12 * NSIDE**2
+    H = np.zeros((n, int(np.prod(prior.shape))))
+    flat = ch * npix + px
+    H[np.arange(n), flat] = 0.6
+    H[np.arange(n), ch * npix + (px + 1) % npix] = 0.4  # bilinear-like rows: (H H^T)_ii = 0.52
+    A = lambda z: jnp.asarray(H, z.dtype) @ z.reshape(-1)  # noqa: E731
+    gamma, s = 0.3, 0.8
+    with jax.enable_x64(True):
+        x = _x(prior, 5, s, jnp.float64)
+        obs = Observations(A, y, sigma_y)
+        ev = guidance.gaussian_evidence(prior.denoiser, obs, x, s, scale=0.0, gamma=gamma)
+        D = np.asarray(prior.denoiser(x, s)).reshape(-1)
+        C = np.diag(sigma_y**2) + gamma * s**2 * np.eye(n)
+        r = y - H @ D
+        want = -0.5 * (r @ np.linalg.solve(C, r) + np.linalg.slogdet(C)[1] + n * np.log(2 * np.pi))
+        assert abs(float(ev) - want) < 1e-9 * abs(want)
+        grad = jax.grad(lambda z: guidance.gaussian_evidence(prior.denoiser, obs, z, s, scale=0.0, gamma=gamma))(x)
+        sda = SDA(gamma=gamma)(prior.denoiser, obs)(x, s)
+        np.testing.assert_allclose(np.asarray(sda), np.asarray(prior.denoiser(x, s) + s**2 * grad), rtol=1e-9, atol=1e-12)
 
 
 def test_named_errors(prob):

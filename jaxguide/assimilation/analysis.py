@@ -18,7 +18,7 @@ import pandas as pd
 
 from jaxguide.assimilation.dataset import analysis_to_dataset
 from jaxguide.assimilation.provenance import run_provenance
-from jaxguide.assimilation.settings import AnalysisInputs, AssimilationSettings
+from jaxguide.assimilation.settings import AnalysisInputs, AssimilationSettings, run_keys
 from jaxguide.assimilation.windows import Stage, WindowPlan, plan_windows, run_windows
 from jaxguide.io.files import check_writable_dir, write_dataset
 from jaxguide.model import units
@@ -118,10 +118,11 @@ def run_analysis(session, inputs: AnalysisInputs) -> dict[str, Any]:
         plan, prepared, times, extra = plan_windows(dm, table, time, end, inputs.condition, settings, inputs.sst,
                                                     prep_kw, event)
 
-    key_analysis, key_prior = jax.random.split(jax.random.key(settings.seed))
-    stages = [Stage("analysis", method, settings.members, key_analysis)]
+    # the seed rule (SEED_RULE): each window's keys from its first frame's time
+    keys = [run_keys(settings.seed, time if w.window is None else w.window.start) for w in plan]
+    stages = [Stage("analysis", method, settings.members, [k[0] for k in keys])]
     if settings.n_prior > 0:
-        stages.append(Stage("prior", None, settings.n_prior, key_prior))
+        stages.append(Stage("prior", None, settings.n_prior, [k[1] for k in keys]))
     sampled, seconds_compile = run_windows(session, fn, dm, plan, stages, settings, n_times=len(times),
                                            progress=inputs.progress, event=event)
     analysis, t_analysis = sampled[0]

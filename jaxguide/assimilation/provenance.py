@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 
 from jaxguide.assimilation.dataset import describe_sigma_y
-from jaxguide.assimilation.settings import AssimilationSettings
+from jaxguide.assimilation.settings import SEED_RULE, AssimilationSettings
 
 
 def run_provenance(settings: AssimilationSettings, model, command: str, **specific) -> dict[str, Any]:
     """The provenance attributes of an analysis (method and its options, sigma_y, sampler,
-    seed, model checksum, command), plus the run's ``specific`` entries."""
+    seed and the rule that turns it into keys, model checksum, command), plus the run's ``specific`` entries."""
     method = settings.guidance_method()
     prov = {
         "method": settings.method_name,
@@ -22,6 +22,7 @@ def run_provenance(settings: AssimilationSettings, model, command: str, **specif
         "guidance_scale": float(np.asarray(getattr(method, "scale", 1.0))),
         "steps": settings.steps,
         "seed": settings.seed,
+        "seed_rule": SEED_RULE,
         "model_sha256": model_sha256(model),
         "command": command,
         "sigma_min": settings.sigma_min,

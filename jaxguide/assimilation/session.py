@@ -47,15 +47,16 @@ class Session:
     method configuration, member count, sampler settings, devices, chunking) and the
     model live as long as this object; nothing is cached module-wide.
 
-    ``report_progress``: the programs call back to the host at every denoiser evaluation,
-    so that ``progress`` of :meth:`assimilate` counts them as they run. JAX's persistent
-    compilation cache does not store programs with host callbacks: with the cache on
-    (the CLI's default), make the session with ``report_progress=False``; ``progress``
-    then only hears each stage's end. Fixed per session, so passing ``progress`` or not
-    never changes (or recompiles) a program.
+    ``report_progress`` (default False): the programs call back to the host at every
+    denoiser evaluation, so that ``progress`` of :meth:`assimilate` counts them as they
+    run. A host callback syncs the host at every call, and JAX's persistent compilation
+    cache does not store programs with host callbacks: turn it on only for a live
+    progress bar with the cache off (the CLI does so with ``--no-cache``). Without it
+    ``progress`` only hears each stage's end. Fixed per session, so passing ``progress``
+    or not never changes (or recompiles) a program.
     """
 
-    def __init__(self, model, *, devices: Sequence[Any] | None = None, report_progress: bool = True):
+    def __init__(self, model, *, devices: Sequence[Any] | None = None, report_progress: bool = False):
         self.source = model
         self.report_progress = bool(report_progress)
         self._model = load_model(model) if isinstance(model, (str, os.PathLike)) else model

@@ -5,6 +5,13 @@ handling; what a campaign stores and compares). :class:`AnalysisInputs`: what on
 analysis reads and writes (observations, output, time, SST, grid, reporting), the
 keywords that :func:`jaxguide.assimilation.pipeline.assimilate` and
 :meth:`jaxguide.assimilation.session.Session.assimilate` take.
+
+The seed rule (:data:`SEED_RULE`, one for every entry point): the random key of a run
+at time ``t`` is :func:`time_key` ``(seed, t)`` = ``fold_in(key(seed), unix seconds of
+t)``, split into the analysis and prior keys (:func:`run_keys`). A single-time analysis
+uses its time, a campaign each of its times, a video run each window's first frame; so
+the same (seed, time) gives the same members whatever the entry point, and a loop over
+times never reuses noise.
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 from jaxguide.diffusion import guidance
 from jaxguide.grid.latlon import LatLonGrid
+from jaxguide.io import times as io_times
 
 # cBottle's sampler defaults (CBottle3d): 18 Heun steps from sigma 200 down to 0.02.
 CBOTTLE_SAMPLER = {"num_steps": 18, "sigma_min": 0.02, "sigma_max": 200.0, "rho": 7.0}
@@ -35,7 +44,9 @@ class AssimilationSettings:
     sigma_y: observation-error std override in physical units, one value for every
       observation or a mapping variable -> value; None keeps the table's ``sigma``.
     guidance_scale: multiplies the guidance step of every method but replacement
-      (1 = the method as derived; regression is usually stable only far below 1).
+      (1 = the method as derived). Regression's and DPS's per-observation weight is
+      capped at one full correction per call (``guidance.Regression``'s ``cap``), so
+      that no scale diverges; regression's 1 is then the seed's sigma_y^2 step.
     cg_iters, solver: MMPS solver iterations (cost: cg_iters + 1 VJPs per denoiser
       call; None = the method's default, 3) and ``"cg"`` / ``"gmres"``.
     gamma: SDA's V_t = gamma sigma^2 (None = its default 1e-2).
@@ -135,6 +146,28 @@ class AssimilationSettings:
         if self.method != "replacement":
             given["scale"] = self.guidance_scale
         return guidance.make(self.method, **given)
+
+
+SEED_RULE = "fold_in(key(seed), unix seconds of the time), split into analysis and prior keys"
+
+
+def time_key(seed: int, time) -> jax.Array:
+    """The random key of a run at ``time`` (:data:`SEED_RULE`): ``fold_in`` of its Unix
+    second (floored; as two 32-bit halves, so times before 1970 and after 2106 work) into
+    ``key(seed)``. Depends only on (seed, time): not on the entry point, the processing
+    order, the process split or resumes."""
+    t = io_times.parse_time(time, "time")
+    s = (t.as_unit("ns").value // 1_000_000_000) & 0xFFFF_FFFF_FFFF_FFFF  # two's complement before 1970
+    key = jax.random.key(int(seed))
+    key = jax.random.fold_in(key, np.uint32(s >> 32))
+    return jax.random.fold_in(key, np.uint32(s & 0xFFFF_FFFF))
+
+
+def run_keys(seed: int, time) -> tuple[jax.Array, jax.Array]:
+    """(analysis key, prior key) of a run, or a video window, starting at ``time``:
+    ``split(time_key(seed, time))``."""
+    key_analysis, key_prior = jax.random.split(time_key(seed, time))
+    return key_analysis, key_prior
 
 
 def denoiser_calls(settings: AssimilationSettings) -> int:

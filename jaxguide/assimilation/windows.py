@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time as _time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +30,10 @@ from jaxguide.observations.operator import build_operator
 
 Event = Callable[..., None]  # event(name, **info)
 
+# a sampled state this many climatological scales (normalised units) from the model's
+# center is a diverged run (finite or not), never weather
+DIVERGED = 1e3
+
 
 @dataclasses.dataclass(frozen=True)
 class WindowPlan:
@@ -46,12 +50,14 @@ class WindowPlan:
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One ensemble of a run: ``name`` "analysis" (guided by ``method``) or "prior"
-    (``method`` None, unguided), its member count and its random key."""
+    (``method`` None, unguided), its member count and its random keys, one per window
+    of the plan (:func:`jaxguide.assimilation.settings.run_keys` of the window's first
+    frame)."""
 
     name: str
     method: Method | None
     members: int
-    key: jax.Array
+    keys: Sequence[jax.Array]
 
 
 def plan_windows(dm, table: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp | None,
@@ -162,7 +168,7 @@ def run_windows(session, fn: Callable, dm, plan: list[WindowPlan], stages: list[
         w = plan[k]
         cond = w.cond if not video else w.cond(st.name, st.members, known)
         return session.programs.prepare(
-            fn, st.key if k == 0 else jax.random.fold_in(st.key, k), dm.member_shape, st.members,
+            fn, st.keys[k], dm.member_shape, st.members,
             sampler_kwargs=settings.sampler_kwargs(), devices=devs, chunk_size=settings.chunk_size,
             operands=(dm.params, cond, st.method, None if st.method is None else w.obs), per_member=per_member)
 
@@ -196,9 +202,13 @@ def run_windows(session, fn: Callable, dm, plan: list[WindowPlan], stages: list[
                 call = first_calls[stage_index] if k == 0 else call_of(stage_index, k, previous)
                 ens = np.asarray(jax.block_until_ready(session.programs.run(call)))
                 jax.effects_barrier()
-                if not bool(np.all(np.isfinite(ens))):
+                finite = bool(np.all(np.isfinite(ens)))
+                if not finite or float(np.max(np.abs(ens))) > DIVERGED:
+                    what = "non-finite values" if not finite else (
+                        f"values {float(np.max(np.abs(ens))):.3g} climatological scales from the mean")
+                    where = f" in window {k + 1} of {len(plan)}" if len(plan) > 1 else ""
                     raise FloatingPointError(
-                        f"the {stage} ensemble has non-finite values (method {settings.method_name!r}, guidance "
+                        f"the {stage} ensemble diverged{where}: {what} (method {settings.method_name!r}, guidance "
                         f"scale {settings.guidance_scale}); lower --guidance-scale or use --method mmps/sda")
                 pieces.append(ens if k == 0 else ens[:, :, settings.conditioning_frames:])
                 previous = ens

@@ -34,7 +34,6 @@ import numpy as np
 import pandas as pd
 
 from jaxguide.campaign.store import ANALYSED, SKIPPED, CampaignStore, normalise_settings
-from jaxguide.campaign.times import time_key
 from jaxguide.campaign.distributed import ProcessInfo, barrier, my_share
 from jaxguide.grid.latlon import LatLonGrid
 from jaxguide.observations.sources import ObservationSource, PartitionedSource, TableSource, open_observations
@@ -42,7 +41,7 @@ from jaxguide.observations.errors import BadObservationsError, EmptyTableError, 
 from jaxguide.observations.prepare import bucket_size, prepare
 from jaxguide.assimilation.provenance import model_sha256, run_provenance
 from jaxguide.assimilation.session import Session
-from jaxguide.assimilation.settings import AssimilationSettings, denoiser_calls
+from jaxguide.assimilation.settings import AssimilationSettings, denoiser_calls, run_keys
 from jaxguide.assimilation.dataset import analysis_to_dataset
 
 logger = logging.getLogger(__name__)
@@ -86,8 +85,7 @@ def campaign_settings(settings: AssimilationSettings, dm, *, obs_name: str, sst,
 
 
 def _provenance(settings: AssimilationSettings, dm, command: str) -> dict[str, Any]:
-    return run_provenance(settings, dm, command, seed_per_time="fold_in(key(seed), unix seconds of the time)",
-                          n_obs="per time: variable n_obs")
+    return run_provenance(settings, dm, command, n_obs="per time: variable n_obs")
 
 
 def _per_time_vars(ds, n_obs: int, n_rejected: int):
@@ -227,7 +225,7 @@ def assimilate_campaign(
         else:
             prepared.obs.check()
             cond = dm.conditioning(t, sst_path=sst, sst_offset=settings.sst_offset)
-            key_analysis, key_prior = jax.random.split(time_key(settings.seed, t))
+            key_analysis, key_prior = run_keys(settings.seed, t)  # the seed rule of every entry point
 
             def run(m, n_members, key, obs_):
                 ens = session.programs(fn, key, dm.member_shape, n_members, sampler_kwargs=sampler_kwargs,

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import pandas as pd
 
+from jaxguide.assimilation.settings import time_key as settings_time_key
 from jaxguide.io import times as io_times
 
 TIMES_FORM = "START/END/STEP in ISO 8601, e.g. 2020-01-01T00/2020-01-05T00/PT6H (END inclusive), or one time like 2020-01-01T06:00"
@@ -132,11 +133,10 @@ def unix_seconds(time) -> int:
 
 
 def time_key(seed: int, time) -> jax.Array:
-    """The random key of one analysis time: ``fold_in`` of its Unix second (as two 32-bit
-    halves, so times before 1970 and after 2106 work) into ``key(seed)``.
+    """The random key of one analysis time: :func:`jaxguide.assimilation.settings.time_key`
+    (``fold_in`` of its Unix second into ``key(seed)``, the rule of every entry point),
+    for a campaign time (whole seconds, else :class:`TimesError`).
 
     Depends only on (seed, time): not on processing order, process split or resumes."""
-    s = unix_seconds(time) & 0xFFFF_FFFF_FFFF_FFFF  # two's complement for times before 1970
-    key = jax.random.key(int(seed))
-    key = jax.random.fold_in(key, np.uint32(s >> 32))
-    return jax.random.fold_in(key, np.uint32(s & 0xFFFF_FFFF))
+    unix_seconds(time)  # whole seconds
+    return settings_time_key(seed, time)

@@ -160,12 +160,39 @@ def is_input_error(e: BaseException) -> bool:
         return False
     if type(e).__module__.split(".")[0] == "jaxguide":
         return True
+    if isinstance(e, KeyError):
+        # jaxguide raises a plain KeyError about input only as a sentence; a bare key is a
+        # lookup that failed (``d[key]``), i.e. a bug: it keeps its traceback
+        key = e.args[0] if len(e.args) == 1 else None
+        if not (isinstance(key, str) and " " in key.strip()):
+            return False
     tb = e.__traceback__
     last = None
     while tb is not None:
         last = tb.tb_frame.f_code.co_filename
         tb = tb.tb_next
     return last is not None and str(Path(last).resolve()).startswith(_PACKAGE_DIR)
+
+
+OUT_OF_MEMORY_HINT = ("lower the memory of each device call with --chunk-size N (members per call), "
+                      "--remat (recompute the network in the guidance) or --bf16")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device out-of-memory error (JAX's ``JaxRuntimeError`` / ``XlaRuntimeError`` with
+    RESOURCE_EXHAUSTED or "out of memory"); checked by class name, without importing JAX."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if not names & {"JaxRuntimeError", "XlaRuntimeError"}:
+        return False
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _out_of_memory_line(e: BaseException) -> str:
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"device out of memory ({first}); {OUT_OF_MEMORY_HINT}"
 
 
 def _debug_requested() -> bool:
@@ -181,7 +208,9 @@ def _debug_requested() -> bool:
 def handle_errors(fn):
     """Turn input errors (:func:`is_input_error`) into one ``error: ...`` line and exit
     status 2; an error about a file given on the command line also names the option that
-    gave it. Anything else, and everything under ``jaxguide --debug``, keeps its traceback."""
+    gave it. A device out-of-memory error (:func:`is_out_of_memory`) is one line with the
+    options that lower the memory, exit status 2. Anything else, and everything under
+    ``jaxguide --debug``, keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -191,6 +220,10 @@ def handle_errors(fn):
             if _debug_requested() or not is_input_error(e):
                 raise
             _fail(_name_option(_message(e), e, _file_options(fn, kwargs)))
+        except Exception as e:
+            if _debug_requested() or not is_out_of_memory(e):
+                raise
+            _fail(_out_of_memory_line(e))
 
     return wrapper
 

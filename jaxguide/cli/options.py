@@ -46,7 +46,7 @@ class RunOptions:
         "observation error override, physical units: 1.0 or T850=1.0,T500=0.8 (default: the table's sigma; "
         "required for earth2studio frames)"))
     guidance_scale: float = _option(1.0, "--guidance-scale", panel=METHOD, help=(
-        "multiplies the guidance step (regression usually needs << 1)"))
+        "multiplies the guidance step (regression: the step in normalised units^2, capped at sigma_y^2 per observation)"))
     cg_iters: int | None = _option(None, "--cg-iters", panel=METHOD, help="MMPS solver iterations (default 3)")
     solver: str | None = _option(None, "--solver", panel=METHOD, help="MMPS solver: cg | gmres (default cg)")
     gamma: float | None = _option(None, "--gamma", panel=METHOD, help="SDA: V_t = gamma sigma^2 (default 0.01)")

@@ -241,11 +241,21 @@ class Regression(Method):
     for diagonal errors), ``D_y = D - scale * dL/dx_t`` with the gradient through the
     network (``dL/dx_t = J^T A'^T Sigma_y^-1 (A(D) - y)``).
 
-    ``scale`` is a free knob (cBottle uses ``sigma_y^2`` = one full correction per call
-    when J ~ I); it does not shrink with sigma, which is why this is over-confident at
-    high noise. ``norm_matching``: rescale the step to the norm of ``(x_t - D) / sigma``
-    times sigma (classifier-guidance style), ``D - scale sigma ||score||/||g|| g``.
-    ``no_network_grad``: take the gradient w.r.t. D only (J = I): cheap and biased.
+    ``scale`` is a free knob in normalised units^2 (cBottle uses ``sigma_y^2`` = one full
+    correction per call when J ~ I); it does not shrink with sigma, which is why this is
+    over-confident at high noise. ``norm_matching``: rescale the step to the norm of
+    ``(x_t - D) / sigma`` times sigma (classifier-guidance style), ``D - scale sigma
+    ||score||/||g|| g``. ``no_network_grad``: take the gradient w.r.t. D only (J = I):
+    cheap and biased.
+
+    ``cap`` (default True): each observation's weight ``scale / sigma_y^2`` is capped at 1,
+    i.e. the step uses ``min(scale, sigma_y^2)`` per observation: at most one full
+    correction per call (the seed's ``sigma_y^2`` convention), so no scale can make the
+    misfit grow (with J ~ I each call multiplies it by ``1 - min(scale, sigma_y^2) /
+    sigma_y^2`` in [0, 1); uncapped it diverges for scale > 2 sigma_y^2, e.g. scale 1 on
+    cBottle, 100-400 x sigma_y^2). The default ``scale=1`` is thus the seed's convention
+    for any sigma_y; a scale below sigma_y^2 is used as given. ``cap=False``: the raw
+    formula (not with ``norm_matching``, whose step norm is set by the score).
 
     Cost: 1 forward + 1 VJP (``no_network_grad``: 1 forward).
     """
@@ -254,21 +264,27 @@ class Regression(Method):
     scale: Any = 1.0
     norm_matching: bool = struct.field(pytree_node=False, default=False)
     no_network_grad: bool = struct.field(pytree_node=False, default=False)
+    cap: bool = struct.field(pytree_node=False, default=True)
 
     def check(self) -> None:
         _check_nonneg("scale", self.scale)
 
     def _guide(self, den, obs, x, sigma):
-        return _regression(den, obs, x, sigma, self.scale, self.norm_matching, self.no_network_grad)
+        return _regression(den, obs, x, sigma, self.scale, self.norm_matching, self.no_network_grad, self.cap)
 
 
-def _regression(den, obs, x, sigma, scale, norm_matching=False, no_network_grad=False):
+def _regression(den, obs, x, sigma, scale, norm_matching=False, no_network_grad=False, cap=False):
     D, den_vjp, ad, _, a_t = _linearise(den, obs.A, obs.y, x, sigma, not no_network_grad)
     yy, sy, U = _cast(obs, D.dtype)
-    g = a_t(_obs_cov_solve(ad - yy, sy, U, 0.0))
+    w = _obs_cov_solve(ad - yy, sy, U, 0.0)
+    scale = jnp.asarray(scale, D.dtype)
+    if cap and not norm_matching:
+        # per observation min(scale, sigma_y^2): at most one full correction per call
+        w, scale = jnp.minimum(scale, jnp.broadcast_to(sy**2, w.shape)) * w, jnp.ones((), D.dtype)
+    g = a_t(w)
     if not no_network_grad:
         g = den_vjp(g)
-    step = jnp.asarray(scale, D.dtype) * g
+    step = scale * g
     if norm_matching:
         gn = jnp.linalg.norm(g)
         sn = jnp.linalg.norm((x - D) / sigma)
@@ -286,17 +302,24 @@ class DPS(Method):
     regression scale is constant). ``scale = 1`` is the Tweedie-consistent weight with
     V_t = 0; it equals :class:`SDA` with ``gamma = 0``.
 
+    ``cap`` (default True): as :class:`Regression`'s, the per-observation weight ``scale
+    sigma^2 / sigma_y^2`` is capped at 1 (at most one full correction per call). Uncapped,
+    at large sigma the step is ~ s_d^2 / sigma_y^2 (100-400 on cBottle) times the misfit
+    and overshoots; capped, DPS is unchanged once ``scale sigma^2 <= sigma_y^2``.
+    ``cap=False``: the raw formula.
+
     Cost: 1 forward + 1 VJP.
     """
 
     name: ClassVar[str] = "dps"
     scale: Any = 1.0
+    cap: bool = struct.field(pytree_node=False, default=True)
 
     def check(self) -> None:
         _check_nonneg("scale", self.scale)
 
     def _guide(self, den, obs, x, sigma):
-        return _regression(den, obs, x, sigma, jnp.asarray(self.scale) * sigma**2)
+        return _regression(den, obs, x, sigma, jnp.asarray(self.scale) * sigma**2, cap=self.cap)
 
 
 def _isotropic(den, obs, x, sigma, var_fn, scale):
@@ -314,8 +337,10 @@ def _isotropic(den, obs, x, sigma, var_fn, scale):
 class SDA(Method):
     """SDA (Rozet & Louppe 2023): V_t = gamma sigma^2 I, i.e. the residual is divided by
     ``sigma_y^2 + gamma sigma^2``: ``D_y = D + scale sigma^2 J^T A'^T (Sigma_y +
-    gamma sigma^2 I)^-1 (y - A(D))``, A' = dA/dx at D. A A^T is taken as I (exact for
-    point selection). gamma ~ 1e-3..3e-2.
+    gamma sigma^2 I)^-1 (y - A(D))``, A' = dA/dx at D. The ``gamma sigma^2 I`` term is in
+    observation space, as in the paper (= A V_t A^T for point selection);
+    :func:`gaussian_evidence` with ``scale=0`` is the evidence whose gradient this is, for
+    any operator. gamma ~ 1e-3..3e-2.
 
     Cost: 1 forward + 1 VJP.
     """
@@ -453,11 +478,13 @@ def make(name: str, **options) -> Method:
 def gaussian_evidence(denoise_fn: Denoiser, obs: Observations, x_t, sigma, cond: Cond = None, *,
                       scale=1.0, gamma=0.0):
     """Log-evidence ``log N(y; A(D(x_t)), C)`` with
-    ``C = Sigma_y + sigma^2 (scale A' J A'^T + gamma A' A'^T)``.
+    ``C = Sigma_y + sigma^2 (scale A' J A'^T + gamma I)``.
 
     scale = 1, gamma = 0 is the Tweedie (MMPS) approximation of log p(y | x_t), exact for
-    a Gaussian prior and linear A; scale inflates the Tweedie term and gamma adds the
-    SDA-style term. Differentiable w.r.t. sigma_y, scale, gamma (for tuning them by
+    a Gaussian prior and linear A; scale inflates the Tweedie term and gamma adds
+    :class:`SDA`'s term, ``gamma sigma^2 I`` in observation space exactly as SDA divides
+    the residual by ``sigma_y^2 + gamma sigma^2`` (so with scale = 0 the gradient of this
+    evidence is SDA's guidance, for any operator; a gamma tuned here is the gamma SDA uses). Differentiable w.r.t. sigma_y, scale, gamma (for tuning them by
     maximum likelihood) and anything the denoiser closes over. (Padded observations,
     see the module doc, each add the constant ``log N(0; 0, sigma_y^2)``.)
 
@@ -472,11 +499,9 @@ def gaussian_evidence(denoise_fn: Denoiser, obs: Observations, x_t, sigma, cond:
     eye = jnp.eye(n, dtype=D.dtype)
     at_rows = jax.vmap(a_t)(eye)  # (n, *x.shape): A'^T e_i
     ajat = jax.vmap(lambda u: a_jvp(den_vjp(u)))(at_rows)
-    aat = jax.vmap(a_jvp)(at_rows)
     s2 = jnp.asarray(sigma, D.dtype) ** 2
     cov = (_obs_cov_dense(sy, U, n, D.dtype)
-           + s2 * (jnp.asarray(scale, D.dtype) * 0.5 * (ajat + ajat.T)
-                   + jnp.asarray(gamma, D.dtype) * 0.5 * (aat + aat.T)))
+           + s2 * (jnp.asarray(scale, D.dtype) * 0.5 * (ajat + ajat.T) + jnp.asarray(gamma, D.dtype) * eye))
     chol = jnp.linalg.cholesky(cov)
     z = jax.scipy.linalg.solve_triangular(chol, yy - ad, lower=True)
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diag(chol)))
