@@ -159,18 +159,20 @@ FSIZE_SCRIPT = textwrap.dedent(
     """
     import resource, signal, sys
     import numpy as np
-    from test_io import make_ds
-    from jaxguide import io
-    from jaxguide.io.files import write_json_atomic
+    import xarray as xr
+    from jaxguide.io.files import write_dataset, write_json_atomic
     d = sys.argv[1]
+
+    def ds(m):
+        return xr.Dataset({"T850": (("member", "pixel"), np.random.default_rng(m).normal(size=(m, 768)).astype("f4"))})
+
     write_json_atomic(f"{d}/s.json", {"a": 1})
-    io.write_dataset(make_ds(), f"{d}/a.nc")
+    write_dataset(ds(3), f"{d}/a.nc")
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
     resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
-    big = make_ds(ensemble=np.random.default_rng(1).normal(size=(40, 4, 1, 192)).astype("f4"))
     for write in (lambda: write_json_atomic(f"{d}/s.json", {"a": list(range(20000))}),
-                  lambda: io.write_dataset(big, f"{d}/a.nc", overwrite=True),
-                  lambda: io.write_dataset(big, f"{d}/b.zarr", format="zarr")):
+                  lambda: write_dataset(ds(40), f"{d}/a.nc", overwrite=True),
+                  lambda: write_dataset(ds(40), f"{d}/b.zarr", format="zarr")):
         try:
             write()
             print("no error")
@@ -198,7 +200,7 @@ def test_write_over_the_file_size_limit(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nc", "s.json"]  # no temporaries left
 
 
-def test_read_only_output_directory(tmp_path):
+def test_read_only_output_directory(reference, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -212,6 +214,35 @@ def test_read_only_output_directory(tmp_path):
         line = one_line_error(res)
         assert str(ro) in line and ("cannot create files" in line or "not writable" in line), line
         with pytest.raises(PermissionError, match=str(ro)):
-            assimilate_campaign(case.model(), case.table(), ro / "s.zarr", case.TIMES[:1], case.settings())
+            assimilate_campaign(None, case.table(), ro / "s.zarr", case.TIMES[:1], case.settings(),
+                                session=reference["session"])
     finally:
         (tmp_path / "ro").chmod(0o755)
+
+
+def test_cli_names_the_changed_file_and_allows_it_explicitly(tmp_path, monkeypatch):
+    """``jaxguide campaign --resume``: a changed input is one error line; with
+    ``--allow-changed-inputs`` the library is asked to continue (the library's check is
+    tested above; here the command line's wiring)."""
+    import jaxguide.campaign.run as run
+
+    asked = []
+
+    def fake(*a, allow_changed_inputs=False, **k):
+        asked.append(allow_changed_inputs)
+        if not allow_changed_inputs:
+            raise InputsChangedError(f"cannot resume 's.zarr': the observations file {str(tmp_path / 'o.csv')!r} "
+                                     "(size 1 -> 2) changed since the store was made; use the same inputs, a new "
+                                     "--out, or --allow-changed-inputs to continue anyway")
+        return {"store": str(tmp_path / "s.zarr"), "process": 0, "processes": 1, "times": 2, "pending_at_start": 0,
+                "this_process": [], "seconds_total": 0.0, "denoiser_calls_per_member": 2, "analysed": 2,
+                "skipped": 0, "incomplete": 0}
+
+    monkeypatch.setattr(run, "assimilate_campaign", fake)
+    base = ["campaign", "--model", str(tmp_path / "model"), "--obs", str(tmp_path / "o.csv"), "--out",
+            str(tmp_path / "s.zarr"), "--times", "2020-01-01T00/2020-01-01T06/PT6H", "--resume", "--no-cache"]
+    line = one_line_error(CliRunner().invoke(app, base))
+    assert "o.csv" in line and "--allow-changed-inputs" in line
+    res = CliRunner().invoke(app, base + ["--allow-changed-inputs"])
+    assert res.exit_code == 0, res.output
+    assert asked == [False, True]

@@ -110,8 +110,8 @@ def input_identity(obs, source: ObservationSource, sst) -> dict[str, Any]:
     else:
         observations = {"path": _source_name(obs), "identity": _table_identity(source.table)}
     out = {"observations": observations}
-    if sst is not None:
-        out["sst"] = {"path": str(sst), "identity": content_identity(sst)}
+    if sst is not None:  # a missing file is named where it is read
+        out["sst"] = {"path": str(sst), "identity": content_identity(sst) if Path(sst).is_file() else None}
     return out
 
 
