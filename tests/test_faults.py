@@ -64,7 +64,8 @@ def _nothing_lost(path: Path, reference) -> np.ndarray:
         for name in ref.data_vars:
             if "time" in ref[name].dims:
                 x, y = ds[name].isel(time=i).values, ref[name].isel(time=i).values
-                assert np.array_equal(x, y, equal_nan=True) if x.dtype.kind == "f" else x.tolist() == y.tolist(), (i, name)
+                same = np.array_equal(x, y, equal_nan=True) if x.dtype.kind == "f" else x.tolist() == y.tolist()
+                assert same, (i, name)
     return status
 
 

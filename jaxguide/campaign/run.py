@@ -38,10 +38,10 @@ import numpy as np
 import pandas as pd
 
 from jaxguide.campaign.store import ANALYSED, SKIPPED, CampaignStore, normalise_settings
-from jaxguide.io.files import content_identity
 from jaxguide.campaign.times import time_key
 from jaxguide.campaign.distributed import ProcessInfo, barrier, my_share
 from jaxguide.grid.latlon import LatLonGrid
+from jaxguide.io.files import content_identity
 from jaxguide.observations.sources import ObservationSource, PartitionedSource, TableSource, open_observations
 from jaxguide.observations.errors import BadObservationsError, EmptyTableError, ObservationError, UnknownVariableError
 from jaxguide.observations.prepare import bucket_size, prepare

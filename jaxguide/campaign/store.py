@@ -335,7 +335,8 @@ class CampaignStore:
         for name in (names if names is not None else [*self.variables, *STATUS_VARS]):
             arr = group[name]
             dims = list(arr.metadata.dimension_names)
-            ranges = [[i // arr.chunks[k]] if d == "time" else range(n) for k, (d, n) in enumerate(zip(dims, arr.cdata_shape))]
+            ranges = [[i // arr.chunks[k]] if d == "time" else range(n)
+                      for k, (d, n) in enumerate(zip(dims, arr.cdata_shape))]
             out += [(name, self.path / name / arr.metadata.encode_chunk_key(c)) for c in itertools.product(*ranges)]
         return out
 

@@ -133,7 +133,8 @@ def changed_content(path: str | os.PathLike, old: dict[str, Any], new: dict[str,
                 how = "added" if a is None else "removed" if b is None else _how(a, b)
                 return f"{str(path / name)!r} ({how})"
     if "files" in old or "files" in new:
-        return f"{str(path)!r} (a {'directory' if 'files' in old else 'file'} before, now a {'directory' if 'files' in new else 'file'})"
+        kinds = ["directory" if "files" in x else "file" for x in (old, new)]
+        return f"{str(path)!r} (a {kinds[0]} before, now a {kinds[1]})"
     return f"{str(path)!r} ({_how(old, new)})"
 
 
