@@ -170,3 +170,115 @@ def test_threads_write_disjoint_times_of_one_store(tmp_path):
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
     files = sorted(p.relative_to(seq.path) for p in seq.path.rglob("c/**/*") if p.is_file())
     assert files and all((seq.path / f).read_bytes() == (par.path / f).read_bytes() for f in files)
+
+
+def _record_io(monkeypatch):
+    """Record os.fsync (the synced path) and os.replace (the destination) in order."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        real_replace(src, dst, **kw)
+        events.append(("replace", os.path.realpath(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to name synced files")
+def test_data_is_durable_before_the_flag(tmp_path, monkeypatch):
+    """A machine crash cannot keep the flag and lose the data: every chunk file of the
+    time and its directory are fsynced before the flag is written, the flag after."""
+    store = make(tmp_path / "c.zarr")
+    root = str(store.path.resolve())
+    events = _record_io(monkeypatch)
+    store.write_time(one_time(TIMES[2], 2))
+    flag = f"{root}/completed/c/2"
+    i_flag = events.index(("replace", flag))
+    synced = [p for kind, p in events[:i_flag] if kind == "fsync"]
+    for name in ("tas", "T850", "tas_prior_mean", "n_obs"):
+        chunk = f"{root}/{name}/c/" + ("2" if name == "n_obs" else "2/0" if name == "tas_prior_mean" else "0/2/0")
+        assert chunk in synced, f"{name}: its chunk file was not fsynced before the flag"
+    for name in ("tas", "T850", "tas_prior_mean", "n_obs"):
+        assert f"{root}/{name}/c" in synced, f"{name}: its chunk directory was not fsynced before the flag"
+    after = [p for kind, p in events[i_flag:] if kind == "fsync"]
+    assert flag in after and f"{root}/completed/c" in after  # the flag and the rename into its directory
+
+
+def test_resume_refuses_changed_inputs(tmp_path):
+    from jaxguide.campaign.store import InputsChangedError
+    from jaxguide.io.files import content_identity
+
+    obs, parts = tmp_path / "obs.csv", tmp_path / "parts"
+    obs.write_text("time,lat,lon\n2020-01-01,1,2\n")
+    (parts / "time=1").mkdir(parents=True)
+    (parts / "time=1" / "p.parquet").write_bytes(b"one")
+    (parts / "time=2").mkdir()
+    (parts / "time=2" / "p.parquet").write_bytes(b"two")
+
+    def inputs():
+        return {"observations": {"path": str(obs), "identity": content_identity(obs)},
+                "sst": {"path": str(parts), "identity": content_identity(parts)}}
+
+    store = CampaignStore.create(tmp_path / "c.zarr", one_time(TIMES[0], 0), TIMES, SETTINGS, inputs=inputs())
+    CampaignStore.open(store.path, TIMES, SETTINGS, inputs=inputs())  # unchanged: fine
+    obs.write_text("time,lat,lon\n2020-01-01,1,3\n")  # same size, one digit edited
+    with pytest.raises(InputsChangedError, match=r"observations file '.*obs.csv' \(same size, different contents\)"):
+        CampaignStore.open(store.path, TIMES, SETTINGS, inputs=inputs())
+    CampaignStore.open(store.path, TIMES, SETTINGS, inputs=inputs(), allow_changed_inputs=True)  # allowed
+    obs.write_text("time,lat,lon\n2020-01-01,1,2\n")
+    (parts / "time=2" / "p.parquet").write_bytes(b"two!")
+    with pytest.raises(InputsChangedError, match=r"'.*parts/time=2/p.parquet' \(size 3 -> 4\)"):
+        CampaignStore.open(store.path, TIMES, SETTINGS, inputs=inputs())
+    (parts / "time=2" / "p.parquet").write_bytes(b"two")
+    (parts / "time=3").mkdir()
+    (parts / "time=3" / "p.parquet").write_bytes(b"new")
+    with pytest.raises(InputsChangedError, match=r"'.*parts/time=3/p.parquet' \(added\)") as e:
+        CampaignStore.open(store.path, TIMES, SETTINGS, inputs=inputs())
+    assert "\n" not in str(e.value) and "--allow-changed-inputs" in str(e.value)
+
+
+def test_store_opens_without_consolidation_warning(tmp_path):
+    import warnings
+
+    import xarray as xr
+
+    store = make(tmp_path / "c.zarr")
+    store.write_time(one_time(TIMES[1], 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with xr.open_zarr(store.path) as ds:
+            assert ds["completed"].values.tolist() == [PENDING, ANALYSED, PENDING, PENDING]
+            assert ds["tas"].isel(time=1).notnull().all()
+    store.consolidate()  # again at the end of a run (a store of an earlier jaxguide): still right
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with xr.open_zarr(store.path) as ds:
+            assert ds["completed"].values.tolist() == [PENDING, ANALYSED, PENDING, PENDING]
+
+
+def test_redo_damaged_finds_truncated_and_missing_chunks(tmp_path):
+    store = make(tmp_path / "c.zarr")
+    for i in range(3):
+        store.write_time(one_time(TIMES[i], i))
+    store.skip(TIMES[3], "no observations")
+    assert store.redo_damaged() == []
+    chunk = store.path / "T850" / "c" / "0" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:40])  # truncated
+    (store.path / "tas_prior_mean" / "c" / "2" / "0").unlink()  # deleted
+    redo = store.redo_damaged()
+    assert [t for t, _ in redo] == [TIMES[1], TIMES[2]]
+    assert "T850/c/0/1/0 cannot be read" in redo[0][1] and "tas_prior_mean/c/2/0 is missing" in redo[1][1]
+    assert store.pending() == [1, 2]
+    for i in (1, 2):
+        store.write_time(one_time(TIMES[i], i))
+    ds, ref = read_campaign(store.path), one_time(TIMES[1], 1)
+    np.testing.assert_array_equal(ds["T850"].isel(time=[1]).values, ref["T850"].values)
+    assert store.redo_damaged() == [] and store.pending() == []

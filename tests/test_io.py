@@ -300,3 +300,42 @@ def test_stale_temporary_rules(tmp_path):
     os.utime(tmp_path / ".m.json.q1w2e3r4.tmp", (old, old))
     io.write_json_atomic(tmp_path / "m.json", {"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.json", *(n for n, keep in names.items() if keep)])
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to name synced files")
+@pytest.mark.parametrize("kind", ["json", "zarr"])
+def test_atomic_writes_are_durable(tmp_path, monkeypatch, kind):
+    """The data are fsynced before the rename, the directory after it (a machine crash
+    cannot leave the new name pointing at data that never reached the disk)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    root = os.path.realpath(tmp_path)
+    if kind == "json":
+        dest = tmp_path / "s.json"
+        io_files.write_json_atomic(dest, {"a": 1})
+        io_files.write_json_atomic(dest, {"a": 2})  # over an existing file
+        events = events[len(events) // 2:]
+    else:
+        dest = tmp_path / "a.zarr"
+        io.write_dataset(make_ds(), dest, format="zarr")
+    moves = [k for k, e in enumerate(events) if e[0] == "replace" and e[2] == os.path.realpath(dest)]
+    assert len(moves) == 1, events
+    k = moves[0]
+    src = events[k][1]
+    synced_before = [e[1] for e in events[:k] if e[0] == "fsync"]
+    if kind == "json":
+        assert src in synced_before  # the written temporary
+    else:
+        assert f"{src}/zarr.json" in synced_before and any(p.startswith(f"{src}/T850/c") for p in synced_before)
+    assert ("fsync", root) in events[k + 1:]  # the directory, after the rename

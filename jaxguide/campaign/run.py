@@ -11,7 +11,11 @@ into one zarr store (:mod:`jaxguide.campaign.store`) with a ``time`` dimension:
   the order, the process that runs it, or resumes;
 - resumable: times are written whole and flagged complete last; ``resume=True`` checks
   the store's settings (:class:`~jaxguide.campaign.store.SettingsMismatchError` names a
-  difference) and runs the times not yet complete;
+  difference) and the contents of the observation and SST files (size and SHA-256, a
+  manifest of the partition files for a directory;
+  :class:`~jaxguide.campaign.store.InputsChangedError` names a changed file), redoes
+  complete times whose chunk files were lost or damaged, and runs the times not yet
+  complete;
 - skipped times: a window without observations, or whose observations are all rejected,
   is recorded as skipped with the reason (``completed = 2``, ``skipped_reason``);
 - several processes: with :mod:`jaxguide.campaign.distributed` initialised, process 0 creates
@@ -36,6 +40,7 @@ import pandas as pd
 from jaxguide.campaign.store import ANALYSED, SKIPPED, CampaignStore, normalise_settings
 from jaxguide.campaign.distributed import ProcessInfo, barrier, my_share
 from jaxguide.grid.latlon import LatLonGrid
+from jaxguide.io.files import content_identity
 from jaxguide.observations.sources import ObservationSource, PartitionedSource, TableSource, open_observations
 from jaxguide.observations.errors import BadObservationsError, EmptyTableError, ObservationError, UnknownVariableError
 from jaxguide.observations.prepare import bucket_size, prepare
@@ -84,6 +89,31 @@ def campaign_settings(settings: AssimilationSettings, dm, *, obs_name: str, sst,
     return normalise_settings(out)
 
 
+def _table_identity(table: pd.DataFrame) -> dict[str, Any]:
+    import hashlib
+
+    digest = hashlib.sha256(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
+    digest.update(repr(list(table.columns)).encode())
+    return {"rows": len(table), "sha256": digest.hexdigest()}
+
+
+def input_identity(obs, source: ObservationSource, sst) -> dict[str, Any]:
+    """What the campaign's inputs hold, recorded in the store and compared on resume: the
+    observation file (size, SHA-256), the partition files of a directory (a manifest of
+    names, sizes, hashes) or a table's contents, and the SST file."""
+    if isinstance(source, PartitionedSource):
+        observations = {"path": str(source.root),
+                        "identity": content_identity(source.root, [p.path for p in source.parts])}
+    elif isinstance(obs, str | os.PathLike):
+        observations = {"path": str(obs), "identity": content_identity(obs)}
+    else:
+        observations = {"path": _source_name(obs), "identity": _table_identity(source.table)}
+    out = {"observations": observations}
+    if sst is not None:  # a missing file is named where it is read
+        out["sst"] = {"path": str(sst), "identity": content_identity(sst) if Path(sst).is_file() else None}
+    return out
+
+
 def _provenance(settings: AssimilationSettings, dm, command: str) -> dict[str, Any]:
     return run_provenance(settings, dm, command, n_obs="per time: variable n_obs")
 
@@ -127,6 +157,7 @@ def assimilate_campaign(
     regrid: LatLonGrid | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    allow_changed_inputs: bool = False,
     command: str = "jaxguide.campaign.run.assimilate_campaign",
     progress: Callable[[CampaignProgress], None] | None = None,
     process: ProcessInfo = ProcessInfo(),
@@ -141,8 +172,10 @@ def assimilate_campaign(
         or earth2studio layout, :mod:`jaxguide.observations.sources`) or an opened source.
       times: increasing UTC times (whole seconds), e.g. from
         :func:`jaxguide.campaign.times.parse_times`.
-      resume: continue an existing store (settings must match); without it an existing
-        store is an error unless ``overwrite``.
+      resume: continue an existing store (settings and input contents must match); without
+        it an existing store is an error unless ``overwrite``.
+      allow_changed_inputs: resume even if the observation or SST files changed since the
+        store was made (a warning instead of :class:`~jaxguide.campaign.store.InputsChangedError`).
       progress: called after each of this process's times.
       process: this process's place (:func:`jaxguide.campaign.distributed.initialize`).
     Returns a JSON-friendly summary (this process's times; on process 0 also the
@@ -164,12 +197,13 @@ def assimilate_campaign(
     source = obs if isinstance(obs, TableSource | PartitionedSource) else open_observations(obs, sigma_y=settings.sigma_y)
     pad_to = _padding(source, times, settings)
     config = campaign_settings(settings, dm, obs_name=_source_name(obs), sst=sst, regrid=regrid, pad_to=pad_to)
+    inputs = input_identity(obs, source, sst)
 
     # the store: every process checks it (so that a refusal stops all of them, not only
     # process 0 while the others wait), process 0 creates it, the others open it after
     exists = store.exists()
-    if exists and resume:
-        CampaignStore.open(store, times, config)  # SettingsMismatchError names a difference
+    if exists and resume:  # SettingsMismatchError / InputsChangedError name a difference
+        CampaignStore.open(store, times, config, inputs=inputs, allow_changed_inputs=allow_changed_inputs)
     elif exists and not overwrite:
         raise FileExistsError(f"{str(store)!r} exists (pass --resume to continue that campaign, or --overwrite)")
     barrier("jaxguide-campaign-store-checked", process)  # before process 0 creates it
@@ -183,7 +217,10 @@ def assimilate_campaign(
                                            prior=nan[:1] if n_prior > 0 else None, regrid_latlon=regrid)
             if n_prior > 0:
                 template.attrs["n_prior_members"] = n_prior
-            CampaignStore.create(store, _per_time_vars(template, 0, 0), times, config, overwrite=overwrite)
+            CampaignStore.create(store, _per_time_vars(template, 0, 0), times, config, overwrite=overwrite,
+                                 inputs=inputs)
+        else:  # complete times whose chunk files were lost or damaged are run again
+            CampaignStore.open(store).redo_damaged()
     barrier("jaxguide-campaign-store-ready", process)
     st = CampaignStore.open(store, times, config)
     pending = st.pending()
@@ -266,6 +303,7 @@ def assimilate_campaign(
         "denoiser_calls_per_member": denoiser_calls(settings),
     }
     if process.is_main:
+        st.consolidate()  # for a store of an earlier jaxguide (made without consolidated metadata)
         status = st.status()
         summary["analysed"] = int(np.sum(status == ANALYSED))
         summary["skipped"] = int(np.sum(status == SKIPPED))

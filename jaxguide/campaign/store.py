@@ -15,14 +15,30 @@ different times never touch the same file, and a time is written data first and 
 ``completed`` flag last (each chunk file is replaced atomically by zarr's local store).
 A run killed at any moment leaves every time either complete or flagged 0; a resumed
 run (:meth:`CampaignStore.open`) writes the flagged-0 times again, whole. Unwritten data
-read as NaN.
+read as NaN. A machine crash cannot reorder this: the time's chunk files (and their
+directories) are fsynced before the flag is written, and the flag is fsynced after.
+:meth:`CampaignStore.redo_damaged` (run on ``--resume``) flags pending again any complete
+time whose chunk files were lost or damaged since.
+
+The attribute also records what the inputs held (:func:`jaxguide.io.files.content_identity`
+of the observation and SST files), so a resume with edited inputs is refused
+(:class:`InputsChangedError`) instead of mixing old and new results. The store's metadata
+are consolidated (``zarr.json`` at the root lists every array; they never change after
+creation), so ``xarray.open_zarr(store)`` opens it without a warning.
+
+``JAXGUIDE_TEST_KILL_AT`` is a hook of the fault tests (:func:`fault_hook`).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import os
+import re
+import signal
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +48,17 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from jaxguide.io.files import output_parent, remove_path, replace_into_place, require_zarr, temp_beside
+from jaxguide.io.files import (
+    changed_content,
+    fsync_dir,
+    fsync_file,
+    fsync_tree,
+    output_parent,
+    remove_path,
+    replace_into_place,
+    require_zarr,
+    temp_beside,
+)
 from jaxguide.io.times import parse_time
 
 logger = logging.getLogger(__name__)
@@ -54,6 +80,36 @@ class SettingsMismatchError(CampaignStoreError):
     def __init__(self, message: str, setting: str):
         super().__init__(message)
         self.setting = setting
+
+
+class InputsChangedError(CampaignStoreError):
+    """``--resume`` with an observation or SST file whose contents differ from those the
+    store was made with; the message names the file."""
+
+
+KILL_AT_ENV = "JAXGUIDE_TEST_KILL_AT"
+
+
+def fault_hook(point: str, index: int | None = None) -> None:
+    """Fault-test hook: with ``JAXGUIDE_TEST_KILL_AT=POINT[:INDEX][+SECONDS]`` in the
+    environment, kill this process (SIGKILL, as ``kill -9``) when it reaches ``point`` (of
+    time ``INDEX`` when given), or ``SECONDS`` after that (then it dies in whatever
+    follows: compiling, sampling). Points: ``start`` (the pending times were read),
+    ``before_data``, ``after_data`` (data written, flag not yet), ``after_flag`` (per
+    time), ``before_consolidate``. Unset: nothing."""
+    spec = os.environ.get(KILL_AT_ENV)
+    if not spec:
+        return
+    m = re.fullmatch(r"(\w+)(?::(\d+))?(?:\+([0-9.]+))?", spec.strip())
+    if m is None or m.group(1) != point or (m.group(2) is not None and int(m.group(2)) != index):
+        return
+    kill = functools.partial(os.kill, os.getpid(), signal.SIGKILL)
+    if m.group(3):
+        timer = threading.Timer(float(m.group(3)), kill)
+        timer.daemon = True
+        timer.start()
+    else:
+        kill()
 
 
 def normalise_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,6 +159,7 @@ class CampaignStore:
         settings: Mapping[str, Any],
         *,
         overwrite: bool = False,
+        inputs: Mapping[str, Any] | None = None,
     ) -> CampaignStore:
         """Create the store for all ``times`` (nothing analysed yet), atomically.
 
@@ -112,6 +169,8 @@ class CampaignStore:
           per-time ones are allocated (NaN / 0) for every time.
         settings: JSON-friendly mapping stored in the ``jaxguide_campaign`` attribute and
           compared by :meth:`open`.
+        inputs: what the input files held, ``{role: {"path": ..., "identity": ...}}``
+          (:func:`jaxguide.io.files.content_identity`), compared by :meth:`open`.
         Raises FileExistsError (exists and not ``overwrite``), FileNotFoundError (no parent
         directory), CampaignStoreError (bad template or times).
         """
@@ -144,7 +203,10 @@ class CampaignStore:
             }),
             skipped_reason=("time", np.array([""], dtype=object), {"long_name": "why the time was skipped"}),
         )
-        ds.attrs[CAMPAIGN_ATTR] = json.dumps({"settings": settings, "n_times": len(times)}, sort_keys=True)
+        meta: dict[str, Any] = {"settings": settings, "n_times": len(times)}
+        if inputs is not None:
+            meta["inputs"] = normalise_settings(inputs)
+        ds.attrs[CAMPAIGN_ATTR] = json.dumps(meta, sort_keys=True)
 
         encoding: dict[str, dict[str, Any]] = {"time": {"units": TIME_UNITS, "calendar": "proleptic_gregorian",
                                                         "dtype": "int64", "chunks": (len(times),)}}
@@ -166,7 +228,9 @@ class CampaignStore:
                 shape[list(arr.metadata.dimension_names).index("time")] = len(times)
                 arr.resize(tuple(shape))
             group["time"][:] = times.asi8 // 1_000_000_000
-            replace_into_place(target, path)
+            _consolidate(target)
+            fsync_tree(target)
+            replace_into_place(target, path)  # and fsyncs the parent directory
         finally:
             remove_path(tmp)
         logger.info("created campaign store %s: %d times", path, len(times))
@@ -174,10 +238,14 @@ class CampaignStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, times: Sequence[Any] | None = None,
-             settings: Mapping[str, Any] | None = None) -> CampaignStore:
+             settings: Mapping[str, Any] | None = None, *, inputs: Mapping[str, Any] | None = None,
+             allow_changed_inputs: bool = False) -> CampaignStore:
         """Open an existing store to continue it. With ``times`` / ``settings`` given,
         they must equal the store's: otherwise :class:`SettingsMismatchError` naming the
-        first differing setting (``"times"``, checked first, for the time list)."""
+        first differing setting (``"times"``, checked first, for the time list). With
+        ``inputs`` given (as to :meth:`create`), an input whose contents differ from the
+        recorded ones raises :class:`InputsChangedError` naming the file, unless
+        ``allow_changed_inputs`` (then a warning)."""
         require_zarr()
         path = Path(path)
         if not path.exists():
@@ -190,7 +258,8 @@ class CampaignStore:
             meta = ds.attrs.get(CAMPAIGN_ATTR)
             if meta is None or any(v not in ds.variables for v in STATUS_VARS):
                 raise CampaignStoreError(f"{str(path)!r} is not a jaxguide campaign store (no {CAMPAIGN_ATTR!r} attribute)")
-            stored = json.loads(meta)["settings"]
+            meta = json.loads(meta)
+            stored = meta["settings"]
             store_times = pd.DatetimeIndex(ds["time"].values).as_unit("ns")
             names = tuple(_time_vars(ds))
         if times is not None:
@@ -208,6 +277,8 @@ class CampaignStore:
                     raise SettingsMismatchError(
                         f"cannot resume {str(path)!r}: it was made with {key}={old_v!r}, this run has "
                         f"{key}={new_v!r}; use the same settings, or a new --out", key)
+        if inputs is not None:
+            _check_inputs(path, meta.get("inputs"), normalise_settings(inputs), allow_changed_inputs)
         return cls(path, store_times, stored, names)
 
     # ---------------------------------------------------------------- state
@@ -220,7 +291,9 @@ class CampaignStore:
 
     def pending(self) -> list[int]:
         """Indices of the times not yet complete (analysed or skipped)."""
-        return [int(i) for i in np.flatnonzero(self.status() == PENDING)]
+        out = [int(i) for i in np.flatnonzero(self.status() == PENDING)]
+        fault_hook("start")
+        return out
 
     def index(self, time) -> int:
         t = parse_time(time)
@@ -232,7 +305,83 @@ class CampaignStore:
     # ---------------------------------------------------------------- writing
 
     def _region_write(self, i: int, data: Mapping[str, xr.Variable]) -> None:
+        """Write the variables of time ``i`` and make them durable: fsync their chunk files
+        and the directories holding them (zarr renames each chunk file into place, or
+        removes it when the chunk equals the fill value)."""
         xr.Dataset(dict(data)).to_zarr(self.path, region={"time": slice(i, i + 1)}, consolidated=False)
+        dirs = set()
+        for f in self.chunk_files(i, list(data)):
+            if f.exists():
+                fsync_file(f)
+            d = f.parent
+            while d != self.path.parent and d not in dirs:
+                dirs.add(d)
+                d = d.parent
+        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+            if d.is_dir():
+                fsync_dir(d)
+
+    def chunk_files(self, i: int, names: Sequence[str] | None = None) -> list[Path]:
+        """The chunk files of time ``i`` of the variables ``names`` (default: every per-time
+        variable and the status ones), whether they exist or not (a chunk equal to the fill
+        value is not stored)."""
+        import zarr
+
+        group = zarr.open_group(self.path, mode="r", use_consolidated=False)
+        return [f for _, f in self._chunks(group, i, names)]
+
+    def _chunks(self, group, i: int, names: Sequence[str] | None = None) -> list[tuple[str, Path]]:
+        out = []
+        for name in (names if names is not None else [*self.variables, *STATUS_VARS]):
+            arr = group[name]
+            dims = list(arr.metadata.dimension_names)
+            ranges = [[i // arr.chunks[k]] if d == "time" else range(n)
+                      for k, (d, n) in enumerate(zip(dims, arr.cdata_shape))]
+            out += [(name, self.path / name / arr.metadata.encode_chunk_key(c)) for c in itertools.product(*ranges)]
+        return out
+
+    def consolidate(self) -> None:
+        """(Re)write the consolidated metadata (see the module docstring), durably."""
+        fault_hook("before_consolidate")
+        _consolidate(self.path)
+        fsync_file(self.path / "zarr.json")
+        fsync_dir(self.path)
+
+    def redo_damaged(self) -> list[tuple[pd.Timestamp, str]]:
+        """Flag pending again every complete time whose chunk files are missing (an
+        analysed time's floating-point data) or cannot be decoded (truncated, damaged), so
+        that a resume writes it again; returns those times and what was wrong."""
+        import zarr
+
+        group = zarr.open_group(self.path, mode="r", use_consolidated=False)
+        flags = group["completed"]
+        redo = []
+        for i in range(len(self.times)):
+            try:
+                flag = int(flags[i])
+            except Exception as e:  # noqa: BLE001 - a flag that cannot be read: the time is redone
+                redo.append((i, f"its flag cannot be read ({type(e).__name__})"))
+                continue
+            if flag == PENDING:
+                continue
+            for name, f in self._chunks(group, i):
+                arr = group[name]
+                rel = f.relative_to(self.path).as_posix()
+                if not f.exists():
+                    if flag == ANALYSED and np.issubdtype(arr.dtype, np.floating):
+                        redo.append((i, f"chunk file {rel} is missing"))
+                        break
+                    continue
+                region = tuple(slice(i, i + 1) if d == "time" else slice(None) for d in arr.metadata.dimension_names)
+                try:
+                    arr[region]
+                except Exception as e:  # noqa: BLE001 - any decoding failure means a damaged chunk
+                    redo.append((i, f"chunk file {rel} cannot be read ({type(e).__name__})"))
+                    break
+        for i, why in redo:
+            logger.warning("redoing %s: %s", self.times[i], why)
+            self._region_write(i, {"completed": xr.Variable(("time",), np.array([PENDING], np.int8))})
+        return [(self.times[i], why) for i, why in redo]
 
     def write_time(self, ds: xr.Dataset) -> int:
         """Write one analysed time (a dataset like the template, time size 1), then flag
@@ -251,8 +400,11 @@ class CampaignStore:
                     raise CampaignStoreError(f"{n}: dims {v.dims} shape {v.shape} do not fit the store's {s.dims} {s.shape}")
                 data[n] = xr.Variable(v.dims, np.asarray(v.values, s.dtype))
         data["skipped_reason"] = xr.Variable(("time",), np.array([""], dtype=object))
-        self._region_write(i, data)
+        fault_hook("before_data", i)
+        self._region_write(i, data)  # durable before the flag is written
+        fault_hook("after_data", i)
         self._region_write(i, {"completed": xr.Variable(("time",), np.array([ANALYSED], np.int8))})
+        fault_hook("after_flag", i)
         return i
 
     def skip(self, time, reason: str, **scalars: float) -> int:
@@ -269,10 +421,47 @@ class CampaignStore:
                 value = scalars.get(n, _fill(s.dtype))
                 data[n] = xr.Variable(s.dims, np.full(shape, value, s.dtype))
         data["skipped_reason"] = xr.Variable(("time",), np.array([str(reason)], dtype=object))
-        self._region_write(i, data)
+        fault_hook("before_data", i)
+        self._region_write(i, data)  # durable before the flag is written
+        fault_hook("after_data", i)
         self._region_write(i, {"completed": xr.Variable(("time",), np.array([SKIPPED], np.int8))})
+        fault_hook("after_flag", i)
         logger.warning("skipped %s: %s", self.times[i], reason)
         return i
+
+
+def _consolidate(path: Path) -> None:
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():  # zarr 3: "consolidated metadata is not part of the v3 spec" (xarray reads it)
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(path)
+
+
+def _check_inputs(path: Path, old: Mapping[str, Any] | None, new: Mapping[str, Any], allow: bool) -> None:
+    """InputsChangedError naming the first input file whose contents are not the recorded ones."""
+    if old is None:
+        logger.warning("%s records no input contents (made by an earlier jaxguide): cannot check that the "
+                       "observation and SST files are unchanged", path)
+        return
+    for role in sorted(set(old) | set(new)):
+        a, b = old.get(role), new.get(role)
+        if a is None or b is None or a.get("identity") is None or b.get("identity") is None:
+            if (a or {}).get("identity") == (b or {}).get("identity"):
+                continue
+            what = f"{role} input {(b or a or {}).get('path')!r} ({'not recorded' if a is None else 'not given now'})"
+        else:
+            what = changed_content(b.get("path") or a.get("path"), a["identity"], b["identity"])
+            if what is None:
+                continue
+            what = f"{role} file {what}"
+        msg = (f"cannot resume {str(path)!r}: the {what} changed since the store was made; use the same inputs, "
+               "a new --out, or --allow-changed-inputs to continue anyway")
+        if not allow:
+            raise InputsChangedError(msg)
+        logger.warning("the %s changed since %s was made; continuing (changed inputs allowed)", what, path)
 
 
 def read_campaign(path: str | os.PathLike) -> xr.Dataset:

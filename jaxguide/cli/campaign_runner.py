@@ -67,8 +67,8 @@ def run_campaign(run: RunOptions, processes: Processes = Processes()) -> None:
 
         summary = assimilate_campaign(
             run.model, run.obs, run.out, when, settings, sst=run.sst, regrid=grid, resume=run.resume,
-            overwrite=run.overwrite, command=" ".join(shlex.quote(a) for a in ["jaxguide", *sys.argv[1:]]),
-            progress=progress, process=info)
+            overwrite=run.overwrite, allow_changed_inputs=run.allow_changed_inputs,
+            command=" ".join(shlex.quote(a) for a in ["jaxguide", *sys.argv[1:]]), progress=progress, process=info)
     print_campaign_summary(summary, run.out, who=who, is_main=info.is_main)
     if run.json_path is not None:
         write_json_atomic(run.json_path, summary)

@@ -3,13 +3,17 @@
 What goes into an analysis file (variables, coordinates, CF attributes) is defined in
 :mod:`jaxguide.assimilation.dataset`; this module only puts a Dataset on disk and reads it back.
 Every write goes to a hidden temporary beside the destination and is renamed into
-place, so a destination is absent, the old file, or complete; the new file gets the
+place, so a destination is absent, the old file, or complete, and is durable: the data
+are fsynced before the rename and the directory after it (:func:`fsync_file`,
+:func:`fsync_dir`), so a machine crash cannot leave the new name on disk with data that
+never got there. The new file gets the
 permissions a plain ``open(path, "w")`` would give (``0o666`` minus the umask), not
 ``mkstemp``'s ``0o600``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -55,6 +59,89 @@ def _chmod_tree(path: Path) -> None:
                 os.chmod(os.path.join(root, n), _default_mode())
     else:
         os.chmod(path, _default_mode())
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data to the disk (``os.fsync``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (renames, new and removed files in it) to the disk;
+    a no-op where a directory cannot be opened or synced (Windows, some filesystems)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file and directory under ``path`` (a zarr store before its rename)."""
+    path = Path(path)
+    if not path.is_dir():
+        fsync_file(path)
+        return
+    for root, _dirs, names in os.walk(path, topdown=False):
+        for n in names:
+            fsync_file(os.path.join(root, n))
+        fsync_dir(root)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_identity(path: str | os.PathLike, files: list[Path] | None = None) -> dict[str, Any]:
+    """What an input holds, to tell later whether it changed: for a file its size and
+    SHA-256, ``{"size", "sha256"}``; for a directory a manifest ``{"files": {name relative
+    to it: {"size", "sha256"}}}`` of ``files`` (default: every file under it, hidden
+    ones aside)."""
+    path = Path(path)
+    if not path.is_dir():
+        return {"size": path.stat().st_size, "sha256": _sha256(path)}
+    if files is None:
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(s.startswith(".") for s in p.relative_to(path).parts))
+    return {"files": {p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                      for p in sorted(files)}}
+
+
+def changed_content(path: str | os.PathLike, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """None when two :func:`content_identity` of ``path`` agree; else the file that
+    differs and how (``'obs.parquet' (size 100 -> 120)``, ``'obs/b.parquet' (removed)``)."""
+    if old == new:
+        return None
+    path = Path(path)
+    if "files" in old and "files" in new:
+        for name in sorted(set(old["files"]) | set(new["files"])):
+            a, b = old["files"].get(name), new["files"].get(name)
+            if a != b:
+                how = "added" if a is None else "removed" if b is None else _how(a, b)
+                return f"{str(path / name)!r} ({how})"
+    if "files" in old or "files" in new:
+        kinds = ["directory" if "files" in x else "file" for x in (old, new)]
+        return f"{str(path)!r} (a {kinds[0]} before, now a {kinds[1]})"
+    return f"{str(path)!r} ({_how(old, new)})"
+
+
+def _how(a: dict[str, Any], b: dict[str, Any]) -> str:
+    if a.get("size") != b.get("size"):
+        return f"size {a.get('size')} -> {b.get('size')}"
+    return "same size, different contents"
 
 
 def remove_path(path: Path) -> None:
@@ -212,12 +299,22 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, format: Format = "
     tmp = temp_beside(path, directory=True)
     target = tmp / path.name
     try:
-        if format == "netcdf":
-            ds.to_netcdf(target, engine="netcdf4", format="NETCDF4", encoding=netcdf_encoding(ds))
-            with open(target, "rb") as fh:
-                os.fsync(fh.fileno())
-        else:
-            ds.to_zarr(target, mode="w", consolidated=False)
+        try:
+            if format == "netcdf":
+                ds.to_netcdf(target, engine="netcdf4", format="NETCDF4", encoding=netcdf_encoding(ds))
+                fsync_file(target)
+            else:
+                ds.to_zarr(target, mode="w", consolidated=False)
+                fsync_tree(target)
+        except OSError as e:  # disk full, file-size limit, ...: name the destination (the old one is intact)
+            if e.filename is not None or not e.strerror:
+                raise
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        except RuntimeError as e:  # the NetCDF library's "NetCDF: HDF error" for the same
+            if "HDF error" not in str(e):
+                raise
+            raise OSError(f"cannot write {str(path)!r} ({e}; disk full or over a file-size limit?); "
+                          "an existing file there is unchanged") from None
         _chmod_tree(target)
         replace_into_place(target, path)
         logger.info("wrote %s (%s)", path, format)
@@ -268,21 +365,26 @@ def check_writable_dir(directory: str | os.PathLike) -> Path:
 
 
 def replace_into_place(target: Path, path: Path) -> None:
-    """Rename the finished ``target`` to ``path``; an existing directory at ``path`` (a
-    zarr store) is moved aside first and removed after, since a rename cannot replace a
-    non-empty directory."""
+    """Rename the finished (and fsynced) ``target`` to ``path``, then fsync the directory
+    so that the rename is durable; an existing directory at ``path`` (a zarr store) is
+    moved aside first and removed after, since a rename cannot replace a non-empty
+    directory."""
+    parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         old = path.parent / f".{path.name}.{_writer_tag()}.old"
         os.replace(path, old)
         os.replace(target, path)
+        fsync_dir(parent)
         remove_path(old)
     else:
         os.replace(target, path)
+        fsync_dir(parent)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a hidden temporary file beside ``path``, then rename it to
-    ``path``: the destination is either absent, the old file, or complete. The file
+    ``path``: the destination is either absent, the old file, or complete, and durable
+    (the data are fsynced before the rename, the directory after it). The file
     gets the permissions of a plain write (``0o666`` minus the umask). Temporaries
     that killed earlier writes of ``path`` left behind are removed first
     (:func:`remove_stale_temporaries`).
@@ -296,9 +398,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         raise IsADirectoryError(f"{str(path)!r} is a directory; expected a file name")
     tmp = temp_beside(path, directory=False)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+            fsync_file(tmp)
+        except OSError as e:  # disk full, file-size limit, ...: name the destination (the old file is intact)
+            if e.filename is not None or not e.strerror:
+                raise
+            raise OSError(e.errno, e.strerror, str(path)) from None
         os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
+        replace_into_place(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
