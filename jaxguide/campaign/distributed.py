@@ -10,9 +10,11 @@ Faults: a process that fails tells the others (:func:`abort_on_error` publishes 
 message, naming the process and what it was doing); every other process stops at its
 next check (:func:`check_abort`, between times) or barrier and raises
 :class:`CampaignAbortedError`, so all of them exit non-zero. A process that dies without
-telling is caught by the barrier's timeout (:func:`barrier_timeout`,
-``JAXGUIDE_BARRIER_TIMEOUT`` seconds, default 1800) counted from the last time any process
-finished a time (:func:`note_progress`), so a long campaign is never cut short.
+telling (kill -9, a crash) stops sending heartbeats, and JAX's coordination service ends
+the others (``heartbeat_timeout_seconds``, 100 s; exit status 134). One that hangs alive
+is caught by the barrier's timeout (:func:`barrier_timeout`, ``JAXGUIDE_BARRIER_TIMEOUT``
+seconds, default 1800) counted from the last time any process arrived or finished a time
+(:func:`note_progress`), so a long campaign is never cut short.
 
 Launching:
 
