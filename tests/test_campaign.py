@@ -189,7 +189,7 @@ def test_two_processes_write_the_same_store(reference, tmp_path):
     assert_same_store(path, reference["path"])
 
 
-@pytest.mark.slow  # ~60 s on 2 cores (two processes compile): in the `-m slow` set that CI also runs
+@pytest.mark.slow  # 28-61 s on 2 cores (two processes compile): in the `-m slow` set that CI also runs
 def test_one_process_failing_stops_both_and_resume_completes(reference, tmp_path):
     """A fault that is not about the data (a RuntimeError from the model at one time) in
     process 1 of 2, at its second time: both exit non-zero within a bound, naming the
