@@ -7,7 +7,9 @@ third are all rejected (latitude 100), so every run also records a skipped time.
 Everything is deterministic, so separate processes build identical inputs.
 
 Run as a script it is one campaign process:
-``python campaign_case.py STORE [--coordinator H:P --process-id I] [--sleep S]``.
+``python campaign_case.py STORE [--coordinator H:P --process-id I] [--sleep S] [--fail-at TIME]``
+(``--fail-at``: an injected fault, a RuntimeError when the model is asked for TIME's
+conditioning: an error that is not about the time's data).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main(argv=None) -> None:
     p.add_argument("--coordinator")
     p.add_argument("--process-id", type=int)
     p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--fail-at")
     a = p.parse_args(argv)
     from jaxguide.campaign.distributed import ProcessInfo, initialize
 
@@ -70,7 +73,17 @@ def main(argv=None) -> None:
         print(f"done {p.done}/{p.total} {p.time}", flush=True)
         time.sleep(a.sleep)
 
-    assimilate_campaign(model(), table(), a.store, TIMES, settings(), resume=True, process=info, progress=slow)
+    m = model()
+    if a.fail_at:
+        fail_at, conditioning = pd.Timestamp(a.fail_at), m.conditioning
+
+        def faulty(t, **kw):
+            if t == fail_at:
+                raise RuntimeError(f"injected fault at {t}")
+            return conditioning(t, **kw)
+
+        object.__setattr__(m, "conditioning", faulty)  # a frozen dataclass: this instance only
+    assimilate_campaign(m, table(), a.store, TIMES, settings(), resume=True, process=info, progress=slow)
     print("finished", flush=True)
 
 

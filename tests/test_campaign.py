@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import campaign_case as case
@@ -97,6 +98,48 @@ def test_resume_rules(reference, tmp_path):
     assert summary["pending_at_start"] == 0 and summary["this_process"] == []
 
 
+def test_sigma_y_naming_a_variable_one_window_lacks_skips_that_time(reference, tmp_path):
+    """Only the first time's window has T500 (the others' T500 rows become T850, so the
+    padding and programs stay the reference's): a per-variable sigma_y naming T500 skips
+    the other times with the reason, and the run completes."""
+    table = case.table()
+    later = table["time"] > case.TIMES[0] + pd.Timedelta(hours=3)
+    table.loc[later & (table["variable"] == "T500"), "variable"] = "T850"
+    settings = case.settings(sigma_y={"T850": 1.0, "T500": 0.8})
+    summary = assimilate_campaign(None, table, tmp_path / "s.zarr", case.TIMES, settings, session=reference["session"])
+    ds = read_campaign(tmp_path / "s.zarr")
+    assert list(ds["completed"].values) == [ANALYSED, SKIPPED, SKIPPED, SKIPPED]
+    for k in (1, 3):
+        assert ds["skipped_reason"].values[k] == "--sigma-y names variables with no observations: ['T500']"
+        assert np.isnan(ds["T850"].isel(time=k).values).all() and ds["n_obs"].values[k] == 0
+    assert ds["skipped_reason"].values[2] == "all 30 observations rejected (bad_lat: 30)"
+    assert np.isfinite(ds["T850"].isel(time=0).values).all()
+    assert (summary["analysed"], summary["skipped"], summary["incomplete"]) == (1, 3, 0)
+
+
+def test_non_finite_analysis_skips_that_time(reference, tmp_path, monkeypatch):
+    """A non-finite analysis ensemble at the second time (the sampler's output replaced
+    by NaN) skips that time with the reason; the other times equal the reference's."""
+    session, calls = reference["session"], []
+    programs = session.programs
+
+    def poisoned(*args, **kwargs):
+        out = programs(*args, **kwargs)
+        calls.append(len(calls))
+        return np.full(np.shape(out), np.nan, np.float32) if len(calls) == 3 else out  # time 1's analysis
+
+    monkeypatch.setattr(session, "programs", poisoned)
+    summary = assimilate_campaign(None, case.table(), tmp_path / "s.zarr", case.TIMES, case.settings(), session=session)
+    assert len(calls) == 5  # analysis + prior at times 0 and 3, the analysis at time 1 (2 has no valid rows)
+    a, b = read_campaign(reference["path"]), read_campaign(tmp_path / "s.zarr")
+    assert list(b["completed"].values) == [ANALYSED, SKIPPED, SKIPPED, ANALYSED]
+    assert b["skipped_reason"].values[1].startswith("non-finite values in the analysis ensemble (method 'dps'")
+    assert np.isnan(b["T850"].isel(time=1).values).all() and np.isnan(b["T850_prior_mean"].isel(time=1).values).all()
+    for name in ("T850", "T500", "T850_prior_mean"):
+        np.testing.assert_array_equal(a[name].isel(time=[0, 3]).values, b[name].isel(time=[0, 3]).values)
+    assert (summary["analysed"], summary["skipped"]) == (2, 2)
+
+
 def _env():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "JAX_PLATFORMS": "cpu"}
     for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
@@ -143,6 +186,47 @@ def test_two_processes_write_the_same_store(reference, tmp_path):
         assert p.returncode == 0, out[-3000:]
     # round robin over the pending times: process 0 ran times 0 and 2, process 1 times 1 and 3
     assert "done 2/2 2020-01-01 12:00:00" in outs[0] and "done 2/2 2020-01-01 18:00:00" in outs[1]
+    assert_same_store(path, reference["path"])
+
+
+@pytest.mark.slow  # 28-61 s on 2 cores (two processes compile): in the `-m slow` set that CI also runs
+def test_one_process_failing_stops_both_and_resume_completes(reference, tmp_path):
+    """A fault that is not about the data (a RuntimeError from the model at one time) in
+    process 1 of 2, at its second time: both exit non-zero within a bound, naming the
+    failing process and time, and a resume completes the store as an uninterrupted run.
+    (The abort and barrier mechanics in both directions: tests/test_distributed.py.)"""
+    failing = 1
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        addr = f"localhost:{s.getsockname()[1]}"
+    path = tmp_path / "failed.zarr"
+    when = str(case.TIMES[3])
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(TESTS / "campaign_case.py"), str(path), "--coordinator", addr,
+                               "--process-id", str(i), *(["--fail-at", when] if i == failing else [])],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1.0, 240 - (time.monotonic() - t0)))[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    seconds = time.monotonic() - t0
+    assert seconds < 200, f"{seconds:.0f} s"  # a clean 2-process run of this case takes ~30-60 s on 2 cores
+    said = f"process {failing} of 2 failed at analysis time {pd.Timestamp(when)}: RuntimeError: injected fault"
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode not in (0, None), out[-3000:]
+        assert "CampaignAbortedError" in out and said in out, out[-3000:]
+        assert "finished" not in out
+    status = CampaignStore.open(path).status()
+    assert (status == PENDING).any(), status
+    summary = assimilate_campaign(None, case.table(), path, case.TIMES, case.settings(),
+                                  session=reference["session"], resume=True)
+    assert summary["pending_at_start"] == int((status == PENDING).sum()) and summary["incomplete"] == 0
     assert_same_store(path, reference["path"])
 
 

@@ -126,3 +126,27 @@ def test_malformed_partition_is_named(case, tmp_path):
     (d / "time=2020-01-20T06:00:00" / "part-0.parquet").write_bytes(b"garbage")
     line = one_line_error(CliRunner().invoke(app, args(case, tmp_path / "s.zarr") + ["--obs", str(d)]))
     assert "time=2020-01-20T06:00:00/part-0.parquet" in line
+
+
+@pytest.mark.parametrize("failed", [1, 0])
+def test_aborted_campaign_is_one_line(case, tmp_path, monkeypatch, failed):
+    """A multi-process abort (tests/test_campaign.py runs a real one): every process ends
+    with exit status 1 and one line naming the failing process and time; the failing
+    process also shows its error's traceback (not bad input: a bug or a system fault)."""
+    from jaxguide.campaign import distributed, run
+
+    said = "process 1 of 2 failed at analysis time 2020-01-20 06:00:00: RuntimeError: boom"
+
+    def aborted(*args, **kwargs):
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError as e:
+            raise distributed.CampaignAbortedError(f"{said}; the other processes stop too", 1) from e
+
+    monkeypatch.setattr(run, "assimilate_campaign", aborted)
+    monkeypatch.setattr(distributed, "initialize", lambda *a, **k: distributed.ProcessInfo(failed, 2))
+    res = CliRunner().invoke(app, args(case, tmp_path / "s.zarr"))
+    assert res.exit_code == 1, res.output
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1] == f"error: {said}; the other processes stop too"
+    assert ("Traceback" in res.stderr and "RuntimeError: boom" in res.stderr) == (failed == 1)

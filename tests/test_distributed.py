@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from jaxguide.campaign.distributed import DistributedError, ProcessInfo, detected_launcher, initialize, my_share
+from jaxguide.campaign.distributed import (
+    DistributedError,
+    ProcessInfo,
+    barrier_timeout,
+    detected_launcher,
+    initialize,
+    my_share,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +34,46 @@ PROBE = textwrap.dedent("""
                       "share": my_share(list(range(5)), info),
                       "collectives": jax.config.jax_cpu_collectives_implementation}))
     jax.distributed.shutdown()
+""")
+
+
+# process 1 comes late to barrier "b" (process 0 times out, naming it); both meet at "b2";
+# then process 0 fails inside abort_on_error and process 1, at barrier "c", stops at once naming it
+FAULTS = textwrap.dedent("""
+    import json, sys, time
+    from jaxguide.campaign import distributed as d
+    info = d.initialize(coordinator=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    out = {}
+    d.barrier("a", info, timeout_s=60)
+    t0 = time.monotonic()
+    if info.index == 0:
+        try:
+            d.barrier("b", info, timeout_s=1)
+        except d.BarrierTimeoutError as e:
+            out["timeout"] = [str(e), time.monotonic() - t0]
+        d.barrier("b2", info, timeout_s=60)
+        time.sleep(0.5)
+        try:
+            with d.abort_on_error(info, "at analysis time 2020-01-01 06:00:00"):
+                raise ValueError("boom")
+        except d.CampaignAbortedError as e:
+            out["own"] = [str(e), e.failed_process, type(e.__cause__).__name__]
+    else:
+        time.sleep(2.5)
+        d.barrier("b", info, timeout_s=60)  # process 0's arrival is recorded: passes
+        d.barrier("b2", info, timeout_s=60)
+        t0 = time.monotonic()
+        try:
+            d.barrier("c", info, timeout_s=60)
+        except d.CampaignAbortedError as e:
+            out["other"] = [str(e), e.failed_process, time.monotonic() - t0]
+        try:
+            d.check_abort(info)
+        except d.CampaignAbortedError as e:
+            out["check"] = e.failed_process
+    print(json.dumps(out), flush=True)
+    import jax
+    jax.distributed.shutdown()  # a barrier: process 0 (the coordinator) waits for process 1
 """)
 
 
@@ -72,3 +119,45 @@ def test_single_process_and_bad_options(monkeypatch):
     with pytest.raises(DistributedError, match="HOST:PORT"):
         initialize(coordinator="localhost", num_processes=2, process_id=0)
     assert my_share(list("abcde"), ProcessInfo(1, 2)) == ["b", "d"]
+
+
+@pytest.mark.slow  # ~20 s on 2 cores (two processes start JAX): in the `-m slow` set that CI also runs
+def test_barrier_timeout_and_abort_two_processes():
+    """The barrier's timeout names the missing process; a failure in one process stops
+    the other at its barrier at once, naming the process and time (no collective, no hang)."""
+    addr = f"localhost:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        env.pop(var, None)
+    procs = [subprocess.Popen([sys.executable, "-c", FAULTS, addr, str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err[-2000:]
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    text, waited = outs[0]["timeout"]
+    assert "process(es) [1] did not reach barrier 'b'" in text and "JAXGUIDE_BARRIER_TIMEOUT" in text
+    assert 1.0 <= waited < 2.5
+    said = "process 0 of 2 failed at analysis time 2020-01-01 06:00:00: ValueError: boom"
+    assert outs[0]["own"][0].startswith(said) and outs[0]["own"][1:] == [0, "ValueError"]
+    text, failed, waited = outs[1]["other"]
+    assert text.startswith(said) and "process 1 stopped too" in text and "--resume" in text
+    assert failed == 0 and waited < 2.0
+    assert outs[1]["check"] == 0
+
+
+def test_barrier_timeout_setting(monkeypatch):
+    monkeypatch.delenv("JAXGUIDE_BARRIER_TIMEOUT", raising=False)
+    assert barrier_timeout() == 1800.0
+    monkeypatch.setenv("JAXGUIDE_BARRIER_TIMEOUT", "2.5")
+    assert barrier_timeout() == 2.5
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv("JAXGUIDE_BARRIER_TIMEOUT", bad)
+        with pytest.raises(DistributedError, match="JAXGUIDE_BARRIER_TIMEOUT must be a number of seconds > 0"):
+            barrier_timeout()

@@ -6,8 +6,8 @@ into one zarr store (:mod:`jaxguide.campaign.store`) with a ``time`` dimension:
 - one compile: one :class:`~jaxguide.assimilation.session.Session` (compiled ensemble programs) for
   every time, and every time's observations padded to ONE size (the bucket of the
   largest window of the campaign), so shapes never change;
-- reproducible: time ``t`` uses the key :func:`~jaxguide.campaign.times.time_key`
-  ``(seed, t)``, split into analysis and prior keys, so its result does not depend on
+- reproducible: time ``t`` uses the key :func:`~jaxguide.assimilation.settings.time_key`
+  ``(seed, t)`` (the seed rule of every entry point), split into analysis and prior keys, so its result does not depend on
   the order, the process that runs it, or resumes;
 - resumable: times are written whole and flagged complete last; ``resume=True`` checks
   the store's settings (:class:`~jaxguide.campaign.store.SettingsMismatchError` names a
@@ -16,11 +16,18 @@ into one zarr store (:mod:`jaxguide.campaign.store`) with a ``time`` dimension:
   :class:`~jaxguide.campaign.store.InputsChangedError` names a changed file), redoes
   complete times whose chunk files were lost or damaged, and runs the times not yet
   complete;
-- skipped times: a window without observations, or whose observations are all rejected,
-  is recorded as skipped with the reason (``completed = 2``, ``skipped_reason``);
+- skipped times: a failure that is about one time's data is recorded as that time's
+  skip with the reason (``completed = 2``, ``skipped_reason``) and the run goes on: a
+  window without observations, observations that cannot be used (all rejected, bad rows
+  without ``drop_bad``, a per-variable ``sigma_y`` naming a variable the window lacks: any
+  :class:`~jaxguide.observations.errors.ObservationError`), or a non-finite ensemble;
 - several processes: with :mod:`jaxguide.campaign.distributed` initialised, process 0 creates
   (or opens) the store, every process takes every ``count``-th pending time and samples
-  its members on its local devices, and each writes only its own times' chunks.
+  its members on its local devices, and each writes only its own times' chunks. Any
+  other error in one process is a coordinated abort: it tells the others, and every
+  process raises :class:`~jaxguide.campaign.distributed.CampaignAbortedError` naming the
+  failing process and time (barriers time out if a process dies without telling); the
+  completed times stay, ``resume=True`` continues.
 """
 
 from __future__ import annotations
@@ -38,11 +45,11 @@ import numpy as np
 import pandas as pd
 
 from jaxguide.campaign.store import ANALYSED, SKIPPED, CampaignStore, normalise_settings
-from jaxguide.campaign.distributed import ProcessInfo, barrier, my_share
+from jaxguide.campaign.distributed import ProcessInfo, abort_on_error, barrier, check_abort, my_share, note_progress
 from jaxguide.grid.latlon import LatLonGrid
 from jaxguide.io.files import content_identity
 from jaxguide.observations.sources import ObservationSource, PartitionedSource, TableSource, open_observations
-from jaxguide.observations.errors import BadObservationsError, EmptyTableError, ObservationError, UnknownVariableError
+from jaxguide.observations.errors import EmptyTableError, ObservationError
 from jaxguide.observations.prepare import bucket_size, prepare
 from jaxguide.assimilation.provenance import model_sha256, run_provenance
 from jaxguide.assimilation.session import Session
@@ -180,7 +187,18 @@ def assimilate_campaign(
       process: this process's place (:func:`jaxguide.campaign.distributed.initialize`).
     Returns a JSON-friendly summary (this process's times; on process 0 also the
     store's totals after every process has finished).
+
+    Raises :class:`~jaxguide.campaign.distributed.CampaignAbortedError` on every process
+    when one of several processes fails (see module doc); with one process an error that is
+    not about one time's data passes unchanged.
     """
+    with abort_on_error(process, "outside the analysis times (setting up or finishing the campaign)"):
+        return _campaign(model, obs, store, times, settings, sst=sst, regrid=regrid, resume=resume,
+                         overwrite=overwrite, command=command, progress=progress, process=process, session=session)
+
+
+def _campaign(model, obs, store, times, settings, *, sst, regrid, resume, overwrite, command, progress, process,
+              session) -> dict[str, Any]:
     t_start = _time.perf_counter()
     settings.check()
     method = settings.guidance_method()
@@ -234,57 +252,14 @@ def assimilate_campaign(
     t_first = _time.perf_counter()
     for n, i in enumerate(mine, start=1):
         t = st.times[i]
+        check_abort(process)  # another process failed: stop here
         t0 = _time.perf_counter()
-        rows = source.window(*_window(settings, t))
-        entry: dict[str, Any] = {"time": str(t)}
-        skip_reason = None
-        prepared = None
-        if len(rows) == 0:
-            skip_reason = f"no observations within +-{settings.window_hours:g} h"
-        else:
-            try:
-                prepared = prepare(rows, dm.channels, dm.center, dm.scale, time=t, window_hours=settings.window_hours,
-                                   drop_bad=settings.drop_bad, sigma_y=settings.sigma_y, nside=dm.nside,
-                                   interpolation=settings.interpolation, pad_to=pad_to,
-                                   check_plausibility=settings.check_plausibility)
-            except EmptyTableError as e:
-                skip_reason = f"all {len(rows)} observations rejected ({_counts(e)})"
-            except (BadObservationsError, UnknownVariableError) as e:
-                if sum(e.counts.values()) >= len(rows):
-                    skip_reason = f"all {len(rows)} observations rejected ({_counts(e)})"
-                else:
-                    raise type(e)(f"analysis time {t}: {e} (use drop_bad / --drop-bad to drop them)", e.counts) from None
-            except ObservationError as e:
-                raise type(e)(f"analysis time {t}: {e}") from None
-        if skip_reason is not None:
-            st.skip(t, skip_reason, n_rejected=len(rows))
-            entry.update(status="skipped", reason=skip_reason)
-        else:
-            prepared.obs.check()
-            cond = dm.conditioning(t, sst_path=sst, sst_offset=settings.sst_offset)
-            key_analysis, key_prior = run_keys(settings.seed, t)  # the seed rule of every entry point
-
-            def run(m, n_members, key, obs_):
-                ens = session.programs(fn, key, dm.member_shape, n_members, sampler_kwargs=sampler_kwargs,
-                                       devices=devices, chunk_size=settings.chunk_size,
-                                       operands=(dm.params, cond, m, obs_))
-                ens = np.asarray(jax.block_until_ready(ens))
-                if not np.all(np.isfinite(ens)):
-                    raise FloatingPointError(
-                        f"analysis time {t}: non-finite values in the {'analysis' if m is not None else 'prior'} "
-                        f"ensemble (method {settings.method_name!r}, guidance scale {settings.guidance_scale})")
-                return ens
-
-            analysis = run(method, settings.members, key_analysis, prepared.obs)
-            prior = run(None, settings.n_prior, key_prior, None) if settings.n_prior > 0 else None
-            ds = analysis_to_dataset(analysis, channels=list(dm.channels), center=dm.center, scale=dm.scale,
-                                     times=[t], provenance=_provenance(settings, dm, command), prior=prior,
-                                     regrid_latlon=regrid)
-            n_rejected = sum(prepared.dropped.values())
-            st.write_time(_per_time_vars(ds, prepared.n_obs, n_rejected))
-            entry.update(status="analysed", n_obs=prepared.n_obs, n_rejected=n_rejected)
+        with abort_on_error(process, f"at analysis time {t}"):
+            entry = _one_time(t, source, st, session, dm, fn, method, settings, sampler_kwargs, devices,
+                              sst=sst, regrid=regrid, pad_to=pad_to, command=command)
         entry["seconds"] = _time.perf_counter() - t0
         done.append(entry)
+        note_progress(process, n)
         if progress is not None:
             secs = [e["seconds"] for e in done]
             per_time = np.mean(secs[1:]) if len(secs) > 1 else secs[0]  # the first time compiles
@@ -309,6 +284,66 @@ def assimilate_campaign(
         summary["skipped"] = int(np.sum(status == SKIPPED))
         summary["incomplete"] = int(np.sum(status == 0))
     return summary
+
+
+def _one_time(t, source, st, session, dm, fn, method, settings, sampler_kwargs, devices, *, sst, regrid, pad_to,
+              command) -> dict[str, Any]:
+    """Assimilate time ``t`` into the store, or record it as skipped when the failure is
+    about its data (observations, a non-finite ensemble); anything else raises."""
+    rows = source.window(*_window(settings, t))
+    entry: dict[str, Any] = {"time": str(t)}
+    skip_reason = None
+    n_rejected = len(rows)
+    if len(rows) == 0:
+        skip_reason = f"no observations within +-{settings.window_hours:g} h"
+    else:
+        try:
+            prepared = prepare(rows, dm.channels, dm.center, dm.scale, time=t, window_hours=settings.window_hours,
+                               drop_bad=settings.drop_bad, sigma_y=settings.sigma_y, nside=dm.nside,
+                               interpolation=settings.interpolation, pad_to=pad_to,
+                               check_plausibility=settings.check_plausibility)
+        except EmptyTableError as e:
+            skip_reason = f"all {len(rows)} observations rejected ({_counts(e)})"
+        except ObservationError as e:
+            bad = sum(e.counts.values())
+            if e.counts and bad >= len(rows):
+                skip_reason = f"all {len(rows)} observations rejected ({_counts(e)})"
+            else:
+                n_rejected = bad
+                hint = " (use drop_bad / --drop-bad to drop them)" if e.counts and not settings.drop_bad else ""
+                skip_reason = f"{' '.join(str(e).split())}{hint}"
+    if skip_reason is None:
+        prepared.obs.check()
+        cond = dm.conditioning(t, sst_path=sst, sst_offset=settings.sst_offset)
+        key_analysis, key_prior = run_keys(settings.seed, t)  # the seed rule of every entry point
+
+        def run(m, n_members, key, obs_):
+            ens = session.programs(fn, key, dm.member_shape, n_members, sampler_kwargs=sampler_kwargs,
+                                   devices=devices, chunk_size=settings.chunk_size,
+                                   operands=(dm.params, cond, m, obs_))
+            ens = np.asarray(jax.block_until_ready(ens))
+            if not np.all(np.isfinite(ens)):
+                raise FloatingPointError(
+                    f"non-finite values in the {'analysis' if m is not None else 'prior'} "
+                    f"ensemble (method {settings.method_name!r}, guidance scale {settings.guidance_scale})")
+            return ens
+
+        try:
+            analysis = run(method, settings.members, key_analysis, prepared.obs)
+            prior = run(None, settings.n_prior, key_prior, None) if settings.n_prior > 0 else None
+        except FloatingPointError as e:  # this time's analysis diverged: the others may not
+            skip_reason, n_rejected = str(e), sum(prepared.dropped.values())
+    if skip_reason is not None:
+        st.skip(t, skip_reason, n_rejected=n_rejected)
+        entry.update(status="skipped", reason=skip_reason)
+        return entry
+    ds = analysis_to_dataset(analysis, channels=list(dm.channels), center=dm.center, scale=dm.scale,
+                             times=[t], provenance=_provenance(settings, dm, command), prior=prior,
+                             regrid_latlon=regrid)
+    n_rejected = sum(prepared.dropped.values())
+    st.write_time(_per_time_vars(ds, prepared.n_obs, n_rejected))
+    entry.update(status="analysed", n_obs=prepared.n_obs, n_rejected=n_rejected)
+    return entry
 
 
 def _counts(e: ObservationError) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from jaxguide.cli.app import enable_compile_cache
+from jaxguide.cli.app import enable_compile_cache, is_input_error
 from jaxguide.cli.options import RunOptions, parse_latlon_grid
 from jaxguide.cli.printing import print_campaign_summary
 
@@ -32,6 +32,7 @@ def run_campaign(run: RunOptions, processes: Processes = Processes()) -> None:
     """Assimilate the times of ``run.times`` / ``run.times_file`` into the store ``run.out``."""
     import shlex
     import sys
+    import traceback
 
     from jaxguide.campaign import distributed as dist
 
@@ -58,17 +59,28 @@ def run_campaign(run: RunOptions, processes: Processes = Processes()) -> None:
         check_writable_dir(Path(run.json_path).parent)
     who = f"process {info.index}/{info.count}: " if info.count > 1 else ""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(f"{who}analysis times", total=None)
+    try:
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task(f"{who}analysis times", total=None)
 
-        def progress(p) -> None:
-            bar.update(task, total=p.total, completed=p.done,
-                       description=f"{who}analysis times (last {p.time:%Y-%m-%dT%H:%M} {p.status}, ETA {p.eta_s:.0f} s)")
+            def progress(p) -> None:
+                bar.update(task, total=p.total, completed=p.done,
+                           description=f"{who}analysis times (last {p.time:%Y-%m-%dT%H:%M} {p.status}, "
+                                       f"ETA {p.eta_s:.0f} s)")
 
-        summary = assimilate_campaign(
-            run.model, run.obs, run.out, when, settings, sst=run.sst, regrid=grid, resume=run.resume,
-            overwrite=run.overwrite, allow_changed_inputs=run.allow_changed_inputs,
-            command=" ".join(shlex.quote(a) for a in ["jaxguide", *sys.argv[1:]]), progress=progress, process=info)
+            summary = assimilate_campaign(
+                run.model, run.obs, run.out, when, settings, sst=run.sst, regrid=grid, resume=run.resume,
+                overwrite=run.overwrite, allow_changed_inputs=run.allow_changed_inputs,
+                command=" ".join(shlex.quote(a) for a in ["jaxguide", *sys.argv[1:]]),
+                progress=progress, process=info)
+    except dist.CampaignAbortedError as e:
+        # every process of a multi-process campaign stops with one line naming the failing
+        # process and time; that process also shows its error's traceback unless it was bad input
+        cause = e.__cause__
+        if e.failed_process == info.index and cause is not None and not is_input_error(cause):
+            traceback.print_exception(cause)
+        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
+        raise typer.Exit(1) from None
     print_campaign_summary(summary, run.out, who=who, is_main=info.is_main)
     if run.json_path is not None:
         write_json_atomic(run.json_path, summary)

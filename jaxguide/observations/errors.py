@@ -65,6 +65,11 @@ class TimeFormatError(ObservationError, times.TimeFormatError):
     """
 
 
+class SigmaYError(ObservationError):
+    """A per-variable sigma_y (``--sigma-y VAR=VALUE,...``) names a variable that the table
+    (for a campaign: one time's window) has no observations of."""
+
+
 class ImplausibleObservationsError(ObservationError):
     """Values far outside the model's climatology for their variable (a unit mistake?)."""
 

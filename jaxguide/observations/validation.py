@@ -21,6 +21,7 @@ from jaxguide.observations.errors import (
     BadObservationsError,
     EmptyTableError,
     ImplausibleObservationsError,
+    SigmaYError,
     UnknownVariableError,
     unknown_variable_message,
 )
@@ -202,7 +203,7 @@ def override_sigma(table: pd.DataFrame, sigma_y) -> pd.DataFrame:
     if isinstance(sigma_y, Mapping):
         unknown = sorted(set(sigma_y) - set(out["variable"]))
         if unknown:
-            raise ValueError(f"--sigma-y names variables with no observations: {unknown}")
+            raise SigmaYError(f"--sigma-y names variables with no observations: {unknown}")
         for var, val in sigma_y.items():
             out.loc[out["variable"] == var, "sigma"] = float(val)
     else:
