@@ -59,18 +59,20 @@ def configurations(sigma_y: np.ndarray, cg_iters: int, regression_multipliers=()
     ``regression_multipliers``: extra regression rows with scale = m min(sigma_y)^2 and
     scale = 1 (cBottle's default): where the seed's guidance breaks. Near sigma = 0,
     J ~ I and each call maps the residual at an observation r -> (1 - scale/sigma_y^2) r,
-    so it is stable only for scale < 2 sigma_y^2."""
+    so it is stable only for scale < 2 sigma_y^2. These rows, and DPS, run uncapped (``cap=False``:
+    the seed's formula as the logged figures were measured; jaxguide's default caps each
+    observation's step at sigma_y^2)."""
     s2 = float(np.min(sigma_y)) ** 2
-    sweep = [(f"regression (scale={m:g} sigma_y^2)", "regression", {"scale": m * s2}, 1, 1)
+    sweep = [(f"regression (scale={m:g} sigma_y^2)", "regression", {"scale": m * s2, "cap": False}, 1, 1)
              for m in regression_multipliers]
     if regression_multipliers:
-        sweep.append(("regression (scale=1)", "regression", {"scale": 1.0}, 1, 1))
+        sweep.append(("regression (scale=1)", "regression", {"scale": 1.0, "cap": False}, 1, 1))
     return sweep + [
         ("prior (unguided)", None, {}, 1, 0),
         ("replacement", "replacement", {}, 1, 0),
         ("regression, J=I", "regression", {"scale": s2, "no_network_grad": True}, 1, 0),
         ("regression (scale=sigma_y^2)", "regression", {"scale": s2}, 1, 1),
-        ("DPS (scale=1)", "dps", {}, 1, 1),
+        ("DPS (scale=1, uncapped)", "dps", {"cap": False}, 1, 1),
         ("SDA (gamma=1e-2)", "sda", {"gamma": 1e-2}, 1, 1),
         ("PiGDM (s_d=1)", "pigdm", {"data_std": 1.0}, 1, 1),
         (f"MMPS (CG {cg_iters})", "mmps", {"cg_iters": cg_iters}, 1, cg_iters + 1),

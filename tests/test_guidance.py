@@ -58,7 +58,8 @@ def _closed_form(method, prior, H, y, sigma_y, x, sigma, cg_iters=None):
 
     D = mu + J (x - mu), J = Sigma (Sigma + sigma^2 I)^-1 (symmetric); r = y - H D;
     R = diag(sigma_y^2). Every method is ``D + K r`` (docs/guidance.md):
-    regression K = scale J H^T R^-1; DPS K = sigma^2 J H^T R^-1 (scale 1); SDA and PiGDM
+    regression K = J H^T diag(min(scale, sigma_y^2) / sigma_y^2) (the default cap; uncapped
+    scale J H^T R^-1); DPS the same with scale sigma^2 (scale 1); SDA and PiGDM
     K = sigma^2 J H^T (R + v I)^-1 with v = gamma sigma^2 resp. sigma^2 / (sigma^2 + 1)
     (data_std 1; H H^T = I for point observations); replacement K = H^T; MMPS
     K r = sigma^2 J H^T w, w = ``cg_iters`` exact CG iterations on
@@ -80,8 +81,9 @@ def _closed_form(method, prior, H, y, sigma_y, x, sigma, cg_iters=None):
         dw = np.stack([(solve(r + h * e) - solve(r - h * e)) / (2 * h) for e in np.eye(len(r))], 1)
         return D + s2 * J @ H.T @ solve(r), (np.eye(N) - s2 * J @ H.T @ dw @ H) @ J
     K = {
-        "regression": OPTIONS["regression"]["scale"] * J @ H.T @ np.linalg.inv(R),
-        "dps": s2 * J @ H.T @ np.linalg.inv(R),
+        # capped (the default): per observation min(scale, sigma_y^2) / sigma_y^2
+        "regression": J @ H.T @ np.diag(np.minimum(OPTIONS["regression"]["scale"], sigma_y**2) / sigma_y**2),
+        "dps": J @ H.T @ np.diag(np.minimum(s2, sigma_y**2) / sigma_y**2),
         "sda": s2 * J @ H.T @ np.linalg.inv(R + OPTIONS["sda"]["gamma"] * s2 * np.eye(len(y))),
         "pigdm": s2 * J @ H.T @ np.linalg.inv(R + s2 / (s2 + 1.0) * np.eye(len(y))),
         "replacement": H.T,

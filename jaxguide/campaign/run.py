@@ -194,11 +194,12 @@ def assimilate_campaign(
     """
     with abort_on_error(process, "outside the analysis times (setting up or finishing the campaign)"):
         return _campaign(model, obs, store, times, settings, sst=sst, regrid=regrid, resume=resume,
-                         overwrite=overwrite, command=command, progress=progress, process=process, session=session)
+                         overwrite=overwrite, allow_changed_inputs=allow_changed_inputs, command=command,
+                         progress=progress, process=process, session=session)
 
 
-def _campaign(model, obs, store, times, settings, *, sst, regrid, resume, overwrite, command, progress, process,
-              session) -> dict[str, Any]:
+def _campaign(model, obs, store, times, settings, *, sst, regrid, resume, overwrite, allow_changed_inputs, command,
+              progress, process, session) -> dict[str, Any]:
     t_start = _time.perf_counter()
     settings.check()
     method = settings.guidance_method()
