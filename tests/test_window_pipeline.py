@@ -111,7 +111,10 @@ def test_chained_windows_match_the_exact_posterior(tmp_path, case):
 def test_independent_windows_lose_the_forecast(tmp_path, case):
     """Control: without a conditioning frame the second window is a fresh prior draw, so
     its frames miss the exact posterior's move (the check above would fail)."""
-    ens, _, _ = _run(tmp_path, case, overlap=0, members=32)
+    # the Monte Carlo error of a 64-member mean is 0.07-0.085 prior std on frames 0-3 (sqrt of
+    # post var / prior var / M; measured 0.073-0.104); at 32 members it was 0.10-0.12, and the
+    # seed rule's new draw gave 0.162 against the 0.15 bound
+    ens, _, _ = _run(tmp_path, case, overlap=0, members=64)
     mean_err, _, move_exact, move = _per_frame(ens, case)
     assert mean_err[:4].max() <= 0.15
     assert mean_err[4] > 0.3 and move[4] < 0.5 * move_exact[4]
