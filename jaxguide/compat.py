@@ -52,7 +52,7 @@ OLD_PATHS: dict[str, tuple[str, ...]] = {
     "jaxguide.campaign_times": ("jaxguide.campaign.times",),
     "jaxguide.distributed": ("jaxguide.campaign.distributed",),
     "jaxguide.metrics": ("jaxguide.verification.metrics",),
-    "jaxguide.evaluation": ("jaxguide.verification.evaluation",),
+    "jaxguide.evaluation": ("jaxguide.verification.evaluation", "jaxguide.verification.truth"),
     "jaxguide.plots": ("jaxguide.verification.plots",),
     "jaxguide.demo_window": ("jaxguide.demo.window_experiment",),
     "jaxguide.cli_campaign": ("jaxguide.cli.commands.campaign",),

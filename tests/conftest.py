@@ -127,6 +127,28 @@ def require_module(name: str):
         skip_or_fail(f"{name} not installed")
 
 
+def record_fsync_and_replace(monkeypatch) -> list[tuple]:
+    """Record ``os.fsync`` as ("fsync", synced path) and ``os.replace`` as ("replace", src,
+    dst) (real paths), in call order: durability tests check that data reach the disk
+    before a rename or a flag. Names synced files through /proc/self/fd (Linux)."""
+    if not Path("/proc/self/fd").is_dir():
+        skip_or_fail("needs /proc/self/fd to name synced files")
+    events: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return require_fixtures()

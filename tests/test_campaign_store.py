@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require_module
+from conftest import record_fsync_and_replace, require_module
 from jaxguide.campaign.store import (
     ANALYSED,
     PENDING,
@@ -172,43 +172,22 @@ def test_threads_write_disjoint_times_of_one_store(tmp_path):
     assert files and all((seq.path / f).read_bytes() == (par.path / f).read_bytes() for f in files)
 
 
-def _record_io(monkeypatch):
-    """Record os.fsync (the synced path) and os.replace (the destination) in order."""
-    import os
-
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst, **kw):
-        real_replace(src, dst, **kw)
-        events.append(("replace", os.path.realpath(dst)))
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    return events
-
-
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to name synced files")
 def test_data_is_durable_before_the_flag(tmp_path, monkeypatch):
     """A machine crash cannot keep the flag and lose the data: every chunk file of the
     time and its directory are fsynced before the flag is written, the flag after."""
     store = make(tmp_path / "c.zarr")
     root = str(store.path.resolve())
-    events = _record_io(monkeypatch)
+    events = record_fsync_and_replace(monkeypatch)
     store.write_time(one_time(TIMES[2], 2))
     flag = f"{root}/completed/c/2"
-    i_flag = events.index(("replace", flag))
-    synced = [p for kind, p in events[:i_flag] if kind == "fsync"]
+    i_flag = next(k for k, e in enumerate(events) if e[0] == "replace" and e[2] == flag)
+    synced = [e[1] for e in events[:i_flag] if e[0] == "fsync"]
     for name in ("tas", "T850", "tas_prior_mean", "n_obs"):
         chunk = f"{root}/{name}/c/" + ("2" if name == "n_obs" else "2/0" if name == "tas_prior_mean" else "0/2/0")
         assert chunk in synced, f"{name}: its chunk file was not fsynced before the flag"
     for name in ("tas", "T850", "tas_prior_mean", "n_obs"):
         assert f"{root}/{name}/c" in synced, f"{name}: its chunk directory was not fsynced before the flag"
-    after = [p for kind, p in events[i_flag:] if kind == "fsync"]
+    after = [e[1] for e in events[i_flag:] if e[0] == "fsync"]
     assert flag in after and f"{root}/completed/c" in after  # the flag and the rename into its directory
 
 

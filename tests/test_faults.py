@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 import campaign_case as case
-from conftest import _CACHE, one_line_error, require_module
+from conftest import _CACHE, one_line_error, require_module, skip_or_fail
 from jaxguide.assimilation.session import Session
 from jaxguide.campaign.run import assimilate_campaign
 from jaxguide.campaign.store import KILL_AT_ENV, PENDING, CampaignStore, InputsChangedError, read_campaign
@@ -183,7 +183,6 @@ FSIZE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX resource limits")
 def test_write_over_the_file_size_limit(tmp_path):
     res = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(tmp_path)], env=_env(), cwd=REPO,
                          capture_output=True, text=True, timeout=120)
@@ -208,7 +207,7 @@ def test_read_only_output_directory(reference, tmp_path):
     try:
         if os.access(ro, os.W_OK):  # root ignores permissions: sysfs refuses new files
             if not Path("/sys").is_dir():
-                pytest.skip("cannot make a read-only directory here")
+                skip_or_fail("cannot make a read-only directory here")
             ro = Path("/sys")
         res = CliRunner().invoke(app, ["campaign", "--model", str(tmp_path / "model"), "--obs", str(tmp_path / "o.csv"),
                                        "--out", str(ro / "s.zarr"), "--times", "2020-01-01T00/2020-01-01T06/PT6H"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from conftest import require_module
+from conftest import record_fsync_and_replace, require_module
 from jaxguide.grid import latlon as grid_sampling, healpix
 from jaxguide import io
 from jaxguide.io import files as io_files
@@ -302,24 +302,11 @@ def test_stale_temporary_rules(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.json", *(n for n, keep in names.items() if keep)])
 
 
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd to name synced files")
 @pytest.mark.parametrize("kind", ["json", "zarr"])
 def test_atomic_writes_are_durable(tmp_path, monkeypatch, kind):
     """The data are fsynced before the rename, the directory after it (a machine crash
     cannot leave the new name pointing at data that never reached the disk)."""
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst, **kw):
-        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
-        real_replace(src, dst, **kw)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_fsync_and_replace(monkeypatch)
     root = os.path.realpath(tmp_path)
     if kind == "json":
         dest = tmp_path / "s.json"
