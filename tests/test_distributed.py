@@ -9,6 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from conftest import one_line_error
+from jaxguide.cli import app
 
 from jaxguide.campaign.distributed import (
     DistributedError,
@@ -37,18 +41,21 @@ PROBE = textwrap.dedent("""
 """)
 
 
-# process 1 comes late to barrier "b" (process 0 times out, naming it); both meet at "b2";
+# process 1 comes late to barrier "b" (process 0, started with a 1 s barrier timeout, times
+# out naming it); both meet at "b2";
 # then process 0 fails inside abort_on_error and process 1, at barrier "c", stops at once naming it
 FAULTS = textwrap.dedent("""
     import json, sys, time
     from jaxguide.campaign import distributed as d
-    info = d.initialize(coordinator=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    me = int(sys.argv[2])
+    info = d.initialize(coordinator=sys.argv[1], num_processes=2, process_id=me,
+                        barrier_timeout_s=1.0 if me == 0 else None)
     out = {}
     d.barrier("a", info, timeout_s=60)
     t0 = time.monotonic()
     if info.index == 0:
         try:
-            d.barrier("b", info, timeout_s=1)
+            d.barrier("b", info)  # the timeout given to initialize (--barrier-timeout)
         except d.BarrierTimeoutError as e:
             out["timeout"] = [str(e), time.monotonic() - t0]
         d.barrier("b2", info, timeout_s=60)
@@ -142,7 +149,7 @@ def test_barrier_timeout_and_abort_two_processes():
             if p.poll() is None:
                 p.kill()
     text, waited = outs[0]["timeout"]
-    assert "process(es) [1] did not reach barrier 'b'" in text and "JAXGUIDE_BARRIER_TIMEOUT" in text
+    assert "process(es) [1] did not reach barrier 'b'" in text and "--barrier-timeout" in text
     assert 1.0 <= waited < 2.5
     said = "process 0 of 2 failed at analysis time 2020-01-01 06:00:00: ValueError: boom"
     assert outs[0]["own"][0].startswith(said) and outs[0]["own"][1:] == [0, "ValueError"]
@@ -155,6 +162,12 @@ def test_barrier_timeout_and_abort_two_processes():
 def test_barrier_timeout_setting(monkeypatch):
     monkeypatch.delenv("JAXGUIDE_BARRIER_TIMEOUT", raising=False)
     assert barrier_timeout() == 1800.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(DistributedError, match="barrier timeout must be a number of seconds > 0"):
+            initialize(barrier_timeout_s=bad)
+    res = CliRunner().invoke(app, ["campaign", "--model", "m", "--obs", "o.csv", "--out", "s.zarr", "--times",
+                                   "2020-01-01T00/2020-01-01T06/PT6H", "--barrier-timeout", "0"])
+    assert "barrier timeout must be a number of seconds > 0, got 0" in one_line_error(res)
     monkeypatch.setenv("JAXGUIDE_BARRIER_TIMEOUT", "2.5")
     assert barrier_timeout() == 2.5
     for bad in ("0", "-1", "soon", "nan"):

@@ -10,6 +10,7 @@ skipped); the kills use the store's test hook ``JAXGUIDE_TEST_KILL_AT`` (see
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -26,9 +27,12 @@ import campaign_case as case
 from conftest import _CACHE, one_line_error, require_module, skip_or_fail
 from jaxguide.assimilation.session import Session
 from jaxguide.campaign.run import assimilate_campaign
-from jaxguide.campaign.store import KILL_AT_ENV, PENDING, CampaignStore, InputsChangedError, read_campaign
+from jaxguide.campaign.store import ANALYSED, CAMPAIGN_ATTR, KILL_AT_ENV, PENDING, SKIPPED, CampaignStore, InputsChangedError, read_campaign
 from jaxguide.cli import app
+from jaxguide.model.conditioning import assemble
+from jaxguide.model.sst import SSTTimeError
 from test_campaign import _env, assert_same_store
+from test_sst import write_sst_steps
 
 require_module("zarr")
 TESTS = Path(__file__).resolve().parent
@@ -154,6 +158,48 @@ def test_observations_edited_between_runs(reference, tmp_path, layout):
     summary = assimilate_campaign(None, obs, path, case.TIMES[:2], case.settings(), session=s, resume=True,
                                   allow_changed_inputs=True)
     assert summary["pending_at_start"] == 0
+    # the allowed change is recorded: the next resume checks against the edited file
+    meta = json.loads(read_campaign(path).attrs[CAMPAIGN_ATTR])
+    assert len(meta["input_changes"]) == 1 and str(edited) in meta["input_changes"][0]["changes"][0]
+    assimilate_campaign(None, obs, path, case.TIMES[:2], case.settings(), session=s, resume=True)
+
+
+def test_bad_sst_months_skip_their_times(reference, tmp_path):
+    """An SST file with an infinite value in one step and an unmasked fill value in
+    another: the times interpolated from those steps are skipped, naming the step; the
+    others equal the uninterrupted reference bit for bit. A time outside the SST file is
+    refused before the store exists. (The Gaussian model has no SST channel: its
+    conditioning here reads the file as an SST-conditioned cBottle's does.)"""
+    good = np.full((18, 36), 15.0)
+    fields = np.stack([good] * 5)
+    fields[0, 5, 5] = np.inf  # used by time 0 (00:00, between -3 h and 3 h)
+    fields[4, 6, 6] = 1e20  # used by time 3 (18:00, between 15 h and 21 h)
+    sst = write_sst_steps(tmp_path / "sst.nc", [-3, 3, 9, 15, 21], fields)
+    m = case.model()
+    conditioning = m.conditioning
+
+    def with_sst(t, *, sst_path=None, sst_offset=0.0):
+        assemble(t, nside=case.NSIDE, sst_channels=1, sst_path=sst_path, sst_offset=sst_offset)
+        return conditioning(t)
+
+    object.__setattr__(m, "conditioning", with_sst)  # a frozen dataclass: this instance only
+    session = Session(m)
+    path = tmp_path / "s.zarr"
+    assimilate_campaign(None, case.table(), path, case.TIMES, case.settings(), session=session, sst=sst)
+    ds, ref = read_campaign(path), reference["data"]
+    assert list(ds["completed"].values) == [SKIPPED, ANALYSED, SKIPPED, SKIPPED]
+    reasons = ds["skipped_reason"].values
+    assert "1 infinite value(s) at 2019-12-31 21:00:00 (used for 2020-01-01 00:00:00)" in reasons[0], reasons[0]
+    assert reasons[2] == ref["skipped_reason"].values[2]  # its observations: rejected before the SST is read
+    assert "outside -5..50 deg C at 2020-01-01 21:00:00" in reasons[3], reasons[3]
+    for name in ref.data_vars:
+        if "time" in ref[name].dims and ref[name].dtype.kind == "f":
+            assert np.array_equal(ds[name].isel(time=1).values, ref[name].isel(time=1).values, equal_nan=True), name
+    short = write_sst_steps(tmp_path / "short.nc", [-3, 3, 9, 15], fields[:4])
+    with pytest.raises(SSTTimeError, match=r"time 2020-01-01 18:00:00 is outside the SST data"):
+        assimilate_campaign(None, case.table(), tmp_path / "t.zarr", case.TIMES, case.settings(), session=session,
+                            sst=short)
+    assert not (tmp_path / "t.zarr").exists()
 
 
 FSIZE_SCRIPT = textwrap.dedent(
@@ -191,7 +237,6 @@ def test_write_over_the_file_size_limit(tmp_path):
     assert len(lines) == 3, res.stdout
     for line, name in zip(lines, ("s.json", "a.nc", "b.zarr")):
         assert name in line and ("File too large" in line or "file-size limit" in line), line
-    import json
 
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": 1}  # the previous files, intact
     from jaxguide.io.files import read_analysis

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import netCDF4
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -105,3 +106,52 @@ def test_synthetic_sst_command(tmp_path):
     assert res.exit_code == 2 and "exists" in res.output
     res = runner.invoke(app, ["synthetic-sst", str(tmp_path / "t.nc"), "--start", "06/01/2020", "--end", "2020-06-02"])
     assert res.exit_code == 2 and "ISO 8601" in res.output
+
+
+def write_sst_steps(path, hours, fields, start="2020-01-01 00:00:00", units="degC"):
+    """A tosbcs NetCDF file on a 10-degree grid with time steps ``hours`` after ``start``
+    (the reader accepts any steps, not only monthly), ``fields``: (T, 18, 36) deg C."""
+    with netCDF4.Dataset(path, "w") as nc:
+        nc.createDimension("time", None)
+        nc.createDimension("lat", 18)
+        nc.createDimension("lon", 36)
+        t = nc.createVariable("time", "f8", ("time",))
+        t.units, t.calendar = f"hours since {start}", "standard"
+        t[:] = np.asarray(hours, np.float64)
+        nc.createVariable("lat", "f8", ("lat",))[:] = -85.0 + 10.0 * np.arange(18)
+        nc.createVariable("lon", "f8", ("lon",))[:] = 5.0 + 10.0 * np.arange(36)
+        v = nc.createVariable("tosbcs", "f4", ("time", "lat", "lon"))
+        v.set_auto_mask(False)  # write NaN / Inf / 1e20 as they are (no fill-value masking)
+        v.units = units
+        v[:] = np.asarray(fields, np.float32)
+    return path
+
+
+def test_sst_values_that_cannot_be_sst_are_refused(tmp_path):
+    """NaN is land (filled with 290 K); Inf, an unmasked fill value, a wrong unit or a step
+    with no ocean at all are refused, naming the step of the file and the time asked; a
+    bad step is caught even where its interpolation weight is 0 (0 x Inf would be NaN,
+    i.e. silently land)."""
+    good = np.full((18, 36), 15.0)
+    good[:2] = np.nan  # land / ice: fine
+
+    def steps(bad_step: int, where, value):
+        fields = np.stack([good, good])
+        fields[(bad_step, *where)] = value
+        return sst.read_amip_sst(write_sst_steps(tmp_path / f"s{value}{bad_step}.nc", [0, 6], fields))
+
+    assert np.isfinite(sst.sst_at(steps(0, (slice(None),), 15.0), "2020-01-01T03:00")).all()  # land -> 290 K
+    with pytest.raises(sst.SSTValueError, match=r"1 infinite value\(s\) at 2020-01-01 06:00:00 \(used for 2020-01-01T00"):
+        sst.sst_at(steps(1, (5, 5), np.inf), "2020-01-01T00:00")  # weight 0 on the Inf step
+    with pytest.raises(sst.SSTValueError, match=r"1 value\(s\) outside -5\.\.50 deg C at 2020-01-01 00:00.*1e\+20"):
+        sst.sst_at(steps(0, (6, 6), 1e20), "2020-01-01T03:00")  # a fill value written without _FillValue
+    with pytest.raises(sst.SSTValueError, match="no finite value at 2020-01-01 06:00:00.*all NaN"):
+        sst.sst_at(steps(1, (slice(None),), np.nan), "2020-01-01T03:00")
+    ds = steps(0, (0, 0), np.nan)
+    kelvin_as_degc = sst.read_amip_sst(write_sst_steps(tmp_path / "k.nc", [0, 6], np.full((2, 18, 36), 288.0)))
+    with pytest.raises(sst.SSTValueError, match="outside -5..50 deg C.*units other than"):
+        sst.sst_at(kelvin_as_degc, "2020-01-01T03:00")
+    with pytest.raises(sst.SSTTimeError, match=r"2 times are outside the SST data \(2020-01-01 00:00:00 \.\. "
+                                               r"2020-01-01 06:00:00, SST file .*snan0\.nc'\): 2019-12-31 23:00:00, 2020-01-03"):
+        sst.check_sst_covers(ds, [pd.Timestamp("2019-12-31T23:00"), pd.Timestamp("2020-01-01T06:00"),
+                                  pd.Timestamp("2020-01-03")])

@@ -53,11 +53,15 @@ def _obs(hours, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _condition_file(path, *, nside: int = 64, channels=CHANNELS, regrid: LatLonGrid | None = None, seed: int = 0):
-    """Known frame 0 in the analysis layout (physical units), as jaxguide writes analyses."""
+def _condition_file(path, *, nside: int = 64, channels=CHANNELS, regrid: LatLonGrid | None = None, seed: int = 0,
+                    bad: float | None = None):
+    """Known frame 0 in the analysis layout (physical units), as jaxguide writes analyses;
+    ``bad``: a value (NaN, Inf) put at one pixel of the second channel."""
     rng = np.random.default_rng(seed)
     idx = [CHANNELS.index(c) for c in channels]
     ens = rng.normal(0.0, 0.5, size=(1, len(channels), 1, 12 * nside**2)).astype(np.float32)
+    if bad is not None:
+        ens[0, 1, 0, 1234] = bad
     prov = {"method": "none", "sigma_y": 1.0, "guidance_scale": 1.0, "steps": 0, "seed": 0, "model_sha256": "x",
             "n_obs": 0, "command": "test"}
     ds = schema.analysis_to_dataset(ens, channels=list(channels), center=CENTER[idx], scale=SCALE[idx], times=[START],
@@ -218,20 +222,25 @@ def test_bad_time_matching_and_conditioning_frames(case):
     assert "conditioning" in _error(case, "--conditioning-frames", "4", "--end", "2016-03-01T06:00")
 
 
-@pytest.mark.parametrize("kind", ["latlon", "nside32", "missing_channel"])
+@pytest.mark.parametrize("kind", ["latlon", "nside32", "missing_channel", "nan", "inf"])
 def test_conditioning_file_errors(case, kind):
+    """A known-frames file that does not fit is refused before anything compiles, in one
+    line naming the file and the problem (NaN / Inf: the channel and the frame's time)."""
     path = case["tmp"] / f"cond_{kind}.nc"
     if not path.exists():
         if kind == "latlon":
             _condition_file(path, regrid=LatLonGrid(19, 36))
         elif kind == "nside32":
             _condition_file(path, nside=32)
-        else:
+        elif kind == "missing_channel":
             _condition_file(path, channels=["T850", "T500"])
+        else:
+            _condition_file(path, bad={"nan": np.nan, "inf": -np.inf}[kind])
     line = _error(case, "--condition", str(path))
     assert "--condition" in line and str(path) in line
-    want = {"latlon": "pixel", "nside32": "32", "missing_channel": "tas"}[kind]
-    assert want in line, line
+    want = {"latlon": "pixel", "nside32": "32", "missing_channel": "tas",
+            "nan": f"{CHANNELS[1]} has NaN or infinite values", "inf": f"{CHANNELS[1]} has NaN or infinite values"}[kind]
+    assert want in line and (kind not in ("nan", "inf") or "(1) at 2016-02-28T18:00:00" in line), line
 
 
 def test_missing_conditioning_file(case):

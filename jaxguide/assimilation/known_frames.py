@@ -131,8 +131,11 @@ def read_known_frames(
         if "time" not in v.dims:
             raise ConditioningFileError(f"{what}: {name} has no time dimension")
         a = v.transpose("member", "time", "pixel").values[:, tidx].astype(np.float64)  # (M_file, k, npix) NEST
-        if not np.all(np.isfinite(a)):
-            raise ConditioningFileError(f"{what}: {name} has NaN or infinite values at the frames used ({used})")
+        bad = ~np.isfinite(a)
+        if bad.any():
+            at = ", ".join(used[k].isoformat() for k in np.flatnonzero(bad.any(axis=(0, 2))))
+            raise ConditioningFileError(f"{what}: {name} has NaN or infinite values ({int(bad.sum())}) at {at}; "
+                                        "known frames must be complete fields")
         a = healpix.reorder(units.normalise(a, center[c], scale[c]), "nest", "net", axis=-1)
         for i in range(members):
             values[i, c][frame_of] = a[i % n_file]

@@ -34,6 +34,11 @@ from jaxguide.io import times as io_times
 CBOTTLE_SAMPLER = {"num_steps": 18, "sigma_min": 0.02, "sigma_max": 200.0, "rho": 7.0}
 
 
+# a denoised estimate or sampled state this many climatological scales (normalised units)
+# from the model's center is a diverged run (finite or not), never weather
+DIVERGED = 1e3
+
+
 @dataclasses.dataclass(frozen=True)
 class AssimilationSettings:
     """Options of one assimilation run (defaults: MMPS, cBottle's sampler).
@@ -128,7 +133,10 @@ class AssimilationSettings:
         return self.members if self.prior_members is None else self.prior_members
 
     def sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_steps": self.steps, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho}
+        """The EDM sampler's options; a run whose denoised estimate leaves :data:`DIVERGED`
+        stops at that denoiser call (NaN members, reported as diverged by the caller)."""
+        return {"num_steps": self.steps, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho,
+                "stop_above": DIVERGED}
 
     def guidance_method(self) -> guidance.Method:
         """The method object; an option the method does not have is an error

@@ -21,7 +21,7 @@ import pandas as pd
 import xarray as xr
 
 from jaxguide.assimilation.known_frames import read_known_frames
-from jaxguide.assimilation.settings import AssimilationSettings, denoiser_calls
+from jaxguide.assimilation.settings import DIVERGED, AssimilationSettings, denoiser_calls
 from jaxguide.diffusion.guidance import Method, Observations
 from jaxguide.model.conditioning import KnownFrames, read_amip_sst
 from jaxguide.model.window import FrameWindow, WindowError, chain, trajectory_times
@@ -29,11 +29,6 @@ from jaxguide.observations.prepare import PreparedObservations, bucket_size, pad
 from jaxguide.observations.operator import build_operator
 
 Event = Callable[..., None]  # event(name, **info)
-
-# a sampled state this many climatological scales (normalised units) from the model's
-# center is a diverged run (finite or not), never weather
-DIVERGED = 1e3
-
 
 @dataclasses.dataclass(frozen=True)
 class WindowPlan:
@@ -209,7 +204,8 @@ def run_windows(session, fn: Callable, dm, plan: list[WindowPlan], stages: list[
                     where = f" in window {k + 1} of {len(plan)}" if len(plan) > 1 else ""
                     raise FloatingPointError(
                         f"the {stage} ensemble diverged{where}: {what} (method {settings.method_name!r}, guidance "
-                        f"scale {settings.guidance_scale}); lower --guidance-scale or use --method mmps/sda")
+                        f"scale {settings.guidance_scale}; the sampler stops at the first denoiser call that leaves "
+                        f"{DIVERGED:g} scales); lower --guidance-scale or use --method mmps/sda")
                 pieces.append(ens if k == 0 else ens[:, :, settings.conditioning_frames:])
                 previous = ens
         if progress is not None and not session.report_progress:

@@ -79,10 +79,17 @@ _barrier_count = itertools.count()  # the n-th barrier of every process has the 
 
 @dataclass(frozen=True)
 class ProcessInfo:
-    """This process's place in the campaign: ``index`` in ``[0, count)``."""
+    """This process's place in the campaign: ``index`` in ``[0, count)``;
+    ``barrier_timeout_s``: how long its barriers wait without progress (None:
+    :func:`barrier_timeout`)."""
 
     index: int = 0
     count: int = 1
+    barrier_timeout_s: float | None = None
+
+    def __post_init__(self):
+        if self.barrier_timeout_s is not None and not self.barrier_timeout_s > 0:
+            raise DistributedError(f"the barrier timeout must be a number of seconds > 0, got {self.barrier_timeout_s}")
 
     @property
     def is_main(self) -> bool:
@@ -106,6 +113,7 @@ def initialize(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    barrier_timeout_s: float | None = None,
 ) -> ProcessInfo:
     """Start jax.distributed if asked or launched by a cluster launcher; call it before
     any other JAX call of the process.
@@ -114,7 +122,11 @@ def initialize(
       multi-task launch, else one process), "explicit" (``coordinator`` "host:port",
       ``num_processes``, ``process_id`` all given). Giving any of the three selects
       "explicit".
+    barrier_timeout_s: seconds a barrier waits with no process making progress (None:
+      :func:`barrier_timeout`, ``$JAXGUIDE_BARRIER_TIMEOUT`` or 1800).
     """
+    if barrier_timeout_s is not None:
+        ProcessInfo(barrier_timeout_s=barrier_timeout_s)  # checks it before anything starts
     if any(v is not None for v in (coordinator, num_processes, process_id)):
         mode = "explicit"
     if mode == "off":
@@ -141,7 +153,7 @@ def initialize(
             raise DistributedError(f"launched by {launcher} but jax.distributed.initialize() failed: {e}") from e
     else:
         raise DistributedError(f"unknown distributed mode {mode!r}; expected 'auto', 'off' or 'explicit'")
-    info = ProcessInfo(jax.process_index(), jax.process_count())
+    info = ProcessInfo(jax.process_index(), jax.process_count(), barrier_timeout_s)
     logger.info("process %d of %d, %d local devices of %d", info.index, info.count,
                 jax.local_device_count(), jax.device_count())
     return info
@@ -237,11 +249,13 @@ def barrier(name: str, info: ProcessInfo, timeout_s: float | None = None) -> Non
 
     Raises :class:`CampaignAbortedError` as soon as another process has failed
     (:func:`publish_abort`), and :class:`BarrierTimeoutError` naming the missing processes
-    when ``timeout_s`` (default :func:`barrier_timeout`) pass with no process arriving or
+    when ``timeout_s`` (default ``info.barrier_timeout_s``, else :func:`barrier_timeout`) pass with no process arriving or
     making progress (:func:`note_progress`)."""
     if info.count == 1:
         return
-    timeout = barrier_timeout() if timeout_s is None else float(timeout_s)
+    if timeout_s is None:
+        timeout_s = info.barrier_timeout_s if info.barrier_timeout_s is not None else barrier_timeout()
+    timeout = float(timeout_s)
     client = _client()
     if client is None:  # jax.distributed started by someone else without a client: no timeout
         multihost_utils.sync_global_devices(name)
@@ -263,5 +277,5 @@ def barrier(name: str, info: ProcessInfo, timeout_s: float | None = None) -> Non
             raise BarrierTimeoutError(
                 f"process {info.index}: process(es) {missing} did not reach barrier {name!r} and made no progress "
                 f"for {timeout:g} s (died or hung?); stopping (completed times are kept: --resume continues the "
-                f"campaign; {BARRIER_TIMEOUT_ENV} sets the timeout)")
+                f"campaign; --barrier-timeout or {BARRIER_TIMEOUT_ENV} sets the timeout)")
         _time.sleep(_POLL_S)

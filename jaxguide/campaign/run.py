@@ -20,7 +20,9 @@ into one zarr store (:mod:`jaxguide.campaign.store`) with a ``time`` dimension:
   skip with the reason (``completed = 2``, ``skipped_reason``) and the run goes on: a
   window without observations, observations that cannot be used (all rejected, bad rows
   without ``drop_bad``, a per-variable ``sigma_y`` naming a variable the window lacks: any
-  :class:`~jaxguide.observations.errors.ObservationError`), or a non-finite ensemble;
+  :class:`~jaxguide.observations.errors.ObservationError`), an SST field that cannot be
+  sea-surface temperature at that time (:class:`~jaxguide.model.sst.SSTValueError`), or
+  a non-finite ensemble; times outside the SST file are refused before anything runs;
 - several processes: with :mod:`jaxguide.campaign.distributed` initialised, process 0 creates
   (or opens) the store, every process takes every ``count``-th pending time and samples
   its members on its local devices, and each writes only its own times' chunks. Any
@@ -48,12 +50,13 @@ from jaxguide.campaign.store import ANALYSED, SKIPPED, CampaignStore, normalise_
 from jaxguide.campaign.distributed import ProcessInfo, abort_on_error, barrier, check_abort, my_share, note_progress
 from jaxguide.grid.latlon import LatLonGrid
 from jaxguide.io.files import content_identity
+from jaxguide.model.sst import SSTValueError, check_sst_covers, read_amip_sst
 from jaxguide.observations.sources import ObservationSource, PartitionedSource, TableSource, open_observations
 from jaxguide.observations.errors import EmptyTableError, ObservationError
 from jaxguide.observations.prepare import bucket_size, prepare
 from jaxguide.assimilation.provenance import model_sha256, run_provenance
 from jaxguide.assimilation.session import Session
-from jaxguide.assimilation.settings import AssimilationSettings, denoiser_calls, run_keys
+from jaxguide.assimilation.settings import DIVERGED, AssimilationSettings, denoiser_calls, run_keys
 from jaxguide.assimilation.dataset import analysis_to_dataset
 
 logger = logging.getLogger(__name__)
@@ -182,7 +185,8 @@ def assimilate_campaign(
       resume: continue an existing store (settings and input contents must match); without
         it an existing store is an error unless ``overwrite``.
       allow_changed_inputs: resume even if the observation or SST files changed since the
-        store was made (a warning instead of :class:`~jaxguide.campaign.store.InputsChangedError`).
+        store was made (a warning instead of :class:`~jaxguide.campaign.store.InputsChangedError`);
+        the new contents are recorded with the change, so a later resume checks against them.
       progress: called after each of this process's times.
       process: this process's place (:func:`jaxguide.campaign.distributed.initialize`).
     Returns a JSON-friendly summary (this process's times; on process 0 also the
@@ -215,14 +219,18 @@ def _campaign(model, obs, store, times, settings, *, sst, regrid, resume, overwr
             "assimilate a whole period with `jaxguide assimilate --time START --end END` (chained windows)")
     source = obs if isinstance(obs, TableSource | PartitionedSource) else open_observations(obs, sigma_y=settings.sigma_y)
     pad_to = _padding(source, times, settings)
+    if sst is not None:  # every time inside the SST file, before anything runs
+        check_sst_covers(read_amip_sst(sst), times)
     config = campaign_settings(settings, dm, obs_name=_source_name(obs), sst=sst, regrid=regrid, pad_to=pad_to)
     inputs = input_identity(obs, source, sst)
 
     # the store: every process checks it (so that a refusal stops all of them, not only
     # process 0 while the others wait), process 0 creates it, the others open it after
     exists = store.exists()
+    changed: tuple[str, ...] = ()
     if exists and resume:  # SettingsMismatchError / InputsChangedError name a difference
-        CampaignStore.open(store, times, config, inputs=inputs, allow_changed_inputs=allow_changed_inputs)
+        changed = CampaignStore.open(store, times, config, inputs=inputs,
+                                     allow_changed_inputs=allow_changed_inputs).changed_inputs
     elif exists and not overwrite:
         raise FileExistsError(f"{str(store)!r} exists (pass --resume to continue that campaign, or --overwrite)")
     barrier("jaxguide-campaign-store-checked", process)  # before process 0 creates it
@@ -239,7 +247,10 @@ def _campaign(model, obs, store, times, settings, *, sst, regrid, resume, overwr
             CampaignStore.create(store, _per_time_vars(template, 0, 0), times, config, overwrite=overwrite,
                                  inputs=inputs)
         else:  # complete times whose chunk files were lost or damaged are run again
-            CampaignStore.open(store).redo_damaged()
+            opened = CampaignStore.open(store)
+            if changed:  # allowed: later resumes check against these inputs
+                opened.record_inputs(inputs, changed)
+            opened.redo_damaged()
     barrier("jaxguide-campaign-store-ready", process)
     st = CampaignStore.open(store, times, config)
     pending = st.pending()
@@ -315,7 +326,11 @@ def _one_time(t, source, st, session, dm, fn, method, settings, sampler_kwargs, 
                 skip_reason = f"{' '.join(str(e).split())}{hint}"
     if skip_reason is None:
         prepared.obs.check()
-        cond = dm.conditioning(t, sst_path=sst, sst_offset=settings.sst_offset)
+        try:
+            cond = dm.conditioning(t, sst_path=sst, sst_offset=settings.sst_offset)
+        except SSTValueError as e:  # this time's SST field is bad (Inf, a fill value): the others may not be
+            skip_reason, n_rejected = str(e), sum(prepared.dropped.values())
+    if skip_reason is None:
         key_analysis, key_prior = run_keys(settings.seed, t)  # the seed rule of every entry point
 
         def run(m, n_members, key, obs_):
@@ -323,10 +338,11 @@ def _one_time(t, source, st, session, dm, fn, method, settings, sampler_kwargs, 
                                    devices=devices, chunk_size=settings.chunk_size,
                                    operands=(dm.params, cond, m, obs_))
             ens = np.asarray(jax.block_until_ready(ens))
-            if not np.all(np.isfinite(ens)):
+            if not np.all(np.isfinite(ens)) or float(np.max(np.abs(ens))) > DIVERGED:
                 raise FloatingPointError(
                     f"non-finite values in the {'analysis' if m is not None else 'prior'} "
-                    f"ensemble (method {settings.method_name!r}, guidance scale {settings.guidance_scale})")
+                    f"ensemble (method {settings.method_name!r}, guidance scale {settings.guidance_scale}; a run "
+                    f"stops at the first denoiser call that leaves {DIVERGED:g} scales): lower --guidance-scale")
             return ens
 
         try:

@@ -147,6 +147,7 @@ class CampaignStore:
     times: pd.DatetimeIndex
     settings: dict[str, Any]
     variables: tuple[str, ...]  # per-time data variables (without the status ones)
+    changed_inputs: tuple[str, ...] = ()  # inputs found changed (allowed) when opened: see record_inputs
 
     # ---------------------------------------------------------------- creation / opening
 
@@ -277,9 +278,25 @@ class CampaignStore:
                     raise SettingsMismatchError(
                         f"cannot resume {str(path)!r}: it was made with {key}={old_v!r}, this run has "
                         f"{key}={new_v!r}; use the same settings, or a new --out", key)
+        changed: tuple[str, ...] = ()
         if inputs is not None:
-            _check_inputs(path, meta.get("inputs"), normalise_settings(inputs), allow_changed_inputs)
-        return cls(path, store_times, stored, names)
+            changed = _check_inputs(path, meta.get("inputs"), normalise_settings(inputs), allow_changed_inputs)
+        return cls(path, store_times, stored, names, changed)
+
+    def record_inputs(self, inputs: Mapping[str, Any], changes: Sequence[str]) -> None:
+        """Record ``inputs`` as the store's inputs after a resume that allowed ``changes``
+        (descriptions, as :attr:`changed_inputs`), so later resumes check against what
+        was used last; the changes are kept in the attribute's ``input_changes`` (UTC
+        time and what changed), as the store now mixes results of both inputs."""
+        import zarr
+
+        group = zarr.open_group(self.path, mode="r+")
+        meta = json.loads(group.attrs[CAMPAIGN_ATTR])
+        meta["inputs"] = normalise_settings(inputs)
+        stamp = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta.setdefault("input_changes", []).append({"time": stamp, "changes": list(changes)})
+        group.attrs[CAMPAIGN_ATTR] = json.dumps(meta, sort_keys=True)
+        self.consolidate()
 
     # ---------------------------------------------------------------- state
 
@@ -440,12 +457,14 @@ def _consolidate(path: Path) -> None:
         zarr.consolidate_metadata(path)
 
 
-def _check_inputs(path: Path, old: Mapping[str, Any] | None, new: Mapping[str, Any], allow: bool) -> None:
-    """InputsChangedError naming the first input file whose contents are not the recorded ones."""
+def _check_inputs(path: Path, old: Mapping[str, Any] | None, new: Mapping[str, Any], allow: bool) -> tuple[str, ...]:
+    """InputsChangedError naming the first input file whose contents are not the recorded
+    ones; with ``allow``, a warning per changed input and their descriptions returned."""
     if old is None:
         logger.warning("%s records no input contents (made by an earlier jaxguide): cannot check that the "
                        "observation and SST files are unchanged", path)
-        return
+        return ()
+    changed = []
     for role in sorted(set(old) | set(new)):
         a, b = old.get(role), new.get(role)
         if a is None or b is None or a.get("identity") is None or b.get("identity") is None:
@@ -462,6 +481,8 @@ def _check_inputs(path: Path, old: Mapping[str, Any] | None, new: Mapping[str, A
         if not allow:
             raise InputsChangedError(msg)
         logger.warning("the %s changed since %s was made; continuing (changed inputs allowed)", what, path)
+        changed.append(what)
+    return tuple(changed)
 
 
 def read_campaign(path: str | os.PathLike) -> xr.Dataset:

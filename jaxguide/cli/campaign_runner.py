@@ -19,13 +19,15 @@ from jaxguide.cli.printing import print_campaign_summary
 @dataclasses.dataclass(frozen=True)
 class Processes:
     """How the campaign's times are spread over processes (``jaxguide campaign``'s
-    ``--distributed``, ``--coordinator``, ``--num-processes``, ``--process-id``):
-    ``auto`` starts jax.distributed under Slurm / mpirun, ``off`` runs one process."""
+    ``--distributed``, ``--coordinator``, ``--num-processes``, ``--process-id``,
+    ``--barrier-timeout``): ``auto`` starts jax.distributed under Slurm / mpirun, ``off``
+    runs one process."""
 
     distributed: str = "auto"
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    barrier_timeout_s: float | None = None
 
 
 def run_campaign(run: RunOptions, processes: Processes = Processes()) -> None:
@@ -40,7 +42,8 @@ def run_campaign(run: RunOptions, processes: Processes = Processes()) -> None:
         raise ValueError(f"--distributed must be auto or off, got {processes.distributed!r}")
     # before anything else touches JAX's backends
     info = dist.initialize(processes.distributed, coordinator=processes.coordinator,
-                           num_processes=processes.num_processes, process_id=processes.process_id)
+                           num_processes=processes.num_processes, process_id=processes.process_id,
+                           barrier_timeout_s=processes.barrier_timeout_s)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -43,7 +43,8 @@ class RunOptions:
         "a campaign over the times in this file (one ISO 8601 time per line), instead of --time / --times"))
     allow_changed_inputs: bool = _option(False, "--allow-changed-inputs", panel=INPUTS, help=(
         "a campaign --resume: continue although the observation or SST file changed since the store was made "
-        "(normally refused, naming the file; the times already done keep their results)"))
+        "(normally refused, naming the file; the times already done keep their results; the new contents are "
+        "recorded, so the next --resume checks against them)"))
     method: str = _option("mmps", panel=METHOD, help="mmps | sda | dps | pigdm | regression | replacement")
     sigma_y: str | None = _option(None, "--sigma-y", panel=METHOD, help=(
         "observation error override, physical units: 1.0 or T850=1.0,T500=0.8 (default: the table's sigma; "

@@ -76,6 +76,7 @@ def sample(
     noise: jnp.ndarray | None = None,
     return_trajectory: bool = False,
     dtype=None,
+    stop_above: float | None = None,
 ):
     """Run the EDM sampler; returns ``x_0`` of ``shape`` (and the trajectory if asked).
 
@@ -91,6 +92,12 @@ def sample(
       return_trajectory: also return the state at the start of every step,
         ``(n_steps, *shape)``.
       dtype: state dtype; default the latents' dtype, else JAX's default float.
+      stop_above: stop a diverging run: checked from the first denoiser call on, at the
+        first call whose estimate exceeds ``stop_above`` in absolute value (state units),
+        or whose new state is non-finite or beyond ``stop_above + 10 t`` at its noise
+        level ``t``, the remaining calls are skipped and the result is NaN. The loop is then a
+        ``lax.while_loop`` (forward-differentiable only; no ``return_trajectory``);
+        under ``vmap`` it ends when every member has stopped or finished.
 
     Cost: ``2 num_steps - 1`` denoiser calls (Heun, forward), ``num_steps`` for Euler,
     ``2 (num_steps - 1)`` for reverse Heun.
@@ -166,7 +173,8 @@ def sample(
     elif step_keys is not None:
         xs["key"] = step_keys[step_of]
 
-    def body(carry, s):
+    def evaluate(carry, s):
+        """One denoiser evaluation: the new carry and the denoised estimate."""
         x_cur, x_hat_prev, d_prev = carry  # x_cur: the state, or x_euler before a corrector
         if use_noise:
             eps = s["eps"] if "eps" in s else jax.random.normal(s["key"], shape, dtype)
@@ -177,14 +185,39 @@ def sample(
         x_hat = jnp.where(pred, x_hat_new, x_hat_prev)
         x_eval = jnp.where(pred, x_hat_new, x_cur)
         te = s["t_eval"]
-        d = (x_eval - denoiser(x_eval, te).astype(dtype)) / te
+        denoised = denoiser(x_eval, te).astype(dtype)
+        d = (x_eval - denoised) / te
         dt = s["t_next"] - s["t_hat"]
         x_euler = x_hat + dt * d
         x_heun = x_hat + dt * (0.5 * d_prev + 0.5 * d)
-        out = (x_cur if return_trajectory else None)
-        return (jnp.where(pred, x_euler, x_heun), x_hat, d), out
+        return (jnp.where(pred, x_euler, x_heun), x_hat, d), denoised
 
-    (x, _, _), traj = jax.lax.scan(body, (x0, x0, jnp.zeros_like(x0)), xs)
+    init = (x0, x0, jnp.zeros_like(x0))
+    if stop_above is None:
+        def body(carry, s):
+            new, _ = evaluate(carry, s)
+            return new, (carry[0] if return_trajectory else None)
+
+        (x, _, _), traj = jax.lax.scan(body, init, xs)
+        if return_trajectory:
+            return x, traj[np.flatnonzero(predictor)]
+        return x
     if return_trajectory:
-        return x, traj[np.flatnonzero(predictor)]
-    return x
+        raise ValueError("stop_above runs a while loop: it cannot return the trajectory")
+    n_eval = int(step_of.size)
+
+    def running(state):
+        i, _, stopped = state
+        return (i < n_eval) & ~stopped
+
+    def step(state):
+        i, carry, _ = state
+        s = jax.tree.map(lambda a: a[i], xs)
+        new, denoised = evaluate(carry, s)
+        # the estimate, or the new state at noise level t_next beyond |D| + 10 t_next
+        diverged = (~jnp.all(jnp.isfinite(new[0])) | (jnp.max(jnp.abs(denoised)) > stop_above)
+                    | (jnp.max(jnp.abs(new[0])) > stop_above + 10.0 * s["t_next"]))
+        return i + 1, new, diverged
+
+    _, (x, _, _), stopped = jax.lax.while_loop(running, step, (jnp.int32(0), init, jnp.bool_(False)))
+    return jnp.where(stopped, jnp.asarray(jnp.nan, dtype), x)

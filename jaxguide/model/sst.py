@@ -54,8 +54,18 @@ SST_TIME_UNITS = "days since 1870-01-01"
 SYNTHETIC_TITLE = "SYNTHETIC sea-surface temperature in the AMIP tosbcs layout (not observed data)"
 
 
+# what a sea-surface temperature can be (deg C): sea water freezes near -1.9 deg C; the
+# warmest open ocean is near 35 deg C. Values outside are fill values or another unit.
+SST_PLAUSIBLE_DEGC = (-5.0, 50.0)
+
+
 class SSTTimeError(ValueError):
     """A requested time outside the SST data's time range."""
+
+
+class SSTValueError(ValueError):
+    """SST values that cannot be sea-surface temperatures: infinite, implausible (an
+    unmasked fill value, a wrong unit), or no ocean at all at the requested time."""
 
 
 def encode_sst(sst_k: np.ndarray, is_land: np.ndarray | None = None) -> np.ndarray:
@@ -101,6 +111,7 @@ def read_amip_sst(path: str | os.PathLike, variable: str = "tosbcs") -> xr.Datas
     ds = ds[[variable]].transpose("time", "lat", "lon")
     ds = ds.assign_coords(lon=np.asarray(ds["lon"].values, np.float64) % 360.0).sortby("lon")
     ds.attrs["sst_variable"] = variable
+    ds.attrs["jaxguide_sst_source"] = what
     return ds
 
 
@@ -116,29 +127,70 @@ def _time_number(ds: xr.Dataset, time) -> float:
     return float(cftime.date2num(ct, units, calendar=cal))
 
 
-def sst_kelvin_latlon(ds: xr.Dataset, time) -> np.ndarray:
-    """SST (nlat, nlon) in K at ``time``, linear in time between the monthly values."""
-    var = ds.attrs.get("sst_variable", "tosbcs")
+def check_sst_covers(ds: xr.Dataset, times) -> None:
+    """Raise :class:`SSTTimeError` naming the times of ``times`` outside the SST data
+    (a campaign checks all its times before it starts, not when it reaches them)."""
     tnum = np.asarray(ds["time"].values, dtype=np.float64)
     if tnum.size == 0:
         raise SSTTimeError("the SST data has no time steps")
-    q = _time_number(ds, time)
-    if not (tnum[0] <= q <= tnum[-1]):
+    outside = [t for t in times if not (tnum[0] <= _time_number(ds, t) <= tnum[-1])]
+    if outside:
         units = ds["time"].attrs["units"]
         cal = ds["time"].attrs.get("calendar", "standard")
         first, last = cftime.num2date([tnum[0], tnum[-1]], units, calendar=cal)
-        raise SSTTimeError(f"time {time} is outside the SST data ({first} .. {last})")
+        source = ds.attrs.get("jaxguide_sst_source")
+        span = f"the SST data ({first} .. {last}{', ' + source if source else ''})"
+        listed = ", ".join(str(t) for t in outside[:5]) + (" ..." if len(outside) > 5 else "")
+        raise SSTTimeError(f"time {listed} is outside {span}" if len(outside) == 1
+                           else f"{len(outside)} times are outside {span}: {listed}")
+
+
+def sst_kelvin_latlon(ds: xr.Dataset, time) -> np.ndarray:
+    """SST (nlat, nlon) in K at ``time``, linear in time between the monthly values.
+
+    Raises :class:`SSTTimeError` outside the data, :class:`SSTValueError` when a month
+    used holds values that cannot be SST (:func:`check_sst_values`)."""
+    var = ds.attrs.get("sst_variable", "tosbcs")
+    check_sst_covers(ds, [time])
+    tnum = np.asarray(ds["time"].values, dtype=np.float64)
+    q = _time_number(ds, time)
     i = int(np.clip(np.searchsorted(tnum, q, side="right") - 1, 0, max(tnum.size - 2, 0)))
+    used = [i] if tnum.size == 1 else [i, i + 1]
     data = ds[var].values
+    offset = 0.0 if str(ds[var].attrs.get("units", "degC")).strip() in ("K", "k", "kelvin", "Kelvin") else KELVIN_OFFSET
+    what = ds.attrs.get("jaxguide_sst_source", "the SST data")
+    units, cal = ds["time"].attrs["units"], ds["time"].attrs.get("calendar", "standard")
+    for j in used:  # both months of the interpolation (a weight 0 times Inf would be NaN: land)
+        check_sst_values(data[j].astype(np.float64) + offset,
+                         f"{cftime.num2date(tnum[j], units, calendar=cal)} (used for {time})", what=what)
     if tnum.size == 1:
         field = data[0].astype(np.float64)
     else:
         w = (q - tnum[i]) / (tnum[i + 1] - tnum[i])
         field = (1 - w) * data[i].astype(np.float64) + w * data[i + 1].astype(np.float64)
-    units = str(ds[var].attrs.get("units", "degC")).strip()
-    if units not in ("K", "k", "kelvin", "Kelvin"):
-        field = field + KELVIN_OFFSET
-    return field
+    return field + offset
+
+
+def check_sst_values(field_k: np.ndarray, time, what: str = "the SST data") -> None:
+    """Refuse a time's SST field (any shape, K) that cannot be sea-surface temperature.
+
+    NaN is land or missing (cBottle fills it with 290 K); +-Inf, values outside
+    :data:`SST_PLAUSIBLE_DEGC`, or a field with no finite value at all raise
+    :class:`SSTValueError` naming the time, the count and the range found.
+    """
+    field_k = np.asarray(field_k, np.float64)
+    if np.isinf(field_k).any():
+        raise SSTValueError(f"{what} has {int(np.isinf(field_k).sum())} infinite value(s) at {time}")
+    finite = field_k[np.isfinite(field_k)]
+    if finite.size == 0:
+        raise SSTValueError(f"{what} has no finite value at {time} (all NaN: no ocean)")
+    lo, hi = (v + KELVIN_OFFSET for v in SST_PLAUSIBLE_DEGC)
+    bad = (finite < lo) | (finite > hi)
+    if bad.any():
+        raise SSTValueError(
+            f"{what} has {int(bad.sum())} value(s) outside {SST_PLAUSIBLE_DEGC[0]:g}..{SST_PLAUSIBLE_DEGC[1]:g} deg C "
+            f"at {time} (range {finite.min() - KELVIN_OFFSET:.4g}..{finite.max() - KELVIN_OFFSET:.4g} deg C): an "
+            "unmasked fill value, or units other than the file's 'units' attribute says")
 
 
 def regrid_latlon_to_healpix(
