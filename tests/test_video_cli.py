@@ -183,6 +183,43 @@ def test_video_assimilate_chained_windows(case):
             assert s["n_obs"] == 1 and s["rmse"] <= 3e-4, (t, var, s)
 
 
+@pytest.mark.slow  # 4 video runs of 2 windows: in the `-m slow` set that CI also runs (README, Tests)
+def test_smoother_late_observations_change_the_first_frame(case):
+    """--smoother: two runs with the same seed whose observations differ only in the last
+    window (frames 24-30 h of 0-30 h, 6 frames: windows at frames 0 and 2) differ in frame
+    0 (most of its pixels); with the filter chain (--filter, the default) frame 0 is
+    identical. Replacement guidance, one member, 4 steps: with 2 steps the change reached
+    frames 2-3 but frame 0 only at float32 round-off (the last call, at sigma 0.02, is
+    nearly the identity); a change at frames 4-5 needs calls at intermediate noise to
+    reach frame 0 through the second window, then the first."""
+    tmp, runner = case["tmp"], CliRunner()
+    end = START + 5 * STEP
+    a = _obs([0.0, 6.0, 13.5, 24.0, 30.0], seed=7)
+    late = pd.to_datetime(a["time"]) >= START + pd.Timedelta(hours=24)
+    b = a.assign(value=np.where(late, a["value"] + 4.0, a["value"]))
+    a.to_csv(tmp / "smooth_a.csv", index=False)
+    b.to_csv(tmp / "smooth_b.csv", index=False)
+    frame0 = {}
+    for mode in ("--smoother", "--filter"):
+        for name in ("a", "b"):
+            out = tmp / f"smooth_{mode[2:]}_{name}.nc"
+            res = runner.invoke(app, _args(case, out, "--end", end.strftime("%Y-%m-%dT%H:%M"), mode,
+                                           obs=tmp / f"smooth_{name}.csv",
+                                           method=("--method", "replacement", "--steps", "4", "--members", "1")))
+            assert res.exit_code == 0, res.output
+            ds = io.read_analysis(out)
+            assert ds.sizes["time"] == 6 and np.isfinite(ds["T850"].values).all()
+            if mode == "--smoother":
+                assert ds.attrs["smoother_window_starts"] == "0,2" and int(ds.attrs["n_windows"]) == 2
+                assert "smoother: 6 frames as 2 windows of 4 sharing 2 frames" in res.stderr
+            frame0[mode, name] = np.stack([ds[v].isel(time=0).values for v in CHANNELS])
+    changed = frame0["--smoother", "a"] != frame0["--smoother", "b"]
+    print("smoother: fraction of frame-0 values changed", changed.mean(),
+          "max change", np.max(np.abs(frame0["--smoother", "a"] - frame0["--smoother", "b"])))
+    assert changed.mean() > 0.5
+    np.testing.assert_array_equal(frame0["--filter", "a"], frame0["--filter", "b"])
+
+
 # --------------------------------------------------------------------------------------
 # bad input: one line, before anything compiles
 
@@ -289,6 +326,13 @@ def test_video_options_reach_the_pipeline(monkeypatch, tmp_path):
     assert isinstance(res.exception, Stop), res.output
     assert seen["end"] == pd.Timestamp("2016-03-01T06:00") and seen["condition"] == cond
     assert (seen["settings"].conditioning_frames, seen["settings"].time_matching) == (2, "exact")
+    assert seen["settings"].smoother is False
+    res = CliRunner().invoke(app, base + ["--end", "2016-03-01T06:00", "--smoother", "--overlap", "3"])
+    assert isinstance(res.exception, Stop), res.output
+    assert (seen["settings"].smoother, seen["settings"].overlap) == (True, 3)
+    assert "--smoother" in one_line_error(CliRunner().invoke(app, base + ["--overlap", "3"]))
+    line = one_line_error(CliRunner().invoke(app, base + ["--smoother", "--conditioning-frames", "2"]))
+    assert "--overlap" in line
     res = CliRunner().invoke(app, base)
     assert isinstance(res.exception, Stop), res.output
     assert seen["end"] is None and seen["condition"] is None

@@ -19,7 +19,8 @@ import pandas as pd
 from jaxguide.assimilation.dataset import analysis_to_dataset
 from jaxguide.assimilation.provenance import run_provenance
 from jaxguide.assimilation.settings import AnalysisInputs, AssimilationSettings, run_keys
-from jaxguide.assimilation.windows import Stage, WindowPlan, plan_windows, run_windows
+from jaxguide.assimilation.windows import (Stage, WindowPlan, plan_windows, run_windows, smoother_provenance,
+                                           trajectory_frames)
 from jaxguide.io.files import check_writable_dir, write_dataset
 from jaxguide.model import units
 from jaxguide.observations.prepare import PreparedObservations, prepare
@@ -97,6 +98,8 @@ def run_analysis(session, inputs: AnalysisInputs) -> dict[str, Any]:
                       or settings.conditioning_frames != defaults.conditioning_frames):
         raise ValueError("time_matching (--time-matching) and conditioning_frames (--conditioning-frames) are for "
                          "video models (time_length > 1); this model samples one time")
+    if not video and settings.smoother:
+        raise ValueError("smoother (--smoother) is for video models (time_length > 1); this model samples one time")
     if video and settings.window_hours != defaults.window_hours:
         raise ValueError("window_hours (--window-hours) is for single-time models; a video run assimilates every "
                          "observation between its first frame (--time) and its last (--end)")
@@ -115,8 +118,15 @@ def run_analysis(session, inputs: AnalysisInputs) -> dict[str, Any]:
         extra: dict[str, Any] = {}
     else:
         end = None if inputs.end is None else utc_naive(inputs.end)
+        if settings.smoother:  # the whole run is one trajectory: a model of that many frames
+            dm, fn = session.model_for(settings, trajectory_frames=trajectory_frames(dm, time, end))
+            event("smoother", frames=dm.member_shape[1], windows=len(dm.starts), frames_per_window=dm.window_length,
+                  overlap=dm.overlap)
         plan, prepared, times, extra = plan_windows(dm, table, time, end, inputs.condition, settings, inputs.sst,
                                                     prep_kw, event)
+        if settings.smoother:
+            extra.pop("conditioning_frames")
+            extra.update(smoother_provenance(dm))
 
     # the seed rule (SEED_RULE): each window's keys from its first frame's time
     keys = [run_keys(settings.seed, time if w.window is None else w.window.start) for w in plan]

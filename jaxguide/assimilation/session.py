@@ -23,6 +23,7 @@ from jaxguide.diffusion.ensemble import EnsembleSampler, resolve_devices
 from jaxguide.diffusion.guided import guided_denoiser
 from jaxguide.model.checkpoint import CBottleModel, load_model
 from jaxguide.model.denoiser import CBottleDenoiser, DenoiserModel, check_model
+from jaxguide.model.trajectory import TrajectoryModel
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +86,23 @@ class Session:
         finally:
             self._progress = None
 
-    def model_for(self, settings: AssimilationSettings) -> tuple[DenoiserModel, Callable]:
-        """The denoiser model and its guided function (built once per label / dtype / remat)."""
+    def model_for(self, settings: AssimilationSettings, trajectory_frames: int | None = None
+                  ) -> tuple[DenoiserModel, Callable]:
+        """The denoiser model and its guided function (built once per label / dtype / remat).
+        ``trajectory_frames``: a video model as the smoother's denoiser of that many frames
+        (:class:`~jaxguide.model.trajectory.TrajectoryModel`, ``settings.overlap``)."""
         key = (settings.label, settings.bf16, settings.remat)
+        on_call = self._on_call if self.report_progress else None
         if key not in self._fns:
             dm = as_denoiser_model(self._model, label=settings.label, bf16=settings.bf16, remat=settings.remat)
-            self._fns[key] = (dm, guided_denoiser(dm, on_call=self._on_call if self.report_progress else None))
-        return self._fns[key]
+            self._fns[key] = (dm, guided_denoiser(dm, on_call=on_call))
+        if trajectory_frames is None:
+            return self._fns[key]
+        tkey = (*key, "trajectory", trajectory_frames, settings.overlap)
+        if tkey not in self._fns:
+            tm = TrajectoryModel(self._fns[key][0], trajectory_frames, settings.overlap)
+            self._fns[tkey] = (tm, guided_denoiser(tm, on_call=on_call))
+        return self._fns[tkey]
 
     def assimilate(self, obs, out, **inputs) -> dict[str, Any]:
         """See :func:`jaxguide.assimilation.pipeline.assimilate`; the keywords are the fields of

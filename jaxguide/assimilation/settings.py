@@ -74,6 +74,11 @@ class AssimilationSettings:
       windows).
     time_matching: video models: ``"linear"`` interpolates an observation between two
       frames linearly in time; ``"exact"`` refuses it (``ObservationTimeError``).
+    smoother: video models: sample the whole run (``time`` .. ``end``) as one trajectory
+      of overlapping windows (:class:`jaxguide.model.trajectory.TrajectoryModel`), so that
+      every frame is conditioned on every observation (a smoother); False chains windows,
+      each conditioned on the previous one (a filter, cBottle's autoregression).
+    overlap: the smoother's frames shared by neighbouring windows (None: T // 2).
     """
 
     method: str | guidance.Method = "mmps"
@@ -102,6 +107,8 @@ class AssimilationSettings:
     check_plausibility: bool = True
     conditioning_frames: int = 1
     time_matching: str = "linear"
+    smoother: bool = False
+    overlap: int | None = None
 
     def check(self) -> None:
         self.guidance_method()  # names, options and their values
@@ -123,6 +130,13 @@ class AssimilationSettings:
             raise ValueError(f"conditioning_frames must be >= 0, got {self.conditioning_frames}")
         if self.time_matching not in ("linear", "exact"):
             raise ValueError(f"unknown time matching {self.time_matching!r}; expected 'linear' or 'exact'")
+        if self.smoother and self.conditioning_frames != 1:
+            raise ValueError("conditioning_frames (--conditioning-frames) is the filter chain's; the smoother's "
+                             "windows share overlap (--overlap) frames")
+        if self.overlap is not None and not self.smoother:
+            raise ValueError("overlap (--overlap) is the smoother's: give smoother=True (--smoother) too")
+        if self.overlap is not None and self.overlap < 1:
+            raise ValueError(f"the smoother's overlap must be >= 1 frame, got {self.overlap}")
 
     @property
     def method_name(self) -> str:

@@ -55,6 +55,26 @@ class Stage:
     keys: Sequence[jax.Array]
 
 
+def trajectory_frames(dm, start: pd.Timestamp, end: pd.Timestamp | None) -> int:
+    """Frames of a video run from ``start`` to ``end`` (None: one window), at least one
+    window's; :class:`~jaxguide.model.window.WindowError` when ``end`` is before ``start``
+    or off the model's time steps."""
+    frames = dm.member_shape[1]
+    if end is None:
+        return frames
+    step = float(dm.time_step_hours)
+    chain(start, end, time_step_hours=step, length=frames, overlap=0)  # checks the end
+    return max(frames, int(round((end - start) / pd.Timedelta(hours=step))) + 1)
+
+
+def smoother_provenance(tm) -> dict[str, Any]:
+    """The provenance entries of a smoother run (a
+    :class:`~jaxguide.model.trajectory.TrajectoryModel` ``tm``)."""
+    return {"smoother": f"{len(tm.starts)} overlapping windows, {tm.weighting}-weighted",
+            "frames_per_window": tm.window_length, "n_windows": len(tm.starts), "smoother_overlap": tm.overlap,
+            "smoother_window_starts": ",".join(map(str, tm.starts))}
+
+
 def plan_windows(dm, table: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp | None,
                  condition: str | os.PathLike | xr.Dataset | None, settings: AssimilationSettings, sst,
                  prep_kw: Mapping[str, Any], event: Event

@@ -29,10 +29,12 @@ def assimilate(
     condition: Path = typer.Option(None, "--condition", rich_help_panel=VIDEO, help="video models: NetCDF of known frames (jaxguide analysis layout: HEALPix NEST 'pixel', physical units, the model's variables, optional 'member'); its times on the first window's frames are held fixed"),
     conditioning_frames: int = typer.Option(None, "--conditioning-frames", rich_help_panel=VIDEO, help="video models: frames each chained window takes from the end of the previous one (default 1)"),
     time_matching: str = typer.Option(None, "--time-matching", rich_help_panel=VIDEO, help="video models: linear (an observation between frames is interpolated linearly in time; default) | exact (such a row is an error, or dropped with --drop-bad)"),
+    smoother: bool = typer.Option(None, "--smoother/--filter", rich_help_panel=VIDEO, help="video models: sample the whole run --time..--end as one trajectory of overlapping windows, every frame conditioned on every observation (a smoother); --filter (default) chains windows, each conditioned on the previous one"),
+    overlap: int = typer.Option(None, "--overlap", rich_help_panel=VIDEO, help="video models, --smoother: frames shared by neighbouring windows (default half a window)"),
 ) -> None:
     """Sample a posterior ensemble given observations and write an analysis file."""
     video = {"--end": end, "--condition": condition, "--conditioning-frames": conditioning_frames,
-             "--time-matching": time_matching}
+             "--time-matching": time_matching, "--smoother/--filter": smoother, "--overlap": overlap}
     video = [opt for opt, v in video.items() if v is not None]
     if run.times or run.times_file is not None:
         if time is not None:
@@ -45,11 +47,12 @@ def assimilate(
         raise ValueError("missing --time (one analysis time, ISO 8601) or --times START/END/STEP (a campaign)")
     if run.resume:
         raise ValueError("--resume continues a campaign: it goes with --times or --times-file")
-    _assimilate_one(run, time, end, condition, conditioning_frames, time_matching)
+    _assimilate_one(run, time, end, condition, conditioning_frames, time_matching, smoother, overlap)
 
 
 def _assimilate_one(run: RunOptions, time: str, end: str | None, condition: Path | None,
-                    conditioning_frames: int | None, time_matching: str | None) -> None:
+                    conditioning_frames: int | None, time_matching: str | None, smoother: bool | None = None,
+                    overlap: int | None = None) -> None:
     """One analysis time, or one run of a video model from ``time`` to ``end``."""
     import shlex
     import sys
@@ -70,7 +73,8 @@ def _assimilate_one(run: RunOptions, time: str, end: str | None, condition: Path
         raise ValueError(f"--time-matching must be linear or exact, got {time_matching!r}")
     # only the options given: their defaults live in AssimilationSettings
     video_settings = {k: v for k, v in (("conditioning_frames", conditioning_frames),
-                                        ("time_matching", time_matching)) if v is not None}
+                                        ("time_matching", time_matching), ("smoother", smoother),
+                                        ("overlap", overlap)) if v is not None}
     settings = run.assimilation_settings(**video_settings)
     grid = parse_latlon_grid(run.regrid)
     if run.json_path is not None:
@@ -93,6 +97,9 @@ def _assimilate_one(run: RunOptions, time: str, end: str | None, condition: Path
                 bar.console.print(f"{stamp} {stage}: window {info['index'] + 1}/{info['of']} from {str(info['start'])[:16]}")
                 if stage in tasks:  # the bar counts the calls of all windows
                     bar.update(tasks[stage], description=f"{stage}: window {info['index'] + 1}/{info['of']}")
+            elif name == "smoother":
+                bar.console.print(f"{stamp} smoother: {info['frames']} frames as {info['windows']} windows of "
+                                  f"{info['frames_per_window']} sharing {info['overlap']} frames, sampled together")
             elif name == "observations":
                 dropped = sum(info["dropped"].values())
                 per_window = info.get("per_window")
