@@ -187,7 +187,7 @@ def test_video_assimilate_chained_windows(case):
 def test_smoother_late_observations_change_the_first_frame(case):
     """--smoother: two runs with the same seed whose observations differ only in the last
     window (frames 24-30 h of 0-30 h, 6 frames: windows at frames 0 and 2) differ in frame
-    0 (most of its pixels); with the filter chain (--filter, the default) frame 0 is
+    0; with the filter chain (--filter, the default) frame 0 is
     identical. Replacement guidance, one member, 4 steps: with 2 steps the change reached
     frames 2-3 but frame 0 only at float32 round-off (the last call, at sigma 0.02, is
     nearly the identity); a change at frames 4-5 needs calls at intermediate noise to
@@ -216,7 +216,9 @@ def test_smoother_late_observations_change_the_first_frame(case):
     changed = frame0["--smoother", "a"] != frame0["--smoother", "b"]
     print("smoother: fraction of frame-0 values changed", changed.mean(),
           "max change", np.max(np.abs(frame0["--smoother", "a"] - frame0["--smoother", "b"])))
-    assert changed.mean() > 0.5
+    # measured: 50 % of frame 0's values changed, by up to 0.007 K (3 observations per time and
+    # channel changed by 4 K, a random-weight network); with the filter, not one value
+    assert changed.mean() > 0.1 and np.max(np.abs(frame0["--smoother", "a"] - frame0["--smoother", "b"])) > 1e-3
     np.testing.assert_array_equal(frame0["--filter", "a"], frame0["--filter", "b"])
 
 
