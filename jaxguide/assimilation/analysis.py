@@ -79,6 +79,8 @@ def run_analysis(session, inputs: AnalysisInputs) -> dict[str, Any]:
     t_start = _time.perf_counter()
     if inputs.out is None:
         raise ValueError("no output path: pass out=... (analysis_dataset returns the analysis in memory)")
+    inputs.settings.check()  # the options and the time first, then the output (as the CLI reports them)
+    utc_naive(inputs.time)
     out = Path(inputs.out)
     _check_output(out, inputs.overwrite)
     ds, summary = analysis_dataset(session, inputs)

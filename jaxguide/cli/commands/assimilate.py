@@ -79,7 +79,7 @@ def _assimilate_one(run: RunOptions, time: str, end: str | None, condition: Path
     cache_dir = enable_compile_cache(not run.no_cache)
     console = Console(stderr=True)
     t0 = time_module.perf_counter()
-    console.print(f"[0.0 s] reading {run.model}, {run.obs} on {describe_devices()} ...")
+    console.print(f"[0.0 s] on {describe_devices()}: reading {run.model}, {run.obs} ...")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         tasks: dict[str, Any] = {}
