@@ -32,15 +32,15 @@ from jaxguide.observations.sources import channel_earth2studio, earth2studio_cha
 TIMES = ("2020-01-20T00:00", "2020-01-20T06:00", "2020-01-20T12:00")
 OPTIONS = dict(method="replacement", interpolation="nearest", members=2, steps=2, seed=7, sigma_y=1.0)
 # plausible values (physical units) of the ISD variables the fixture model has
-TYPICAL = {"t2m": (280.0, 5.0), "msl": (101000.0, 800.0)}
+TYPICAL = {"t2m": (280.0, 5.0), "msl": (101000.0, 800.0), "t850": (265.0, 5.0)}
 
 
-def isd_frame(time: str, n: int, rng: np.random.Generator, *, hours=None) -> pd.DataFrame:
+def isd_frame(time: str, n: int, rng: np.random.Generator, *, hours=None, variables=("t2m", "msl")) -> pd.DataFrame:
     """A frame shaped as earth2studio.data.ISD returns (its schema's columns and dtypes,
     lon in [0, 360), ``request_time`` in attrs), stations at distinct HEALPix pixel centres."""
     lon, lat = healpix.lonlat(64, "nest")
     pix = rng.choice(lon.size, n, replace=False)
-    variable = np.array(list(TYPICAL))[np.arange(n) % len(TYPICAL)]
+    variable = np.array(variables)[np.arange(n) % len(variables)]
     value = [rng.normal(*TYPICAL[v]) for v in variable]
     t = np.datetime64(time, "ns")
     offsets = np.zeros(n) if hours is None else np.asarray(hours, float)
@@ -266,7 +266,8 @@ def test_regrid_and_video(case, fixtures_dir, tmp_path):
     assert res.exit_code == 0, res.output
     start = "2016-02-28T18:00"
     video = CBottleDA(tmp_path / "video", sst=tmp_path / "sst.nc", **OPTIONS)
-    frame = isd_frame(start, 12, np.random.default_rng(2), hours=np.arange(12) % 4 * 6.0)
+    # the video fixture's channels are T850, T500, tas: a frame of t2m and t850 at each of the 4 frames
+    frame = isd_frame(start, 12, np.random.default_rng(2), hours=np.arange(12) % 4 * 6.0, variables=("t2m", "t850"))
     (va,) = video(frame)
     assert list(va.dims) == ["ensemble", "time", "lead_time", "variable", "npix"]
     assert va.shape[:3] == (2, 1, 4)
@@ -298,5 +299,5 @@ def test_readme_example_runs_as_written(tiny_model_dir, tmp_path, monkeypatch):
     code = block.replace('"model"', repr(str(tiny_model_dir)))
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
-    (da,) = namespace["analysis"]
+    da = namespace["analysis"]  # the example unpacks the 1-tuple
     assert da.dims == ("ensemble", "time", "variable", "npix") and np.isfinite(da.values).all()
