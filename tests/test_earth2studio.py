@@ -301,3 +301,14 @@ def test_readme_example_runs_as_written(tiny_model_dir, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
     da = namespace["analysis"]  # the example unpacks the 1-tuple
     assert da.dims == ("ensemble", "time", "variable", "npix") and np.isfinite(da.values).all()
+
+
+def test_jaxguide_never_imports_earth2studio():
+    """The extra is optional: jaxguide's own packages and CLI do not import it (nor torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jaxguide, jaxguide.assimilation, jaxguide.campaign, jaxguide.cli; "
+            "bad = [m for m in ('earth2studio', 'torch') if m in sys.modules]; assert not bad, bad")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
