@@ -46,7 +46,9 @@ def run(cmd: list[str], env: dict, cwd: Path) -> dict:
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-3000:])
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "stdout_tail": res.stdout.strip().splitlines()[-3:]}
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "stdout_tail": res.stdout.strip().splitlines()[-3:],
+            # the command's first progress line, which names the devices
+            "first_line": next((line for line in res.stderr.splitlines() if line.startswith("[0.0 s] on ")), None)}
 
 
 def main(argv=None) -> dict:
@@ -61,6 +63,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--runs", default="first_run,second_run_warm_cache,no_cache",
                     help="comma-separated subset of first_run,second_run_warm_cache,no_cache")
+    ap.add_argument("--options", default="--members 2 --steps 4 --cg-iters 1",
+                    help="the assimilate options (method, members, steps) of every run")
     ap.add_argument("--baseline", type=Path,
                     help="another checkout of jaxguide (e.g. a git worktree of an older main): each run is made "
                          "with it and with this one, alternately, each with its own cache directory")
@@ -85,8 +89,7 @@ def main(argv=None) -> dict:
     write_observations(table, w / "obs.csv")
     write_synthetic_sst(w / "sst.nc", t, t)
     cmd = [*py, "assimilate", "--model", str(w / "model"), "--obs", str(w / "obs.csv"), "--time", t, "--sst",
-           str(w / "sst.nc"), "--members", "2", "--steps", "4", "--cg-iters", "1", "--out", str(w / "a.nc"),
-           "--overwrite"]
+           str(w / "sst.nc"), *args.options.split(), "--out", str(w / "a.nc"), "--overwrite"]
     out = {"command": " ".join(cmd[2:]), "machine_cores": os.cpu_count(), "load_before": os.getloadavg()}
     runs = args.runs.split(",")
     for name, extra in (("first_run", []), ("second_run_warm_cache", []), ("no_cache", ["--no-cache"])):

@@ -58,7 +58,7 @@ SECTIONS = ("forward", "bf16", "guided", "memory", "ensemble", "sampler", "torch
 GUIDED = ("regression", "dps", "sda", "mmps1", "mmps2", "mmps5")
 # diagnosis only (not in "all"): MMPS with the CG iterations as a fori_loop (guidance.MMPS's
 # cg_unroll=False) instead of unrolled (the default since the diagnosis below)
-EXTRA_GUIDED = ("mmps1_loop", "mmps2_loop", "mmps5_loop")
+EXTRA_GUIDED = ("mmps1_loop", "mmps2_loop", "mmps5_loop", "mmps3")  # mmps3: device_check.sh's k = 3 row
 SIGMA = 2.0  # noise level of the timed denoiser calls
 SIGMA_Y = 0.1
 
@@ -250,7 +250,7 @@ class Problem:
 
 def guided_fn(method: str, model, problem: Problem, remat: str | None = None):
     """step(params, x, y) -> guided D at sigma = SIGMA (one member)."""
-    cg = {"mmps1": 1, "mmps2": 2, "mmps5": 5}
+    cg = {"mmps1": 1, "mmps2": 2, "mmps3": 3, "mmps5": 5}
     looped = method.endswith("_loop")
     method = method.removesuffix("_loop")
 

@@ -3,7 +3,7 @@
 Subpackages by layer, each importing only from the layers before it:
 
     io -> grid -> model -> diffusion -> observations -> assimilation -> campaign
-       -> verification -> demo -> cli
+       -> verification -> demo -> earth2studio -> cli
 
 ``io`` (atomic files, ISO times) is at the bottom because every layer writes files or reads
 times; ``tests/test_layers.py`` checks the order. ``import jaxguide`` is light (no JAX): the

@@ -22,7 +22,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxguide"
 LAYERS = ("io", "grid", "model", "diffusion", "observations", "assimilation", "campaign", "verification", "demo",
-          "cli")
+          "earth2studio", "cli")
 TOP = frozenset({"jaxguide", "jaxguide.compat"})  # above every layer, importable by all
 LAZY_ALLOWED = "cli"  # the only layer that may import jaxguide modules inside functions
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import xarray as xr
 
 from jaxguide.assimilation.dataset import analysis_to_dataset
 from jaxguide.assimilation.provenance import run_provenance
@@ -24,7 +25,8 @@ from jaxguide.assimilation.windows import (Stage, WindowPlan, plan_windows, run_
 from jaxguide.io.files import check_writable_dir, write_dataset
 from jaxguide.model import units
 from jaxguide.observations.prepare import PreparedObservations, prepare
-from jaxguide.observations.table import parse_time, read_observations
+from jaxguide.observations.sources import analysis_table
+from jaxguide.observations.table import parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -73,20 +75,43 @@ def output_format(path: Path) -> str:
 
 def run_analysis(session, inputs: AnalysisInputs) -> dict[str, Any]:
     """Run one analysis (see :func:`jaxguide.assimilation.pipeline.assimilate`) with the
-    programs of ``session`` (a :class:`~jaxguide.assimilation.session.Session`); returns
-    the summary."""
+    programs of ``session`` (a :class:`~jaxguide.assimilation.session.Session`), write it
+    to ``inputs.out``; returns the summary."""
     t_start = _time.perf_counter()
-    settings, on_event = inputs.settings, inputs.on_event
+    if inputs.out is None:
+        raise ValueError("no output path: pass out=... (analysis_dataset returns the analysis in memory)")
+    inputs.settings.check()  # the options and the time first, then the output (as the CLI reports them)
+    utc_naive(inputs.time)
+    out = Path(inputs.out)
+    _check_output(out, inputs.overwrite)
+    ds, summary = analysis_dataset(session, inputs)
+    _event(inputs.on_event, "writing", path=str(out))
+    write_dataset(ds, out, format=output_format(out), overwrite=inputs.overwrite)
+    _event(inputs.on_event, "written", path=str(out))
+    summary["seconds_total"] = _time.perf_counter() - t_start
+    return summary
+
+
+def _event(on_event, name: str, **info) -> None:
+    """Log a stage of the run (INFO) and pass it to the caller's ``on_event``."""
+    logger.info("%s %s", name, info)
+    if on_event is not None:
+        on_event(name, info)
+
+
+def analysis_dataset(session, inputs: AnalysisInputs) -> tuple[xr.Dataset, dict[str, Any]]:
+    """One analysis in memory: (the analysis Dataset in the CF layout of
+    :mod:`jaxguide.assimilation.dataset`, the summary). What :func:`run_analysis` writes,
+    and what ``jaxguide.earth2studio.CBottleDA`` returns: one path for both. ``inputs.out``
+    is not written (may be None; it is recorded in the summary)."""
+    t_start = _time.perf_counter()
+    settings = inputs.settings
     settings.check()
     method = settings.guidance_method()
     time = utc_naive(inputs.time)
-    out = Path(inputs.out)
-    _check_output(out, inputs.overwrite)
 
     def event(name: str, **info) -> None:
-        logger.info("%s %s", name, info)
-        if on_event is not None:
-            on_event(name, info)
+        _event(inputs.on_event, name, **info)
 
     dm, fn = session.model_for(settings)
     video = dm.member_shape[1] > 1
@@ -104,7 +129,7 @@ def run_analysis(session, inputs: AnalysisInputs) -> dict[str, Any]:
         raise ValueError("window_hours (--window-hours) is for single-time models; a video run assimilates every "
                          "observation between its first frame (--time) and its last (--end)")
     obs = inputs.obs
-    table = obs if isinstance(obs, pd.DataFrame) else read_observations(obs)
+    table = analysis_table(obs, sigma_y=settings.sigma_y)
     prep_kw = dict(drop_bad=settings.drop_bad, sigma_y=settings.sigma_y, nside=dm.nside,
                    interpolation=settings.interpolation, check_plausibility=settings.check_plausibility)
     if not video:
@@ -139,7 +164,7 @@ def run_analysis(session, inputs: AnalysisInputs) -> dict[str, Any]:
     prior, t_prior = sampled[1] if len(sampled) > 1 else (None, 0.0)
 
     summary: dict[str, Any] = {
-        "output": str(out),
+        "output": None if inputs.out is None else str(inputs.out),
         "time": str(time),
         "method": settings.method_name,
         "members": settings.members,
@@ -169,8 +194,5 @@ def run_analysis(session, inputs: AnalysisInputs) -> dict[str, Any]:
         prior=prior,
         regrid_latlon=inputs.regrid,
     )
-    event("writing", path=str(out))
-    write_dataset(ds, out, format=output_format(out), overwrite=inputs.overwrite)
-    event("written", path=str(out))
     summary["seconds_total"] = _time.perf_counter() - t_start
-    return summary
+    return ds, summary

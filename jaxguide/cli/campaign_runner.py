@@ -47,7 +47,10 @@ def run_campaign(run: RunOptions, processes: Processes = Processes()) -> None:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    import jax
+
     from jaxguide.campaign.run import assimilate_campaign
+    from jaxguide.diffusion.ensemble import describe_devices
     from jaxguide.campaign.times import parse_times, read_times_file
     from jaxguide.io.files import check_writable_dir, write_json_atomic
 
@@ -64,6 +67,7 @@ def run_campaign(run: RunOptions, processes: Processes = Processes()) -> None:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, transient=False) as bar:
+            bar.console.print(f"{who}{len(when)} analysis times on {describe_devices(jax.local_devices())}")
             task = bar.add_task(f"{who}analysis times", total=None)
 
             def progress(p) -> None:

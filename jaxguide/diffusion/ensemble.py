@@ -89,6 +89,18 @@ def resolve_devices(devices: Sequence[Any] | None) -> tuple[Any, ...]:
     return devs
 
 
+def describe_devices(devices: Sequence[Any] | None = None) -> str:
+    """The devices a run uses, for its first progress line: ``"1 gpu device (NVIDIA H100
+    80GB HBM3)"``, ``"2 cpu devices (cpu)"`` (default: all of ``jax.devices()``)."""
+    devs = resolve_devices(devices)
+    parts = []
+    for platform in sorted({d.platform for d in devs}):
+        of = [d for d in devs if d.platform == platform]
+        kinds = ", ".join(sorted({str(getattr(d, "device_kind", platform)) for d in of}))
+        parts.append(f"{len(of)} {platform} device{'s' if len(of) > 1 else ''} ({kinds})")
+    return " + ".join(parts)
+
+
 def _split(operands, per_member):
     per_member = per_member or (False,) * len(operands)
     shared = tuple(None if m else o for o, m in zip(operands, per_member))

@@ -35,7 +35,7 @@ import pandas as pd
 
 from jaxguide.io import times
 from jaxguide.observations.errors import EmptyTableError, MissingColumnsError, ObservationFileError
-from jaxguide.observations.table import COLUMNS, coerce_table, table_format
+from jaxguide.observations.table import COLUMNS, coerce_table, read_raw_table
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,28 @@ def earth2studio_channel(name: str) -> str:
     return f"{m.group(1).upper()}{m.group(2)}" if m else name
 
 
+def channel_earth2studio(channel: str) -> str:
+    """earth2studio variable name of a cBottle channel, the inverse of
+    :func:`earth2studio_channel` (``tas`` -> ``t2m``, ``T850`` -> ``t850``; a channel with no
+    earth2studio name of the same units, e.g. ``rlut``, ``pr``, is unchanged)."""
+    for e2s, ch in EARTH2STUDIO_VARIABLES.items():
+        if ch == channel:
+            return e2s
+    m = re.fullmatch(r"([TUVZQ])(\d+)", channel)
+    return f"{m.group(1).lower()}{m.group(2)}" if m else channel
+
+
+def analysis_table(obs: str | os.PathLike | pd.DataFrame, *, sigma_y=None) -> pd.DataFrame:
+    """The observations of one analysis: a DataFrame or a file (CSV / Parquet / NetCDF), in
+    jaxguide's layout (unchanged, typed when read from a file) or earth2studio's frame
+    layout (:func:`standard_layout`: renamed, ``sigma`` from ``sigma_y``)."""
+    raw = obs if isinstance(obs, pd.DataFrame) else read_raw_table(obs)
+    source = "observation table" if isinstance(obs, pd.DataFrame) else f"observation file {str(obs)!r}"
+    if is_earth2studio_frame(raw):
+        return standard_layout(raw, sigma_y=sigma_y, source=source)
+    return raw if isinstance(obs, pd.DataFrame) else coerce_table(raw)
+
+
 def _fill_sigma(table: pd.DataFrame, sigma_y, source: str) -> pd.DataFrame:
     if sigma_y is None:
         raise MissingColumnsError(
@@ -111,21 +133,6 @@ def standard_layout(table: pd.DataFrame, *, sigma_y=None, source: str = "observa
         raise MissingColumnsError(f"{source}: {e}") from None
 
 
-def _read_raw(path: Path) -> pd.DataFrame:
-    fmt = table_format(path)
-    if fmt == "csv":
-        try:
-            return pd.read_csv(path, dtype={"variable": str})
-        except pd.errors.EmptyDataError:
-            raise EmptyTableError(f"observation file {str(path)!r} is empty") from None
-    if fmt == "parquet":
-        return pd.read_parquet(path)
-    import xarray as xr
-
-    with xr.open_dataset(path, engine="netcdf4") as ds:
-        return ds.load().to_dataframe().reset_index(drop=True)
-
-
 def _in_window(table: pd.DataFrame, start, end) -> pd.DataFrame:
     """Rows with ``start <= time <= end``, plus rows without a time (NaT), so that
     validation reports those (``bad_time``) instead of them vanishing."""
@@ -148,7 +155,7 @@ class TableSource:
             raise IsADirectoryError(f"{str(path)!r} is a directory; use open_observations for partitioned Parquet")
         if not path.is_file():
             raise FileNotFoundError(f"no such observation file: {str(path)!r}")
-        return cls(standard_layout(_read_raw(path), sigma_y=sigma_y, source=f"observation file {str(path)!r}"), str(path))
+        return cls(standard_layout(read_raw_table(path), sigma_y=sigma_y, source=f"observation file {str(path)!r}"), str(path))
 
     def window(self, start, end) -> pd.DataFrame:
         """Rows with ``start <= time <= end`` (UTC-naive times; see :func:`_in_window`)."""

@@ -142,6 +142,14 @@ def read_observations(path: str | os.PathLike) -> pd.DataFrame:
     :class:`MissingColumnsError`; the rows are checked by
     :func:`jaxguide.observations.validation.validate_observations`.
     """
+    return coerce_table(read_raw_table(path))
+
+
+def read_raw_table(path: str | os.PathLike) -> pd.DataFrame:
+    """A CSV / Parquet / NetCDF table as stored (any columns, no types imposed): what
+    :func:`read_observations` reads before :func:`coerce_table`, and what
+    :mod:`jaxguide.observations.sources` reads earth2studio frames with. Raises
+    FileNotFoundError, IsADirectoryError, :class:`EmptyTableError`, :class:`ObservationFileError`."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"observation file {str(path)!r} is a directory; expected a .csv, .parquet or .nc file")
@@ -170,4 +178,4 @@ def read_observations(path: str | os.PathLike) -> pd.DataFrame:
             f"observation file {str(path)!r} is not a readable {_FORMAT_NAMES[fmt]} table ({type(e).__name__}: "
             f"{reason[:200]})"
         ) from None
-    return coerce_table(table)
+    return table

@@ -62,6 +62,7 @@ def _assimilate_one(run: RunOptions, time: str, end: str | None, condition: Path
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from jaxguide.assimilation import pipeline
+    from jaxguide.diffusion.ensemble import describe_devices
     from jaxguide.io.files import check_writable_dir, write_json_atomic
     from jaxguide.observations.table import parse_time
 
@@ -82,7 +83,7 @@ def _assimilate_one(run: RunOptions, time: str, end: str | None, condition: Path
     cache_dir = enable_compile_cache(not run.no_cache)
     console = Console(stderr=True)
     t0 = time_module.perf_counter()
-    console.print(f"[0.0 s] reading {run.model}, {run.obs} ...")
+    console.print(f"[0.0 s] on {describe_devices()}: reading {run.model}, {run.obs} ...")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         tasks: dict[str, Any] = {}
