@@ -13,8 +13,9 @@
 # then OUT_DIR/device_check.json (every row; benchmarks/device_check_summary.py) and the log
 # OUT_DIR/device_check.log. Exit status 0 when every row has its numbers.
 #
-# DEVICE_CHECK_SIZE=tiny runs the same steps at tiny sizes (the CPU path; tests/test_device_check.py
-# runs it in CI). DEVICE_CHECK_BUDGET_S (default 450) bounds the three benchmark steps together:
+# DEVICE_CHECK_SIZE=tiny runs the same steps at tiny sizes (the CPU path, every row, ~10 min on
+# 2 cores); DEVICE_CHECK_SIZE=smoke also cuts the performance table to two rows (what
+# tests/test_device_check.py runs in CI, so that no step can rot). DEVICE_CHECK_BUDGET_S (default 450) bounds the three benchmark steps together:
 # each gets what is left, and a step cut short leaves its rows missing. PYTHON picks the
 # interpreter (default .venv/bin/python if present, else python3).
 set -uo pipefail
@@ -27,11 +28,19 @@ case "$size" in
   full) run_opts="--members 2 --steps 4 --cg-iters 1"
         perf_opts="--config released --repeats 3"
         video_opts="--config released --repeats 2" ;;
-  tiny) run_opts="--members 2 --steps 2 --method replacement --interpolation nearest --prior-members 0"
+  tiny|smoke) run_opts="--members 2 --steps 2 --method replacement --interpolation nearest --prior-members 0"
         perf_opts="--config tiny --repeats 1 --n-obs 64"
         video_opts="--config tiny --repeats 1 --n-obs 64" ;;
-  *) echo "DEVICE_CHECK_SIZE must be full or tiny, got $size" >&2; exit 2 ;;
+  *) echo "DEVICE_CHECK_SIZE must be full, tiny or smoke, got $size" >&2; exit 2 ;;
 esac
+# smoke: every step at tiny sizes, the performance table cut to its unguided and MMPS k=1 rows
+# (the CPU path CI runs in minutes; tiny computes every row, ~10 min on 2 cores)
+perf_sections="--members 8 --sections forward,bf16,guided,memory,ensemble --guided regression,mmps1,mmps3"
+rows_opt=""
+if [ "$size" = smoke ]; then
+  perf_sections="--sections forward,guided --guided mmps1"
+  rows_opt="--rows cli_cold,cli_warm,unguided,mmps1,video_unguided"
+fi
 mkdir -p "$out" || exit 2
 out=$(cd "$out" && pwd)
 
@@ -64,11 +73,10 @@ step() {  # step NAME COMMAND...: run with the budget that is left
 }
 step "fixture CLI assimilation, cold and warm" "$PY" benchmarks/first_run.py --workdir "$out/first_run" \
   --runs first_run,second_run_warm_cache --options "$run_opts" --json "$out/first_run.json"
-step "performance table" "$PY" benchmarks/perf.py $perf_opts --members 8 --sections forward,bf16,guided,memory,ensemble \
-  --guided regression,mmps1,mmps3 --json "$out/perf.json"
+step "performance table" "$PY" benchmarks/perf.py $perf_opts $perf_sections --json "$out/perf.json"
 step "video unguided call" "$PY" benchmarks/video_step.py $video_opts --sections time --methods unguided --remat "" \
   --json "$out/video.json"
-"$PY" benchmarks/device_check_summary.py "$out"
+"$PY" benchmarks/device_check_summary.py "$out" $rows_opt
 local rc=$?
 echo "# done in $(( $(date +%s) - t_start ))s: $out/device_check.json, $out/device_check.log"
 return $rc

@@ -4,8 +4,8 @@
 
 reads OUT_DIR/first_run.json, perf.json and video.json (or their ``.partial`` files when a
 step ran out of time), writes OUT_DIR/device_check.json and prints the table. Every row
-of :data:`ROWS` is reported; one without a number is listed under ``missing`` and the exit
-status is 1.
+of :data:`ROWS` (or of ``--rows``, the smoke path's subset) is reported; one without a
+number is listed under ``missing`` and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _memory(res: dict, name: str) -> dict | None:
     return None if m is None else {"peak_mib": m["peak_bytes"] / MIB, "temp_mib": m["temp_size_in_bytes"] / MIB}
 
 
-def summarize(out: Path) -> dict:
+def summarize(out: Path, expected: tuple[str, ...] = ROWS) -> dict:
     first, perf, video = _load(out, "first_run"), _load(out, "perf"), _load(out, "video")
     rows: dict[str, dict | None] = {}
     for row, key in (("cli_cold", "first_run"), ("cli_warm", "second_run_warm_cache")):
@@ -73,14 +73,15 @@ def summarize(out: Path) -> dict:
         "cli_command": first.get("command"),
         "device_peak_bytes_in_use": perf.get("device_peak_bytes_in_use"),
         "rows": rows,
-        "missing": [r for r in ROWS if rows.get(r) is None],
+        "expected": list(expected),
+        "missing": [r for r in expected if rows.get(r) is None],
     }
 
 
 def table(summary: dict) -> str:
     lines = [f"# device check: {summary['device']} ({summary['platform']}), jax {summary['jax']}",
              "| row | figures |", "|---|---|"]
-    for name in ROWS:
+    for name in summary.get("expected", ROWS):
         row = summary["rows"].get(name)
         text = "MISSING" if row is None else ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
@@ -89,12 +90,20 @@ def table(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    expected = ROWS
+    if len(args) == 3 and args[1] == "--rows":
+        expected = tuple(args[2].split(","))
+        unknown = sorted(set(expected) - set(ROWS))
+        if unknown:
+            print(f"unknown rows {unknown}; the rows are {list(ROWS)}", file=sys.stderr)
+            return 2
+        args = args[:1]
     if len(args) != 1:
-        print("usage: device_check_summary.py OUT_DIR", file=sys.stderr)
+        print("usage: device_check_summary.py OUT_DIR [--rows ROW,ROW,...]", file=sys.stderr)
         return 2
     out = Path(args[0])
-    summary = summarize(out)
+    summary = summarize(out, expected)
     (out / "device_check.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(table(summary))
     if summary["missing"]:

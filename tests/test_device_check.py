@@ -16,27 +16,32 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from device_check_summary import ROWS, summarize  # noqa: E402
 
 
+SMOKE_ROWS = ["cli_cold", "cli_warm", "unguided", "mmps1", "video_unguided"]
+
+
 @pytest.mark.slow  # the three benchmark steps at tiny sizes: minutes on 2 cores
 def test_device_check_cpu_path(fixtures_dir, tmp_path):
+    """The smoke path: every step of the script (the CLI cold and warm, perf.py, video_step.py,
+    the summary) at tiny sizes, the performance table cut to two rows (its full tiny path,
+    every row, took 588 s on the shared 2 cores: DEVICE_CHECK_SIZE=tiny)."""
     out = tmp_path / "check"
-    env = dict(os.environ, DEVICE_CHECK_SIZE="tiny", DEVICE_CHECK_BUDGET_S="1500", PYTHON=sys.executable)
+    env = dict(os.environ, DEVICE_CHECK_SIZE="smoke", DEVICE_CHECK_BUDGET_S="1500", PYTHON=sys.executable)
     res = subprocess.run(["bash", str(REPO / "benchmarks" / "device_check.sh"), str(out)], env=env,
                          capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     log = (out / "device_check.log").read_text()
     assert "the CPU path" in log and "missing rows" not in log
     summary = json.loads((out / "device_check.json").read_text())
-    assert summary["missing"] == [] and list(summary["rows"]) == list(ROWS)
+    assert summary["missing"] == [] and summary["expected"] == SMOKE_ROWS
     assert summary["platform"] == "cpu" and summary["perf_config"] == "tiny" and summary["video_config"] == "tiny"
     rows = summary["rows"]
-    for name, row in rows.items():
-        numbers = [v for v in row.values() if isinstance(v, int | float)]
-        assert numbers and all(v > 0 for v in numbers), (name, row)
+    for name in SMOKE_ROWS:
+        numbers = [v for v in rows[name].values() if isinstance(v, int | float)]
+        assert numbers and all(v > 0 for v in numbers), (name, rows[name])
     # the CLI's first progress line names the devices; the warm run loads what the cold one compiled
     assert "on 1 cpu device (cpu)" in rows["cli_cold"]["devices_line"]
     assert rows["cli_warm"]["cpu_s"] < rows["cli_cold"]["cpu_s"]
-    assert rows["memory_dps"]["peak_mib"] > rows["memory_unguided"]["peak_mib"]
-    assert rows["unguided"]["n_compiles"] == 1 and rows["mmps3"]["n_compiles"] == 1
+    assert rows["unguided"]["n_compiles"] == 1 and rows["mmps1"]["n_compiles"] == 1
 
 
 def test_summary_lists_missing_rows(tmp_path):
