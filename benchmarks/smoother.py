@@ -11,8 +11,8 @@ Run (from the repository root)::
 2. **Cost per frame, side by side** (the video fixture model, CPU, one member): one
    MMPS (1 CG iteration) guided denoiser call on one window (the filter chain's call,
    which adds T - 1 new frames with one conditioning frame) and on a trajectory of L
-   frames (the smoother's call, all L frames), for L = 8, 12, 16, 24 (overlap T/2):
-   seconds per call (best of 3, after compiling), seconds per frame, the smoother's
+   frames (the smoother's call, all L frames), for L = 8, 12, 16 (overlap T/2):
+   seconds per call (best of ``--repeats``, after compiling), seconds per frame, the smoother's
    cost per frame over the filter's, and how it grows with L.
 3. **Memory per frame**: compiled peak bytes (XLA ``memory_analysis``) of those calls,
    without ``remat`` at every L, with it at the second L.
@@ -88,9 +88,9 @@ def _observations(dm, frames: int, n: int = 200):
     return observations.prepare(table, dm.channels, dm.center, dm.scale, nside=dm.nside, window=window).obs
 
 
-def call_cost(dm, frames: int | None, sst, remat_label: str) -> dict:
+def call_cost(dm, frames: int | None, sst, remat_label: str, repeats: int = 1) -> dict:
     """One guided MMPS(1) call of the window model (frames None) or of the trajectory
-    model of ``frames`` frames: compile, best of 3 runs, compiled memory."""
+    model of ``frames`` frames: compile, best of ``repeats`` runs, compiled memory."""
     model = dm if frames is None else TrajectoryModel(dm, frames)
     c, length, npix = model.member_shape
     cond = model.window_conditioning(FrameWindow(START, float(dm.time_step_hours), length), sst_data=sst)
@@ -103,7 +103,7 @@ def call_cost(dm, frames: int | None, sst, remat_label: str) -> dict:
     compiled = f.lower(x, model.params, cond, obs).compile()
     compile_s = time.perf_counter() - t0
     runs = []
-    for _ in range(3):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(x, model.params, cond, obs))
         runs.append(time.perf_counter() - t0)
@@ -119,7 +119,8 @@ def call_cost(dm, frames: int | None, sst, remat_label: str) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="converted video model directory (default: the fixture's, converted)")
-    p.add_argument("--lengths", default="8,12,16,24", help="trajectory lengths (frames), comma separated")
+    p.add_argument("--lengths", default="8,12,16", help="trajectory lengths (frames), comma separated")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per call after compiling (best counts)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/smoother.json"))
     a = p.parse_args(argv)
     print("## composite of exact window denoisers vs the exact trajectory denoiser (RMS / prior std)", flush=True)
@@ -143,12 +144,12 @@ def main(argv=None) -> None:
     for remat in (False, True):
         dm = as_denoiser_model(loaded, remat=remat)
         label = "yes" if remat else "no"
-        base = call_cost(dm, None, sst, label)
+        base = call_cost(dm, None, sst, label, a.repeats)
         rows.append(base)
         t = dm.member_shape[1]
         lengths = [int(s) for s in a.lengths.split(",")]
         for frames in (lengths if not remat else lengths[1:2]):  # remat: memory per frame at one length
-            row = call_cost(dm, frames, sst, label)
+            row = call_cost(dm, frames, sst, label, a.repeats)
             # the filter chain: one window call per T - 1 new frames (one conditioning frame)
             filter_per_frame = base["call_s"] / (t - 1)
             row.update(s_per_frame=row["call_s"] / frames, filter_s_per_frame=filter_per_frame,
