@@ -214,7 +214,7 @@ def sample(
         i, carry, _ = state
         s = jax.tree.map(lambda a: a[i], xs)
         new, denoised = evaluate(carry, s)
-        # the estimate, or the new state at noise level t_next beyond |D| + 10 t_next
+        # the estimate beyond the bound, or the new state (noise level t_next) beyond bound + 10 t_next
         diverged = (~jnp.all(jnp.isfinite(new[0])) | (jnp.max(jnp.abs(denoised)) > stop_above)
                     | (jnp.max(jnp.abs(new[0])) > stop_above + 10.0 * s["t_next"]))
         return i + 1, new, diverged
