@@ -39,6 +39,12 @@ CBOTTLE_SAMPLER = {"num_steps": 18, "sigma_min": 0.02, "sigma_max": 200.0, "rho"
 DIVERGED = 1e3
 
 
+def is_diverged(ensemble: np.ndarray) -> bool:
+    """A sampled ensemble (normalised units) that is not weather: a non-finite value, or
+    one beyond :data:`DIVERGED` (the sampler's ``stop_above`` makes a stopped member NaN)."""
+    return not bool(np.all(np.isfinite(ensemble))) or float(np.max(np.abs(ensemble))) > DIVERGED
+
+
 @dataclasses.dataclass(frozen=True)
 class AssimilationSettings:
     """Options of one assimilation run (defaults: MMPS, cBottle's sampler).

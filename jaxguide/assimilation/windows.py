@@ -21,7 +21,7 @@ import pandas as pd
 import xarray as xr
 
 from jaxguide.assimilation.known_frames import read_known_frames
-from jaxguide.assimilation.settings import DIVERGED, AssimilationSettings, denoiser_calls
+from jaxguide.assimilation.settings import DIVERGED, AssimilationSettings, denoiser_calls, is_diverged
 from jaxguide.diffusion.guidance import Method, Observations
 from jaxguide.model.conditioning import KnownFrames, read_amip_sst
 from jaxguide.model.window import FrameWindow, WindowError, chain, trajectory_times
@@ -217,8 +217,8 @@ def run_windows(session, fn: Callable, dm, plan: list[WindowPlan], stages: list[
                 call = first_calls[stage_index] if k == 0 else call_of(stage_index, k, previous)
                 ens = np.asarray(jax.block_until_ready(session.programs.run(call)))
                 jax.effects_barrier()
-                finite = bool(np.all(np.isfinite(ens)))
-                if not finite or float(np.max(np.abs(ens))) > DIVERGED:
+                if is_diverged(ens):
+                    finite = bool(np.all(np.isfinite(ens)))
                     what = "non-finite values" if not finite else (
                         f"values {float(np.max(np.abs(ens))):.3g} climatological scales from the mean")
                     where = f" in window {k + 1} of {len(plan)}" if len(plan) > 1 else ""

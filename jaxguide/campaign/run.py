@@ -56,7 +56,7 @@ from jaxguide.observations.errors import EmptyTableError, ObservationError
 from jaxguide.observations.prepare import bucket_size, prepare
 from jaxguide.assimilation.provenance import model_sha256, run_provenance
 from jaxguide.assimilation.session import Session
-from jaxguide.assimilation.settings import DIVERGED, AssimilationSettings, denoiser_calls, run_keys
+from jaxguide.assimilation.settings import DIVERGED, AssimilationSettings, denoiser_calls, is_diverged, run_keys
 from jaxguide.assimilation.dataset import analysis_to_dataset
 
 logger = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ def _one_time(t, source, st, session, dm, fn, method, settings, sampler_kwargs, 
                                    devices=devices, chunk_size=settings.chunk_size,
                                    operands=(dm.params, cond, m, obs_))
             ens = np.asarray(jax.block_until_ready(ens))
-            if not np.all(np.isfinite(ens)) or float(np.max(np.abs(ens))) > DIVERGED:
+            if is_diverged(ens):
                 raise FloatingPointError(
                     f"non-finite values in the {'analysis' if m is not None else 'prior'} "
                     f"ensemble (method {settings.method_name!r}, guidance scale {settings.guidance_scale}; a run "
